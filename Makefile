@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= /tmp/xlm_demo
+# Empty DATA = the toy corpus the demo generates; DATA=../shared/data/multi30k = real text.
+DATA ?=
+ARGS ?=
+
+.PHONY: demo test lint clean-venv
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m xlm_jax.main --config=configs/demo.py --workdir=$(WORKDIR) \
+		$(if $(DATA),--config.data.root=$(DATA)) $(ARGS)
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check xlm_jax configs tests launch
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

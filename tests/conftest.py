@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny configs and the path of the real data (never copied into the repo)."""
+
+from pathlib import Path
+
+import jax
+import pytest
+
+from xlm_jax.config import default_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Tests compile the same tiny programs many times: reuse them within the session."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "multi30k" / "train.en").exists():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def tiny_config(**overrides):
+    """A model and loop small enough to compile and run in seconds on one CPU core."""
+    c = default_config()
+    c.langs = "en,fr,de"
+    c.data.train = "en: train.en; fr: train.fr; de: train.de; en-fr: train.en|train.fr"
+    c.data.valid = "en: val.en; fr: val.fr; en-fr: val.en|val.fr"
+    c.tokenizer.vocab_size = 300
+    c.tokenizer.n_sentences = 5000
+    c.tokenizer.character_coverage = 1.0
+    c.model.emb_dim = 32
+    c.model.n_layers = 1
+    c.model.n_heads = 2
+    c.model.max_positions = 64
+    c.mlm_steps = "en,fr,de,en-fr"
+    c.batch_size = 4
+    c.bptt = 32
+    c.tlm_batch_size = 4
+    c.tlm_length = 48
+    c.eval_batch_size = 8
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 10
+    c.max_steps = 12
+    c.log_every = 1
+    c.eval_every = 6
+    c.checkpoint_every = 6
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c

@@ -1,0 +1,198 @@
+"""Checkpoints: train state + data-iterator state + metadata, keep-last-N plus the best one.
+
+One `Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` (typically in
+`<workdir>/checkpoints`). Every step directory holds three items:
+
+  state       any pytree of jax arrays (params, optimizer state, step), possibly sharded;
+              written shard-by-shard by the processes that own them (`StandardSave`).
+  data_state  JSON: the data iterators' integers, so a resumed run sees the same batches.
+  meta        JSON: config dict, base64 tokenizer model, versions; readable on its own
+              (`restore_meta`) to compare configs before building a model.
+
+Multi-process: every process calls `save`/`restore`/`wait`/`close` with the same arguments, in
+the same order. Orbax coordinates them (barriers), writes each array shard from the process that
+holds it, and writes the JSON items and metrics from the primary process only, so we must not
+filter calls by process ourselves (a non-primary process skipping `save` would deadlock the
+barriers).
+
+Crash safety is orbax's: a step is written to `<step>.orbax-checkpoint-tmp*` and renamed
+(or, on GCS, marked with a commit file) only once every item is complete, so an interrupted save
+leaves the previous step usable. Leftover tmp directories are invisible to `latest_step` and are
+removed when the next `Checkpointer` on the directory saves (`cleanup_tmp_directories`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+_ITEMS = ("state", "data_state", "meta")
+
+
+def _jsonable(x: Any) -> Any:
+    """Converts numpy scalars/arrays and tuples to plain JSON types (orbax's JSON writer won't)."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray | np.generic):
+        return x.tolist()
+    return x
+
+
+class Checkpointer:
+    """Save/restore training checkpoints with keep-last-N plus best-by-metric retention.
+
+    Retention is `AnyPreservationPolicy([LatestN(keep_last), BestN(n=1)])`: a checkpoint
+    survives if it is among the newest `keep_last` OR it is the best by `best_metric`. Only
+    checkpoints whose metrics contain a non-NaN `best_metric` take part in the ranking; the
+    others are kept by recency alone (`keep_checkpoints_without_metrics=False`), so saves
+    without an evaluation neither pin themselves forever nor displace the best one.
+    """
+
+    def __init__(
+        self,
+        directory: str | epath.PathLike,
+        *,
+        keep_last: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        async_save: bool = True,
+    ):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (resume needs the latest), got {keep_last}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        path = epath.Path(directory)
+        if "://" not in str(directory):  # orbax wants absolute local paths; keep gs:// as is
+            path = path.resolve()
+        self._best_metric = best_metric
+
+        policies: list[ocm.PreservationPolicy] = [ocm.LatestN(n=keep_last)]
+        best_fn = None
+        if best_metric is not None:
+            # Only called on metrics that contain the key (see `save`).
+            def best_fn(metrics: Mapping[str, float]) -> float:
+                return float(metrics[best_metric])
+
+            policies.append(
+                ocm.BestN(
+                    get_metric_fn=best_fn,
+                    # BestN keeps the tail of an ascending sort: reverse it when lower is better.
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            # best_fn/best_mode are still needed with a preservation policy: they make the
+            # manager write per-step metrics (so the ranking survives restarts) and drive
+            # `best_step()`. max_to_keep must stay unset (exclusive with preservation_policy).
+            best_fn=best_fn,
+            best_mode=best_mode,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(path, item_names=_ITEMS, options=options)
+
+    @property
+    def directory(self) -> epath.Path:
+        return self._manager.directory
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_state: dict,
+        meta: dict,
+        metrics: Mapping[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving `step` (asynchronously if enabled); returns False if skipped.
+
+        Orbax skips steps <= the latest saved one unless `force` (and raises if the step
+        directory already exists). With async saving, arrays are copied off the device before
+        this returns, so the caller may donate/overwrite `state` right away; the write and the
+        deletion of old steps finish in the background (see `wait`).
+        """
+        manager_metrics = None
+        if metrics is not None and self._best_metric is not None:
+            value = metrics.get(self._best_metric)
+            if value is not None and not math.isnan(float(value)):
+                manager_metrics = {k: float(v) for k, v in metrics.items()}
+            else:
+                # No ranking value: the manager must see "no metrics", otherwise best_fn fails
+                # (missing key) or sorting breaks (NaN). Recency alone decides its retention.
+                logging.info("checkpoint %d: no usable %r, not ranked", step, self._best_metric)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_state=ocp.args.JsonSave(_jsonable(data_state)),
+            meta=ocp.args.JsonSave(_jsonable(meta)),
+        )
+        return self._manager.save(step, args=args, metrics=manager_metrics, force=force)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """Best step by `best_metric`; None if untracked or no checkpoint carries the metric."""
+        if self._best_metric is None:
+            return None  # the manager would answer latest_step(), which is not a "best"
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def _resolve(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return step
+
+    def restore(self, step: int | None = None, *, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """Restores `step` (default: latest) as (state, data_state, meta).
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set, e.g.
+        `jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(init_fn), shardings)`: arrays are read directly into that sharding,
+        whatever mesh the checkpoint was written from.
+        """
+        step = self._resolve(step)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data_state=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["data_state"], restored["meta"]
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        """Reads only the JSON `meta` of `step` (default: latest); touches no arrays."""
+        step = self._resolve(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def wait(self) -> None:
+        """Blocks until pending async saves (and the deletions they trigger) are finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()  # waits for pending saves first
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,368 @@
+"""Host-side batches (numpy): MLM/CLM streams, TLM pairs, and which step trains what.
+
+Every batch is a dict of ``(batch, length)`` int32 arrays ``tokens``, ``positions``, ``langs``
+(see docs/architecture.md). Iterators are deterministic functions of ``(seed, name, epoch)`` plus a
+cursor, so their whole state is a few integers that go into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from xlm_jax.tokenizer import EOS_ID, PAD_ID
+
+Batch = dict[str, np.ndarray]
+
+
+def _rng(seed: int, name: str, *more: int) -> np.random.Generator:
+    # crc32, not hash(): the stream must be the same in every process and every run.
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), *more])
+
+
+def make_stream(sentences: Sequence[np.ndarray]) -> np.ndarray:
+    """XLM's stream: ``</s> s1 </s> s2 </s> ...`` as one int32 array; empty sentences skipped."""
+    parts = [np.array([EOS_ID], np.int32)]
+    eos = np.array([EOS_ID], np.int32)
+    for s in sentences:
+        if len(s):
+            parts += [np.asarray(s, np.int32), eos]
+    return np.concatenate(parts)
+
+
+class StreamBatches:
+    """Windows of ``length`` tokens cut from one language's stream (MLM and CLM).
+
+    Each epoch starts the windows at a fresh random offset and visits them in a fresh random
+    order, so successive epochs do not see the same cuts.
+    """
+
+    def __init__(
+        self,
+        stream: np.ndarray,
+        *,
+        lang_id: int,
+        batch_size: int,
+        length: int,
+        seed: int,
+        name: str,
+    ) -> None:
+        if len(stream) < length + 1:
+            raise ValueError(
+                f"{name}: the stream has {len(stream)} tokens, fewer than one window of {length}"
+            )
+        self.stream, self.lang_id, self.name = stream, lang_id, name
+        self.batch_size, self.length, self.seed = batch_size, length, seed
+        self.epoch, self.cursor = 0, 0
+        self._order: np.ndarray | None = None
+        self._offset = 0
+
+    def _epoch_windows(self) -> np.ndarray:
+        if self._order is None:
+            rng = _rng(self.seed, self.name, self.epoch)
+            self._offset = (
+                int(rng.integers(self.length)) if len(self.stream) > 2 * self.length else 0
+            )
+            n_windows = (len(self.stream) - self._offset) // self.length
+            self._order = rng.permutation(n_windows)
+        return self._order
+
+    def __next__(self) -> Batch:
+        rows = []
+        while len(rows) < self.batch_size:
+            order = self._epoch_windows()
+            start = self._offset + int(order[self.cursor]) * self.length
+            rows.append(self.stream[start : start + self.length])
+            self.cursor += 1
+            if self.cursor == len(order):
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        tokens = np.stack(rows)
+        return {
+            "tokens": tokens,
+            "positions": np.broadcast_to(
+                np.arange(self.length, dtype=np.int32), tokens.shape
+            ).copy(),
+            "langs": np.full(tokens.shape, self.lang_id, np.int32),
+        }
+
+    def __iter__(self) -> StreamBatches:
+        return self
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+
+def pack_pair(
+    src: np.ndarray, tgt: np.ndarray, src_lang: int, tgt_lang: int, length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One TLM row ``</s> src </s></s> tgt </s>`` padded to ``length``.
+
+    Positions restart at 0 with the second sentence and each sentence carries its own language id,
+    as XLM's ``concat_batches(..., reset_positions=True)``.
+    """
+    n1, n2 = len(src) + 2, len(tgt) + 2
+    if n1 + n2 > length:
+        raise ValueError(f"pair of {n1 + n2} tokens does not fit in {length}")
+    tokens = np.full(length, PAD_ID, np.int32)
+    positions = np.zeros(length, np.int32)
+    langs = np.full(length, src_lang, np.int32)
+    tokens[:n1] = np.concatenate([[EOS_ID], src, [EOS_ID]])
+    tokens[n1 : n1 + n2] = np.concatenate([[EOS_ID], tgt, [EOS_ID]])
+    positions[:n1] = np.arange(n1)
+    positions[n1 : n1 + n2] = np.arange(n2)
+    langs[n1:] = tgt_lang
+    return tokens, positions, langs
+
+
+class PairBatches:
+    """Shuffled batches of translation pairs packed for TLM (one pair per row)."""
+
+    def __init__(
+        self,
+        src: Sequence[np.ndarray],
+        tgt: Sequence[np.ndarray],
+        *,
+        src_lang: int,
+        tgt_lang: int,
+        batch_size: int,
+        length: int,
+        seed: int,
+        name: str,
+        shuffle: bool = True,
+    ) -> None:
+        if len(src) != len(tgt):
+            raise ValueError(f"{name}: {len(src)} source but {len(tgt)} target sentences")
+        # XLM drops pairs with an empty side and pairs longer than its max_len; so do we, counted.
+        keep = [
+            i
+            for i, (s, t) in enumerate(zip(src, tgt, strict=True))
+            if len(s) and len(t) and len(s) + len(t) + 4 <= length
+        ]
+        self.n_dropped = len(src) - len(keep)
+        if not keep:
+            raise ValueError(f"{name}: no pair is non-empty and fits in {length} tokens")
+        self.src = [np.asarray(src[i], np.int32) for i in keep]
+        self.tgt = [np.asarray(tgt[i], np.int32) for i in keep]
+        self.src_lang, self.tgt_lang, self.name = src_lang, tgt_lang, name
+        self.batch_size, self.length, self.seed, self.shuffle = batch_size, length, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            n = len(self.src)
+            self._order = (
+                _rng(self.seed, self.name, self.epoch).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+        return self._order
+
+    def __next__(self) -> Batch:
+        rows = []
+        while len(rows) < self.batch_size:
+            i = int(self._epoch_order()[self.cursor])
+            rows.append(
+                pack_pair(self.src[i], self.tgt[i], self.src_lang, self.tgt_lang, self.length)
+            )
+            self.cursor += 1
+            if self.cursor == len(self.src):
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        tokens, positions, langs = (np.stack(x) for x in zip(*rows, strict=True))
+        return {"tokens": tokens, "positions": positions, "langs": langs}
+
+    def __iter__(self) -> PairBatches:
+        return self
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+
+def eval_stream_batches(
+    stream: np.ndarray, *, lang_id: int, batch_size: int, length: int
+) -> list[Batch]:
+    """The whole validation stream in order, every token once; the last rows padded."""
+    n_rows = -(-len(stream) // length)
+    flat = np.full(n_rows * length, PAD_ID, np.int32)
+    flat[: len(stream)] = stream
+    rows = flat.reshape(n_rows, length)
+    n_batches = -(-n_rows // batch_size)
+    rows = np.concatenate(
+        [rows, np.full((n_batches * batch_size - n_rows, length), PAD_ID, np.int32)]
+    )
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), rows.shape)
+    return [
+        {
+            "tokens": rows[i : i + batch_size],
+            "positions": positions[i : i + batch_size].copy(),
+            "langs": np.full((batch_size, length), lang_id, np.int32),
+        }
+        for i in range(0, len(rows), batch_size)
+    ]
+
+
+def eval_pair_batches(
+    src: Sequence[np.ndarray],
+    tgt: Sequence[np.ndarray],
+    *,
+    src_lang: int,
+    tgt_lang: int,
+    batch_size: int,
+    length: int,
+) -> list[Batch]:
+    """Every pair that fits, in order, padded to whole batches with all-pad rows."""
+    pairs = PairBatches(
+        src,
+        tgt,
+        src_lang=src_lang,
+        tgt_lang=tgt_lang,
+        batch_size=1,
+        length=length,
+        seed=0,
+        name="eval",
+        shuffle=False,
+    )
+    n = len(pairs)
+    rows = [next(pairs) for _ in range(n)]
+    batches = []
+    for i in range(0, n, batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = {k: np.concatenate([r[k] for r in chunk]) for k in chunk[0]}
+        missing = batch_size - len(chunk)
+        if missing:
+            batch["tokens"] = np.concatenate(
+                [batch["tokens"], np.full((missing, length), PAD_ID, np.int32)]
+            )
+            for k in ("positions", "langs"):
+                batch[k] = np.concatenate([batch[k], np.zeros((missing, length), np.int32)])
+        batches.append(batch)
+    return batches
+
+
+# --- which objective and language each step trains -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """One entry of ``clm_steps`` / ``mlm_steps``: objective and language (pair)."""
+
+    objective: str  # 'clm', 'mlm' or 'tlm' (an mlm_steps entry with a pair)
+    lang1: str
+    lang2: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Metric and iterator name, e.g. ``mlm_en``, ``tlm_en-fr``."""
+        return f"{self.objective}_{self.lang1}" + (f"-{self.lang2}" if self.lang2 else "")
+
+
+def parse_steps(objective: str, spec: str, langs: Sequence[str]) -> list[StepSpec]:
+    """Parses XLM's ``clm_steps``/``mlm_steps``: ``"en,fr,en-fr"``; a pair in mlm_steps is TLM."""
+    steps = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split("-")
+        if len(parts) > 2 or not all(parts):
+            raise ValueError(f"{objective}_steps: cannot parse {item!r} (expected 'xx' or 'xx-yy')")
+        for lang in parts:
+            if lang not in langs:
+                raise ValueError(
+                    f"{objective}_steps: {item!r} names {lang!r}, not in langs {list(langs)}"
+                )
+        if len(parts) == 2 and parts[0] == parts[1]:
+            raise ValueError(f"{objective}_steps: {item!r} pairs a language with itself")
+        if len(parts) == 2 and objective == "clm":
+            raise ValueError(f"clm_steps: {item!r}: CLM on pairs is not supported; list languages")
+        kind = "tlm" if len(parts) == 2 else objective
+        steps.append(StepSpec(kind, parts[0], parts[1] if len(parts) == 2 else None))
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"{objective}_steps: duplicate entries in {spec!r}")
+    return steps
+
+
+class Schedule:
+    """The alternation of XLM's training loop, as a pure function of the step index.
+
+    One *iteration* runs the ``clm_steps`` entries, then the ``mlm_steps`` entries, each its own
+    optimizer update. As in XLM's ``shuf_order``: with ``sampling_factor > 0`` each list
+    contributes ``min(5, n)`` monolingual and ``min(5, n)`` parallel steps whose language (pair) is
+    sampled with p ∝ (n_l / N) ** sampling_factor; otherwise the list is shuffled.
+    """
+
+    MAX_PER_KIND = 5  # XLM's shuf_order(n=5)
+
+    def __init__(
+        self,
+        lists: Sequence[Sequence[StepSpec]],
+        sizes: Mapping[str, int],
+        *,
+        sampling_factor: float,
+        seed: int,
+    ) -> None:
+        self.lists = [list(x) for x in lists if x]
+        if not self.lists:
+            raise ValueError("no training steps: set clm_steps and/or mlm_steps")
+        self.sampling_factor, self.seed = sampling_factor, seed
+        self.probs: dict[str, float] = {}
+        self._groups: list[tuple[list[StepSpec], np.ndarray | None, int]] = []
+        for steps in self.lists:
+            if sampling_factor > 0:
+                for group in ([s for s in steps if s.lang2 is None], [s for s in steps if s.lang2]):
+                    if not group:
+                        continue
+                    p = np.array([sizes[s.key] for s in group], np.float64)
+                    p = (p / p.sum()) ** sampling_factor
+                    p /= p.sum()
+                    self.probs.update({s.key: float(q) for s, q in zip(group, p, strict=True)})
+                    self._groups.append((group, p, min(self.MAX_PER_KIND, len(group))))
+            else:
+                self._groups.append((steps, None, len(steps)))
+        self.iteration_length = sum(n for _, _, n in self._groups)
+
+    def iteration(self, i: int) -> list[StepSpec]:
+        rng = _rng(self.seed, "schedule", i)
+        out: list[StepSpec] = []
+        for group, p, n in self._groups:
+            if p is None:
+                out += [group[j] for j in rng.permutation(len(group))]
+            else:
+                out += [group[j] for j in rng.choice(len(group), size=n, p=p, replace=True)]
+        return out
+
+    def __call__(self, step: int) -> StepSpec:
+        return self.iteration(step // self.iteration_length)[step % self.iteration_length]
+
+
+def parse_lambda(spec: str | float) -> list[tuple[int, float]]:
+    """XLM's lambda schedules: ``"1"`` or ``"0:1,10000:0.1,30000:0"`` (linear in between)."""
+    text = str(spec).strip()
+    if ":" not in text:
+        return [(0, float(text))]
+    points = []
+    for item in text.split(","):
+        step, _, value = item.partition(":")
+        try:
+            points.append((int(step), float(value)))
+        except ValueError:
+            raise ValueError(
+                f"lambda schedule {text!r}: cannot parse {item!r} as STEP:VALUE"
+            ) from None
+    if points[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(points, points[1:], strict=False)):
+        raise ValueError(f"lambda schedule {text!r}: steps must start at 0 and increase")
+    return points
+
+
+def lambda_at(points: Sequence[tuple[int, float]], step: int) -> float:
+    steps, values = zip(*points, strict=True)
+    return float(np.interp(step, steps, values))

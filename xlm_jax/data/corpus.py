@@ -1,0 +1,133 @@
+"""The configured corpora: which sources make each language's and each pair's train/valid text.
+
+A config names the sources of a split in one string, by language (``en``) or pair (``en-fr``)::
+
+    data.train = "en: train.en; fr: train.fr; en-fr: train.en|train.fr"
+    data.valid = "en: val.en, other/val.en"         # several sources are concatenated
+
+(one string, not a dict, so a whole split can be replaced from the command line.)
+
+Each source is a spec of ``data.sources`` (a file relative to ``data.root``, optionally with an
+``@start:end`` line range, or a ``tfds:`` source). Everything is read and checked before anything is
+compiled, so a bad file fails the run in seconds, not hours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from xlm_jax.data.sources import DataError, read_lines, read_parallel
+from xlm_jax.tokenizer import Tokenizer
+
+Pair = tuple[str, str]
+
+
+def parse_key(key: str, langs: Sequence[str], where: str) -> str | Pair:
+    """``'en'`` → ``'en'``; ``'en-fr'`` → ``('en', 'fr')``; unknown languages are an error."""
+    parts = key.split("-")
+    if len(parts) > 2 or not all(parts):
+        raise DataError(f"{where}: cannot parse the key {key!r} (expected 'xx' or 'xx-yy')")
+    for lang in parts:
+        if lang not in langs:
+            raise DataError(
+                f"{where}: {key!r} names the language {lang!r}, not in langs {list(langs)}"
+            )
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def check_langs(langs: Sequence[str]) -> None:
+    if not langs:
+        raise DataError("langs is empty: list the languages, e.g. 'en,fr'")
+    dup = sorted({lang for lang in langs if list(langs).count(lang) > 1})
+    if dup:
+        raise DataError(f"langs lists {dup} more than once")
+    bad = [lang for lang in langs if not lang.isalnum()]
+    if bad:
+        raise DataError(f"langs {bad}: a language code must be alphanumeric, e.g. 'en'")
+
+
+@dataclasses.dataclass
+class Split:
+    """The text of one split: sentences per language and sentence pairs per language pair."""
+
+    mono: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    para: dict[Pair, tuple[list[str], list[str]]] = dataclasses.field(default_factory=dict)
+
+
+def parse_sources(text: str, where: str) -> dict[str, str]:
+    """``"en: a.en; en-fr: a.en|a.fr"`` → ``{'en': 'a.en', 'en-fr': 'a.en|a.fr'}``."""
+    out: dict[str, str] = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        key, sep, spec = entry.partition(":")
+        if not sep or not key.strip() or not spec.strip():
+            raise DataError(f"{where}: {entry!r} must be 'KEY: SOURCE[, SOURCE...]'")
+        if key.strip() in out:
+            raise DataError(f"{where}: {key.strip()!r} is given twice")
+        out[key.strip()] = spec.strip()
+    return out
+
+
+def read_split(
+    sources: str,
+    langs: Sequence[str],
+    *,
+    root: str,
+    where: str,
+    **read_kw,
+) -> Split:
+    """Reads every source of one split (``where`` names it in errors, e.g. ``data.train``)."""
+    split = Split()
+    for key, spec in parse_sources(sources, where).items():
+        parsed = parse_key(key, langs, where)
+        items = [s.strip() for s in str(spec).split(",") if s.strip()]
+        if not items:
+            raise DataError(f"{where}.{key}: no source given")
+        if isinstance(parsed, str):
+            lines: list[str] = []
+            for item in items:
+                lines += read_lines(item, root, **read_kw)
+            split.mono[parsed] = lines
+        else:
+            src: list[str] = []
+            tgt: list[str] = []
+            for item in items:
+                sides = item.split("|")
+                if len(sides) != 2:
+                    raise DataError(
+                        f"{where}.{key}: {item!r} must be 'SRC_SPEC|TGT_SPEC' "
+                        "(two line-aligned sources)"
+                    )
+                s, t = read_parallel(sides[0], sides[1], root, **read_kw)
+                src += s
+                tgt += t
+            split.para[parsed] = (src, tgt)
+    return split
+
+
+def tokenizer_texts(split: Split) -> dict[str, list[str]]:
+    """Training text per language for the BPE model: its monolingual text, else its pair sides."""
+    texts = {lang: list(lines) for lang, lines in split.mono.items()}
+    for (l1, l2), (src, tgt) in split.para.items():
+        for lang, side in ((l1, src), (l2, tgt)):
+            if lang not in split.mono:
+                texts.setdefault(lang, []).extend(side)
+    return texts
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+    mono: dict[str, list[np.ndarray]]
+    para: dict[Pair, tuple[list[np.ndarray], list[np.ndarray]]]
+
+
+def tokenize_split(split: Split, tokenizer: Tokenizer) -> TokenizedSplit:
+    return TokenizedSplit(
+        mono={lang: tokenizer.encode_many(lines) for lang, lines in split.mono.items()},
+        para={
+            pair: (tokenizer.encode_many(src), tokenizer.encode_many(tgt))
+            for pair, (src, tgt) in split.para.items()
+        },
+    )

@@ -1,0 +1,308 @@
+"""Reusable Transformer pieces of XLM: initializers, embeddings, attention, feed-forward.
+
+Shared by the encoder and (later) the NMT decoder. Layout is `(batch, length, ...)` everywhere.
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
+activations are constrained with `nn.with_logical_constraint`; both are no-ops until
+`parallel.py` installs axis rules and a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+# Logical axis names (mapped to mesh axes by parallel.py).
+BATCH, LENGTH, VOCAB, EMBED = "batch", "length", "vocab", "embed"
+HEADS, KV, MLP, LANGS, POSITIONS = "heads", "kv", "mlp", "langs", "positions"
+
+# Activation layouts.
+ACT_EMBED = (BATCH, LENGTH, EMBED)
+ACT_HEADS = (BATCH, LENGTH, HEADS, KV)
+ACT_MLP = (BATCH, LENGTH, MLP)
+ACT_VOCAB = (BATCH, LENGTH, VOCAB)
+
+
+# --------------------------------------------------------------------------- initializers
+
+
+def xlm_embedding_init(padding_idx: int | None = None) -> Initializer:
+    """N(0, dim**-0.5) with the padding row zeroed, as XLM's `Embedding` helper."""
+
+    def init(key: Array, shape: Sequence[int], dtype: DType = jnp.float32) -> Array:
+        table = jax.random.normal(key, shape, jnp.float32) * shape[-1] ** -0.5
+        if padding_idx is not None:
+            table = table.at[padding_idx].set(0.0)
+        return table.astype(dtype)
+
+    return init
+
+
+def torch_linear_kernel_init(
+    in_axis: int | Sequence[int] = -2, out_axis: int | Sequence[int] = -1
+) -> Initializer:
+    """PyTorch's nn.Linear default (kaiming_uniform(a=sqrt(5))), U(±1/sqrt(fan_in)); XLM keeps it.
+
+    `in_axis` lists the contracted kernel axes, so multi-axis kernels get the true fan-in.
+    """
+    return nn.initializers.variance_scaling(
+        1.0 / 3.0, "fan_in", "uniform", in_axis=in_axis, out_axis=out_axis
+    )
+
+
+def torch_linear_bias_init(fan_in: int) -> Initializer:
+    """PyTorch's nn.Linear default bias init, U(±1/sqrt(fan_in))."""
+    bound = fan_in**-0.5
+
+    def init(key: Array, shape: Sequence[int], dtype: DType = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> np.ndarray:
+    """Fixed position table of XLM's `create_sinusoidal_embeddings`, shape (n_positions, dim).
+
+    Built in float64 on the host (as XLM) so it is a compile-time constant, identical on every
+    backend, and not a parameter.
+    """
+    pos = np.arange(n_positions, dtype=np.float64)[:, None]
+    j = np.arange(dim)
+    angles = pos / np.power(10000.0, 2 * (j // 2) / dim)[None, :]
+    table = np.empty((n_positions, dim), dtype=np.float64)
+    table[:, 0::2] = np.sin(angles[:, 0::2])
+    table[:, 1::2] = np.cos(angles[:, 1::2])
+    return table.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def embedding(
+    num_embeddings: int,
+    features: int,
+    axes: tuple[str, str],
+    *,
+    padding_idx: int | None = None,
+    param_dtype: DType = jnp.float32,
+    name: str | None = None,
+) -> nn.Embed:
+    """An XLM-initialised embedding table with logical axes `axes`.
+
+    Lookups (and `attend`) run in float32: the embedding sum feeds a LayerNorm, and `attend`
+    is the tied output layer whose logits must be float32 for the loss.
+    """
+    init = nn.with_logical_partitioning(xlm_embedding_init(padding_idx), axes)
+    return nn.Embed(
+        num_embeddings,
+        features,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        embedding_init=init,
+        name=name,
+    )
+
+
+def layer_norm(
+    epsilon: float, *, dtype: DType, param_dtype: DType = jnp.float32, name: str | None = None
+) -> nn.LayerNorm:
+    """LayerNorm over `embed`; statistics in float32, output in the compute dtype."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        # Two-pass variance, as PyTorch's LayerNorm: E[x^2]-E[x]^2 loses precision.
+        use_fast_variance=False,
+        force_float32_reductions=True,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (EMBED,)),
+        name=name,
+    )
+
+
+def dense(
+    features: int,
+    *,
+    fan_in: int,
+    kernel_axes: tuple[str, str],
+    bias_axes: tuple[str],
+    dtype: DType,
+    param_dtype: DType = jnp.float32,
+    name: str | None = None,
+) -> nn.DenseGeneral:
+    """A PyTorch-initialised `nn.DenseGeneral` over the last axis, with logical axes.
+
+    Only for 2-D kernels: DenseGeneral initialises through a flattened 2-D shape and unboxes
+    (sharding-constrains) it *before* reshaping, which fails for 3-D logical names as soon as
+    axis rules and a mesh are active (google/flax#3676). Multi-axis kernels use `projection`.
+    """
+    return nn.DenseGeneral(
+        features=features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(torch_linear_kernel_init(), kernel_axes),
+        bias_init=nn.with_logical_partitioning(torch_linear_bias_init(fan_in), bias_axes),
+        name=name,
+    )
+
+
+def projection(
+    einsum_str: str,
+    shape: tuple[int, ...],
+    *,
+    n_in_axes: int,
+    kernel_axes: tuple[str, ...],
+    bias_axes: tuple[str, ...],
+    dtype: DType,
+    param_dtype: DType = jnp.float32,
+    name: str | None = None,
+) -> nn.Einsum:
+    """A PyTorch-initialised multi-axis linear map (`nn.Einsum`) with logical axes.
+
+    The kernel of `shape` contracts its first `n_in_axes` axes with the input, e.g.
+    `('embed', 'heads', 'kv')` for q/k/v. `nn.Einsum` initialises at the full kernel shape, so
+    the logical names stay valid under an active mesh (unlike DenseGeneral, see `dense`).
+    """
+    in_axes = tuple(range(n_in_axes))
+    out_axes = tuple(range(n_in_axes, len(shape)))
+    fan_in = math.prod(shape[:n_in_axes])
+    return nn.Einsum(
+        shape=shape,
+        einsum_str=einsum_str,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            torch_linear_kernel_init(in_axes, out_axes), kernel_axes
+        ),
+        bias_init=nn.with_logical_partitioning(torch_linear_bias_init(fan_in), bias_axes),
+        name=name,
+    )
+
+
+def padding_mask(tokens: Array, pad_id: int) -> Array:
+    """(batch, length) bool, True at real tokens."""
+    return tokens != pad_id
+
+
+def make_attention_mask(key_valid: Array, *, causal: bool = False) -> Array:
+    """Boolean attention mask (True = may attend), `(batch, 1 | q_len, kv_len)`.
+
+    `key_valid` is `(batch, kv_len)`. The causal variant is for self-attention over the whole
+    sequence (q_len == kv_len); query rows are not masked since padded outputs are zeroed anyway.
+    """
+    mask = key_valid[:, None, :]
+    if causal:
+        length = key_valid.shape[-1]
+        mask = mask & jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None]
+    return mask
+
+
+class MultiHeadAttention(nn.Module):
+    """XLM multi-head attention: `(query_input, kv_input, mask) -> (batch, q_len, dim)`.
+
+    Self-attention passes the same array twice; the decoder's cross-attention passes the
+    encoder output as `kv_input`. `mask` is boolean, broadcastable to `(batch, q_len, kv_len)`,
+    True where attention is allowed. Keys/values are projected in one place (`_project_kv`) so
+    an incremental decoding cache can later be slotted in there without touching the math.
+    """
+
+    n_heads: int
+    dropout_rate: float = 0.0
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, query_input: Array, kv_input: Array, mask: Array, *, deterministic: bool = True
+    ) -> Array:
+        dim = query_input.shape[-1]
+        if dim % self.n_heads:
+            raise ValueError(f"feature dim {dim} is not a multiple of n_heads={self.n_heads}")
+        head_dim = dim // self.n_heads
+        q = self._project("query", query_input, head_dim)
+        k, v = self._project_kv(kv_input, head_dim)
+        # XLM scales q (not the scores) before the product.
+        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+
+        # Scores accumulate in float32 and the softmax runs in float32 (as XLM's .float()).
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        # A finite floor instead of -inf: a fully padded row then softmaxes to uniform (finite)
+        # weights rather than NaN, and masked entries still get exactly zero weight.
+        mask = jnp.broadcast_to(mask, scores.shape[:1] + scores.shape[2:])
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        context = nn.with_logical_constraint(context, ACT_HEADS)
+        out = projection(
+            "...hd,hde->...e",
+            (self.n_heads, head_dim, dim),
+            n_in_axes=2,
+            kernel_axes=(HEADS, KV, EMBED),
+            bias_axes=(EMBED,),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(context)
+        return nn.with_logical_constraint(out, ACT_EMBED)
+
+    def _project_kv(self, kv_input: Array, head_dim: int) -> tuple[Array, Array]:
+        return self._project("key", kv_input, head_dim), self._project("value", kv_input, head_dim)
+
+    def _project(self, name: str, x: Array, head_dim: int) -> Array:
+        y = projection(
+            "...e,ehd->...hd",
+            (x.shape[-1], self.n_heads, head_dim),
+            n_in_axes=1,
+            kernel_axes=(EMBED, HEADS, KV),
+            bias_axes=(HEADS, KV),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )(x)
+        return nn.with_logical_constraint(y, ACT_HEADS)
+
+
+class FeedForward(nn.Module):
+    """XLM's TransformerFFN: lin1 -> exact GELU -> lin2 -> dropout (dropout inside, as XLM)."""
+
+    hidden_dim: int
+    dropout_rate: float = 0.0
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        dim = x.shape[-1]
+        h = dense(
+            self.hidden_dim,
+            fan_in=dim,
+            kernel_axes=(EMBED, MLP),
+            bias_axes=(MLP,),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="lin1",
+        )(x)
+        # XLM's gelu is the erf form, not the tanh approximation.
+        h = jax.nn.gelu(h, approximate=False)
+        h = nn.with_logical_constraint(h, ACT_MLP)
+        y = dense(
+            dim,
+            fan_in=self.hidden_dim,
+            kernel_axes=(MLP, EMBED),
+            bias_axes=(EMBED,),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="lin2",
+        )(h)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        return nn.with_logical_constraint(y, ACT_EMBED)

@@ -1,0 +1,120 @@
+"""Device mesh, logical axis rules and shardings: the only place that knows about devices.
+
+The model names its axes (``batch``, ``embed``, ``heads``, ...); the rules here map them onto the
+mesh axes ``data``, ``fsdp`` and ``tensor``. Flax applies rules in order and skips a rule whose
+mesh axis is already taken in the same array, so the activation ``(batch, length, embed)`` puts
+``batch`` on ``data×fsdp`` and leaves ``embed`` whole, while the parameter ``(vocab, embed)``
+puts ``embed`` on ``fsdp`` (FSDP) and ``vocab`` on ``tensor`` (Megatron-style).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("length", None),
+    ("langs", None),
+    ("positions", None),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
+    """Fills the one ``-1`` entry with the remaining devices; checks the product."""
+    shape = [int(s) for s in shape]
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} sizes {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be positive, with at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if n_devices % known:
+            raise ValueError(
+                f"mesh shape {shape}: {n_devices} devices are not divisible by {known}"
+            )
+        shape[shape.index(-1)] = n_devices // known
+    if math.prod(shape) != n_devices:
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} "
+            f"devices, but there are {n_devices}"
+        )
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh with Auto axes, so linen's logical rules apply."""
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = resolve_mesh_shape(shape, len(devices))
+    return jax.make_mesh(
+        sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def rules_from_config(rules: Sequence[Sequence] | None) -> Rules:
+    """Config rules (lists, possibly with lists of mesh axes) as the tuples flax expects."""
+    if rules is None:
+        return DEFAULT_RULES
+    out = []
+    for name, axes in rules:
+        if isinstance(axes, list | tuple):
+            axes = tuple(axes)
+        if axes is not None and not set(np.atleast_1d(axes)) <= set(MESH_AXES):
+            raise ValueError(f"logical axis rule {name!r} -> {axes!r} names an unknown mesh axis")
+        out.append((name, axes))
+    return tuple(out)
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch dimension is split."""
+    axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules, what: str = "batch_size") -> None:
+    n = data_parallel_size(mesh, rules)
+    if batch_size % n:
+        raise ValueError(
+            f"{what}={batch_size} is not divisible by the {n}-way batch split of {mesh}"
+        )
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
+    """Shardings for a pytree whose leaves are boxed with logical names (nn.Partitioned)."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows → global arrays (each process passes only its own shard)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """The context in which the model is traced: mesh for constraints, rules for names."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

@@ -1,0 +1,641 @@
+"""Cross-lingual LM pretraining: the train state, optimizer, compiled steps and the loop.
+
+Read top to bottom: optimizer and schedules → step functions (pure: batch in, sums out) → setup
+(tokenizer, data, mesh, state, checkpoint) → the training loop (XLM's alternation of CLM/MLM/TLM
+steps, each its own update) with periodic evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from xlm_jax import objectives, parallel
+from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.data import batches as batches_lib
+from xlm_jax.data import corpus as corpus_lib
+from xlm_jax.data.toy import write_toy_corpus
+from xlm_jax.metrics import MetricWriter, summarize
+from xlm_jax.model.encoder import ModelConfig, XLMEncoder
+from xlm_jax.tokenizer import PAD_ID, Tokenizer, load_or_train
+
+Sums = dict[str, jax.Array]
+
+
+# --- optimizer ---------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer updates applied so far
+    params: Any
+    opt_state: Any
+
+
+def inverse_sqrt_schedule(lr: float, warmup_steps: int, warmup_init_lr: float) -> optax.Schedule:
+    """XLM's ``adam_inverse_sqrt``: linear warmup to ``lr``, then ``lr * sqrt(warmup / step)``."""
+    warmup_steps = max(1, warmup_steps)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32) + 1.0  # XLM counts updates from 1
+        warm = warmup_init_lr + (lr - warmup_init_lr) * step / warmup_steps
+        decay = lr * jnp.sqrt(warmup_steps / step)
+        return jnp.where(step < warmup_steps, warm, decay)
+
+    return schedule
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam with XLM's schedule, global-norm clipping and optional decoupled weight decay.
+
+    Weight decay skips biases and LayerNorm parameters (1-D leaves), the usual practice.
+    """
+    schedule = inverse_sqrt_schedule(cfg.lr, cfg.warmup_steps, cfg.warmup_init_lr)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_grad_norm)
+        if cfg.clip_grad_norm > 0
+        else optax.identity(),
+        optax.adamw(
+            schedule,
+            b1=cfg.beta1,
+            b2=cfg.beta2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+# --- steps: pure functions of (state, batch, rng) ----------------------------------------------
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, n_langs=len(lang_list(config)), **config.model.to_dict()
+    )
+
+
+def lang_list(config: ml_collections.ConfigDict) -> list[str]:
+    return [lang.strip() for lang in config.langs.split(",") if lang.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """How a batch becomes inputs and targets: masked (MLM/TLM) or causal (CLM)."""
+
+    causal: bool
+    vocab_size: int
+    word_pred: float = 0.15
+    mask_keep_rand: tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+    def prepare(self, batch, rng, log_weights=None):
+        if self.causal:
+            return objectives.causal_targets(batch)
+        return objectives.mask_tokens(
+            batch,
+            rng,
+            vocab_size=self.vocab_size,
+            word_pred=self.word_pred,
+            mask_keep_rand=self.mask_keep_rand,
+            log_weights=log_weights,
+        )
+
+
+def loss_sums(
+    model: XLMEncoder,
+    objective: Objective,
+    params,
+    batch,
+    rng,
+    *,
+    deterministic: bool,
+    log_weights=None,
+) -> Sums:
+    """Batch → loss sums. The masking key and the dropout key are split from the step's key."""
+    k_mask, k_drop = jax.random.split(rng)
+    batch = objective.prepare(batch, k_mask, log_weights)
+    logits = model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["positions"],
+        batch["langs"],
+        causal=objective.causal,
+        deterministic=deterministic,
+        pred_index=batch.get("pred_index"),
+        rngs={"dropout": k_drop},
+    )
+    return objectives.token_loss_sums(logits, batch["targets"], batch["weights"])
+
+
+def train_step(
+    state: TrainState, batch, rng, lam, *, model, objective, tx, log_weights=None
+) -> tuple[TrainState, Sums]:
+    """One update on one objective: loss = lam * (mean cross-entropy over predicted tokens)."""
+
+    def loss_fn(params):
+        sums = loss_sums(
+            model, objective, params, batch, rng, deterministic=False, log_weights=log_weights
+        )
+        return lam * sums["loss_sum"] / jnp.maximum(sums["n_pred"], 1.0), sums
+
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    sums["grad_norm"] = optax.tree.norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), sums
+
+
+def eval_step(params, batch, rng, *, model, objective, log_weights=None) -> Sums:
+    return loss_sums(
+        model, objective, params, batch, rng, deterministic=True, log_weights=log_weights
+    )
+
+
+# --- setup --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Data:
+    """Everything the loop reads: iterators per step key, fixed validation batches, sizes."""
+
+    train: dict[str, Any]  # step key -> StreamBatches | PairBatches
+    valid: dict[str, list[dict[str, np.ndarray]]]  # step key -> batches
+    sizes: dict[str, int]  # step key -> training tokens (for language sampling)
+    token_counts: np.ndarray  # training-token frequencies (for sample_alpha)
+
+
+def resolve_root(config: ml_collections.ConfigDict, workdir: Path) -> str:
+    """``data.root`` or, when empty, the generated toy corpus (so the demo needs no data)."""
+    if config.data.root:
+        return config.data.root
+    logging.info("data.root is empty: using the generated toy corpus (synthetic text)")
+    return str(write_toy_corpus(workdir / "toy_corpus", langs=tuple(lang_list(config))))
+
+
+def build_steps(config: ml_collections.ConfigDict) -> list[list[batches_lib.StepSpec]]:
+    langs = lang_list(config)
+    return [
+        batches_lib.parse_steps("clm", config.clm_steps, langs),
+        batches_lib.parse_steps("mlm", config.mlm_steps, langs),
+    ]
+
+
+def build_data(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    tokenizer_path: Path,
+    step_lists: list[list[batches_lib.StepSpec]],
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[Tokenizer, Data]:
+    """Reads and checks all text, trains (or reuses) the tokenizer, builds the iterators.
+
+    Each process builds iterators for its own rows only (``batch_size / process_count``), from its
+    own seed offset, so hosts never read each other's batches.
+    """
+    langs = lang_list(config)
+    corpus_lib.check_langs(langs)
+    root = resolve_root(config, workdir)
+    read_kw = dict(
+        max_chars=config.data.max_chars,
+        on_invalid_utf8=config.data.on_invalid_utf8,
+        data_dir=config.data.tfds_data_dir or None,
+    )
+    train = corpus_lib.read_split(
+        config.data.train, langs, root=root, where="data.train", **read_kw
+    )
+    valid = corpus_lib.read_split(
+        config.data.valid, langs, root=root, where="data.valid", **read_kw
+    )
+
+    for spec in (s for steps in step_lists for s in steps):
+        have = train.para if spec.lang2 else train.mono
+        if ((spec.lang1, spec.lang2) if spec.lang2 else spec.lang1) not in have:
+            raise corpus_lib.DataError(
+                f"{'clm' if spec.objective == 'clm' else 'mlm'}_steps lists "
+                f"{spec.key.split('_', 1)[1]!r} but data.train has no "
+                f"{'parallel' if spec.lang2 else 'monolingual'} text for it"
+            )
+
+    tok = config.tokenizer
+    tokenizer = load_or_train(
+        tokenizer_path,
+        lambda: corpus_lib.tokenizer_texts(train),
+        vocab_size=tok.vocab_size,
+        alpha=tok.alpha,
+        n_sentences=tok.n_sentences,
+        seed=config.seed,
+        character_coverage=tok.character_coverage,
+    )
+    train_tok = corpus_lib.tokenize_split(train, tokenizer)
+    valid_tok = corpus_lib.tokenize_split(valid, tokenizer)
+
+    local_bs, local_tlm_bs = (
+        config.batch_size // process_count,
+        config.tlm_batch_size // process_count,
+    )
+    seed = config.seed * 1000 + process_index
+    data = Data({}, {}, {}, np.zeros(tokenizer.vocab_size, np.int64))
+    for spec in (s for steps in step_lists for s in steps):
+        lid = langs.index(spec.lang1)
+        if spec.lang2 is None:
+            stream = batches_lib.make_stream(train_tok.mono[spec.lang1])
+            data.train[spec.key] = batches_lib.StreamBatches(
+                stream,
+                lang_id=lid,
+                batch_size=local_bs,
+                length=config.bptt,
+                seed=seed,
+                name=spec.key,
+            )
+            data.sizes[spec.key] = len(stream)
+            data.token_counts += np.bincount(stream, minlength=tokenizer.vocab_size)
+            if spec.lang1 in valid_tok.mono:
+                data.valid[spec.key] = batches_lib.eval_stream_batches(
+                    batches_lib.make_stream(valid_tok.mono[spec.lang1]),
+                    lang_id=lid,
+                    batch_size=config.eval_batch_size // process_count,
+                    length=config.bptt,
+                )
+        else:
+            pair = (spec.lang1, spec.lang2)
+            src, tgt = train_tok.para[pair]
+            it = batches_lib.PairBatches(
+                src,
+                tgt,
+                src_lang=lid,
+                tgt_lang=langs.index(spec.lang2),
+                batch_size=local_tlm_bs,
+                length=config.tlm_length,
+                seed=seed,
+                name=spec.key,
+            )
+            if it.n_dropped:
+                logging.warning(
+                    "%s: dropped %d of %d pairs (an empty side, or longer than tlm_length=%d)",
+                    spec.key,
+                    it.n_dropped,
+                    len(src),
+                    config.tlm_length,
+                )
+            data.train[spec.key] = it
+            data.sizes[spec.key] = int(
+                sum(len(s) + len(t) + 4 for s, t in zip(it.src, it.tgt, strict=True))
+            )
+            if pair in valid_tok.para:
+                vs, vt = valid_tok.para[pair]
+                data.valid[spec.key] = batches_lib.eval_pair_batches(
+                    vs,
+                    vt,
+                    src_lang=lid,
+                    tgt_lang=langs.index(spec.lang2),
+                    batch_size=config.eval_batch_size // process_count,
+                    length=config.tlm_length,
+                )
+    return tokenizer, data
+
+
+def config_fingerprint(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: model shape and vocabulary."""
+    return {
+        "model": model_config(config, tokenizer.vocab_size).__dict__ | {"langs": lang_list(config)},
+        "tokenizer_sha256": tokenizer.sha256,
+    }
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    diffs = []
+    for key in sorted(set(saved["model"]) | set(current["model"])):
+        a, b = saved["model"].get(key), current["model"].get(key)
+        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            diffs.append(f"model.{key}: checkpoint {a!r} vs config {b!r}")
+    if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:
+        diffs.append("the tokenizer differs from the one the checkpoint was trained with")
+    if diffs:
+        raise ValueError(f"{where} was written by a different config:\n  " + "\n  ".join(diffs))
+
+
+class Steps:
+    """The compiled step functions, one per objective kind; shapes fixed, so each compiles once."""
+
+    def __init__(self, config, model, tx, mesh, rules, state_shardings, token_counts):
+        self.mesh, self.rules = mesh, rules
+        vocab = model.config.vocab_size
+        split = tuple(float(x) for x in str(config.word_mask_keep_rand).split(","))
+        if len(split) != 3 or not math.isclose(sum(split), 1.0):
+            raise ValueError(
+                f"word_mask_keep_rand={config.word_mask_keep_rand!r}: three numbers summing to 1"
+            )
+        log_weights = (
+            jnp.asarray(objectives.token_log_weights(token_counts, config.sample_alpha))
+            if config.sample_alpha > 0
+            else None
+        )
+        self.objectives = {
+            kind: Objective(
+                causal=kind == "clm",
+                vocab_size=vocab,
+                word_pred=config.word_pred,
+                mask_keep_rand=split,
+            )
+            for kind in ("clm", "masked")
+        }
+        batch_sh = parallel.batch_sharding(mesh, rules)
+        repl = parallel.replicated(mesh)
+        self.train = {
+            kind: jax.jit(
+                functools.partial(
+                    train_step, model=model, objective=obj, tx=tx, log_weights=log_weights
+                ),
+                in_shardings=(state_shardings, batch_sh, repl, repl),
+                out_shardings=(state_shardings, repl),
+                donate_argnums=0,
+            )
+            for kind, obj in self.objectives.items()
+        }
+        self.eval = {
+            kind: jax.jit(
+                functools.partial(eval_step, model=model, objective=obj, log_weights=log_weights),
+                in_shardings=(state_shardings.params, batch_sh, repl),
+                out_shardings=repl,
+            )
+            for kind, obj in self.objectives.items()
+        }
+        self.batch_sharding = batch_sh
+
+    @staticmethod
+    def kind(spec: batches_lib.StepSpec) -> str:
+        return "clm" if spec.objective == "clm" else "masked"
+
+    def compilations(self) -> int:
+        """Number of compiled programs so far (tests check the alternation never recompiles)."""
+        return sum(f._cache_size() for f in (*self.train.values(), *self.eval.values()))
+
+
+def init_state(model: XLMEncoder, tx, rng, mesh, rules, dp: int) -> tuple[TrainState, Any]:
+    """Creates the state directly with its shardings: parameters never sit whole on one device."""
+    dummy = jnp.zeros((dp, 8), jnp.int32)
+
+    def boxed_init(rng):
+        params = model.init({"params": rng}, dummy, dummy, dummy)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    with parallel.mesh_context(mesh, rules):
+        abstract = jax.eval_shape(boxed_init, rng)
+        shardings = parallel.logical_shardings(abstract, mesh, rules)
+        state = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate(steps: Steps, params, data: Data, seed: int) -> dict[str, float]:
+    """Validation loss/accuracy/perplexity per step key, with the same masks at every evaluation."""
+    sums: dict[str, dict[str, float]] = {}
+    base = jax.random.key(seed + 1)
+    with parallel.mesh_context(steps.mesh, steps.rules):
+        for key, batches in data.valid.items():
+            kind = "clm" if key.startswith("clm_") else "masked"
+            out = [
+                steps.eval[kind](
+                    params,
+                    parallel.global_batch(b, steps.batch_sharding),
+                    jax.random.fold_in(base, i),
+                )
+                for i, b in enumerate(batches)
+            ]
+            totals = jax.device_get(out)
+            sums[key] = {k: float(sum(t[k] for t in totals)) for k in totals[0]}
+    scalars = summarize(sums)
+    for kind in ("mlm", "tlm", "clm"):
+        ppls = [v for k, v in scalars.items() if k.startswith(f"{kind}_") and k.endswith("/ppl")]
+        if ppls:
+            scalars[f"{kind}_ppl"] = float(np.mean(ppls))
+    return {f"valid/{k}": v for k, v in scalars.items()}
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def _tokens(batch: Mapping[str, np.ndarray]) -> int:
+    return int(np.count_nonzero(batch["tokens"] != PAD_ID))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    on_step: Callable[[int, TrainState], None] | None = None,
+) -> dict[str, float]:
+    """Pretrains as ``config`` says, resuming from ``workdir`` if it holds a checkpoint.
+
+    Returns the last logged training and validation scalars.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_primary = jax.process_index() == 0
+
+    # Mesh and batch checks come first: they fail in milliseconds.
+    rules = parallel.rules_from_config(config.mesh.rules)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    for what in ("batch_size", "tlm_batch_size", "eval_batch_size"):
+        parallel.check_batch_size(config[what], mesh, rules, what)
+        if config[what] % jax.process_count():
+            raise ValueError(
+                f"{what}={config[what]} is not divisible by {jax.process_count()} processes"
+            )
+
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        keep_last=config.keep_checkpoints,
+        best_metric=config.best_metric or None,
+        best_mode=config.best_mode,
+    )
+    tokenizer_path = workdir / "tokenizer.model"
+    latest = ckpt.latest_step()
+    saved_meta = ckpt.restore_meta(latest) if latest is not None else None
+    if saved_meta is not None and not tokenizer_path.exists():
+        # The checkpoint carries its vocabulary: a resumed run never retrains it.
+        Tokenizer.from_bytes(base64.b64decode(saved_meta["tokenizer"])).save(tokenizer_path)
+
+    step_lists = build_steps(config)
+    tokenizer, data = build_data(
+        config,
+        workdir,
+        tokenizer_path,
+        step_lists,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    fingerprint = config_fingerprint(config, tokenizer)
+    if saved_meta is not None:
+        check_compatible(
+            saved_meta["fingerprint"], fingerprint, f"checkpoint {latest} in {ckpt.directory}"
+        )
+    schedule = batches_lib.Schedule(
+        step_lists, data.sizes, sampling_factor=config.lg_sampling_factor, seed=config.seed
+    )
+    lambdas = {
+        "clm": batches_lib.parse_lambda(config.lambda_clm),
+        "mlm": batches_lib.parse_lambda(config.lambda_mlm),
+        "tlm": batches_lib.parse_lambda(config.lambda_mlm),  # XLM: TLM is an mlm_steps entry
+    }
+
+    mcfg = model_config(config, tokenizer.vocab_size)
+    model = XLMEncoder(mcfg)
+    tx = make_optimizer(config.optimizer)
+    state, shardings = init_state(
+        model,
+        tx,
+        jax.random.key(config.seed),
+        mesh,
+        rules,
+        parallel.data_parallel_size(mesh, rules),
+    )
+    steps = Steps(config, model, tx, mesh, rules, shardings, data.token_counts)
+
+    loop = {"step": 0, "best": None, "bad_evals": 0}
+    if latest is not None:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+        state, data_state, _ = ckpt.restore(latest, abstract_state=abstract)
+        loop = data_state["loop"]
+        for key, it_state in data_state["iterators"].items():
+            data.train[key].restore(it_state)
+        logging.info("resumed from step %d (%d updates)", loop["step"], int(state.step))
+
+    meta = {
+        "config": config.to_dict(),
+        "fingerprint": fingerprint,
+        "tokenizer": base64.b64encode(tokenizer.serialized).decode("ascii"),
+        "versions": {"jax": jax.__version__, "flax": flax.__version__},
+    }
+    writer = MetricWriter(workdir, total_steps=config.max_steps, is_primary=is_primary)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info(
+        "model: %d parameters, vocab %d, langs %s; mesh %s; schedule of %d steps per iteration %s",
+        n_params,
+        tokenizer.vocab_size,
+        lang_list(config),
+        dict(mesh.shape),
+        schedule.iteration_length,
+        schedule.probs or "(shuffled lists)",
+    )
+
+    def save(metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
+        data_state = {
+            "loop": loop,
+            "iterators": {k: it.state() for k, it in data.train.items()},
+        }
+        ckpt.save(
+            loop["step"], state, data_state=data_state, meta=meta, metrics=metrics, force=force
+        )
+
+    base_rng = jax.random.key(config.seed)
+    window: dict[str, list[Sums]] = {}
+    window_tokens = 0
+    last: dict[str, float] = {}
+    stop = False
+    with parallel.mesh_context(mesh, rules):
+        while loop["step"] < config.max_steps and not stop:
+            spec = schedule(loop["step"])
+            lam = batches_lib.lambda_at(lambdas[spec.objective], loop["step"])
+            if lam > 0:  # XLM skips an objective whose lambda is 0
+                batch = next(data.train[spec.key])
+                window_tokens += _tokens(batch) * jax.process_count()
+                state, sums = steps.train[Steps.kind(spec)](
+                    state,
+                    parallel.global_batch(batch, steps.batch_sharding),
+                    jax.random.fold_in(base_rng, loop["step"]),
+                    np.float32(lam),
+                )
+                window.setdefault(spec.key, []).append(sums)
+            loop["step"] += 1
+            step = loop["step"]
+            if on_step is not None:
+                on_step(step, state)
+
+            if step % config.log_every == 0 or step == config.max_steps:
+                totals = jax.device_get(window)  # the loop's only regular host sync
+                scalars = summarize(
+                    {
+                        k: {
+                            n: float(sum(s[n] for s in v))
+                            for n in ("loss_sum", "n_pred", "n_correct")
+                        }
+                        for k, v in totals.items()
+                    }
+                )
+                for k, v in totals.items():
+                    scalars[f"{k}/grad_norm"] = float(np.mean([s["grad_norm"] for s in v]))
+                scalars["lr"] = float(steps_lr(config, int(state.step)))
+                writer.progress(step, scalars, tokens=window_tokens)
+                writer.write(step, scalars, prefix="train/")
+                last.update({f"train/{k}": v for k, v in scalars.items()})
+                window, window_tokens = {}, 0
+
+            metrics = None
+            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+                metrics = evaluate(steps, state.params, data, config.seed)
+                writer.write(step, metrics)
+                logging.info(
+                    "eval step %d: %s",
+                    step,
+                    ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())),
+                )
+                last.update(metrics)
+                if config.best_metric:
+                    value = metrics.get(config.best_metric)
+                    if value is None:
+                        raise ValueError(
+                            f"best_metric {config.best_metric!r} is not among {sorted(metrics)}"
+                        )
+                    better = loop["best"] is None or (
+                        value < loop["best"] if config.best_mode == "min" else value > loop["best"]
+                    )
+                    loop["best"], loop["bad_evals"] = (
+                        (value, 0) if better else (loop["best"], loop["bad_evals"] + 1)
+                    )
+                    if config.patience > 0 and loop["bad_evals"] >= config.patience:
+                        logging.info(
+                            "stopping: %s did not improve for %d evaluations",
+                            config.best_metric,
+                            config.patience,
+                        )
+                        stop = True
+            if (
+                metrics is not None
+                or step % config.checkpoint_every == 0
+                or step == config.max_steps
+                or stop
+            ):
+                save(metrics, force=step == config.max_steps or stop)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    logging.info("compiled programs: %d", steps.compilations())
+    return last
+
+
+def steps_lr(config: ml_collections.ConfigDict, updates: int) -> float:
+    o = config.optimizer
+    return float(inverse_sqrt_schedule(o.lr, o.warmup_steps, o.warmup_init_lr)(max(updates - 1, 0)))
