@@ -75,6 +75,33 @@ def test_mesh_that_does_not_divide_fails_fast(tmp_path):
         train.train_and_evaluate(tiny_config(**{"mesh.shape": (3, 1, 1)}), tmp_path)
 
 
+def test_pretraining_reads_tfds_sources(tmp_path, shared_data):
+    """The same run from the project's TF-free TFDS builder, prepared from ../shared/data."""
+    src = "tfds:multi30k_local:{split}:{lang}@0:{n}"
+    train_spec = "; ".join(
+        [f"{lang}: {src.format(split='train', lang=lang, n=3000)}" for lang in ("en", "fr", "de")]
+        + [
+            f"en-fr: {src.format(split='train', lang='en', n=3000)}|"
+            f"{src.format(split='train', lang='fr', n=3000)}"
+        ]
+    )
+    valid_spec = f"en: {src.format(split='validation', lang='en', n=200)}"
+    config = tiny_config(
+        max_steps=4,
+        eval_every=4,
+        checkpoint_every=4,
+        **{
+            "data.train": train_spec,
+            "data.valid": valid_spec,
+            "data.tfds_data_dir": str(tmp_path / "tfds"),
+            "data.tfds_manual_dir": str(shared_data / "multi30k"),
+        },
+    )
+    out = train.train_and_evaluate(config, tmp_path / "run")
+    assert np.isfinite(out["valid/mlm_en/loss"])
+    assert (tmp_path / "tfds" / "multi30k_local").is_dir()
+
+
 @pytest.mark.slow
 def test_pretraining_on_real_text_lowers_validation_perplexity(tmp_path, shared_data):
     config = tiny_config(

@@ -23,6 +23,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train = "en: train.en; fr: train.fr; en-fr: train.en|train.fr"
     c.data.valid = "en: val.en; fr: val.fr; en-fr: val.en|val.fr"
     c.data.tfds_data_dir = ""  # for tfds: sources; "" = TFDS's default
+    c.data.tfds_manual_dir = ""  # files from which the project's own builders are prepared
     c.data.max_chars = 10_000  # a longer line is an error (a broken file, not a sentence)
     c.data.on_invalid_utf8 = "error"  # or "replace" (U+FFFD); never a silent drop
 

@@ -217,6 +217,7 @@ def build_data(
         max_chars=config.data.max_chars,
         on_invalid_utf8=config.data.on_invalid_utf8,
         data_dir=config.data.tfds_data_dir or None,
+        manual_dir=config.data.tfds_manual_dir or None,
     )
     train = corpus_lib.read_split(
         config.data.train, langs, root=root, where="data.train", **read_kw

@@ -1,0 +1,87 @@
+"""Every config builds; the paper-size model has the paper's size; the CLI runs a config."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from xlm_jax import train
+from xlm_jax.model.encoder import XLMEncoder, count_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, *args):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+@pytest.mark.parametrize("name", ["demo", "multi30k_mlm_tlm", "xnli15_mlm_tlm"])
+def test_config_builds_and_docstring_shows_its_command(name):
+    config = load_config(name)
+    text = (REPO / "configs" / f"{name}.py").read_text()
+    assert f"--config=configs/{name}.py" in text
+    steps = train.build_steps(config)
+    assert sum(len(s) for s in steps) > 0
+
+
+def test_multi30k_mlm_variant_has_no_tlm():
+    assert load_config("multi30k_mlm_tlm", "mlm").mlm_steps == "en,de,fr"
+    with pytest.raises(ValueError, match="objectives"):
+        load_config("multi30k_mlm_tlm", "tlm")
+
+
+def test_xnli15_model_has_the_paper_size():
+    config = load_config("xnli15_mlm_tlm")
+    assert len(train.lang_list(config)) == 15
+    model = XLMEncoder(train.model_config(config, config.tokenizer.vocab_size))
+    params = jax.eval_shape(
+        lambda: model.init(
+            {"params": jax.random.key(0)},
+            jnp.zeros((1, 8), jnp.int32),
+            jnp.zeros((1, 8), jnp.int32),
+            jnp.zeros((1, 8), jnp.int32),
+        )
+    )["params"]
+    # 12 x 1024, 95k vocabulary, 15 languages: ~250M parameters, never materialised here
+    assert 245e6 < count_params(params) < 255e6
+
+
+def test_xnli15_data_sources_exist(shared_data):
+    """The paths the big config names are real files of ../shared/data."""
+    from xlm_jax.data.corpus import parse_sources
+    from xlm_jax.data.sources import parse_spec
+
+    config = load_config("xnli15_mlm_tlm")
+    for split in (config.data.train, config.data.valid):
+        for spec in parse_sources(split, "x").values():
+            for item in spec.replace("|", ",").split(","):
+                assert (shared_data / parse_spec(item.strip()).path).is_file(), item
+
+
+def test_cli_runs_the_demo_config(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "xlm_jax.main",
+        "--config=configs/demo.py",
+        f"--workdir={tmp_path}",
+        "--config.max_steps=3",
+        "--config.log_every=1",
+        "--config.eval_every=3",
+        "--config.model.n_layers=1",
+        "--config.model.emb_dim=32",
+        "--config.tokenizer.vocab_size=300",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 3/3" in out.stdout
+    assert (tmp_path / "checkpoints" / "3").is_dir() and (tmp_path / "tokenizer.model").is_file()
