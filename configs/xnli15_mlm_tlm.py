@@ -4,8 +4,9 @@ Sized for a pod, not for this machine; tests build it and jax.eval_shape its par
 Tatoeba pairs with English for the 14 other languages (lines 0..799 train, 800.. valid) and
 Multi30k for en/de/fr (see ../shared/data/README.md).
 
-  python -m xlm_jax.main --config=configs/xnli15_mlm_tlm.py --workdir=gs://BUCKET/xnli15 \
-      --config.data.root=/path/to/shared/data
+  launch/tpu_pod.sh -- --config=configs/xnli15_mlm_tlm.py --workdir=/mnt/shared/xnli15 \
+      --config.data.root=/mnt/shared/data
+  # (the workdir must be a filesystem path every host sees: NFS, or a bucket mounted with gcsfuse)
 """
 
 from xlm_jax.config import default_config

@@ -13,6 +13,7 @@ the text.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -30,6 +31,9 @@ from xlm_jax.tokenizer import N_SPECIAL
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per kind (after 2 warm-up steps).")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_MEMORY_ONLY = flags.DEFINE_bool(
+    "memory_only", False, "Only compile against abstract state: per-device memory, no timing."
+)
 
 
 def _median_seconds(fn: Callable[[], object], n: int, warmup: int = 2) -> float:
@@ -61,14 +65,21 @@ def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: b
     return {"tokens": tokens, "positions": positions, "langs": langs}
 
 
-def bench_steps(config, n_steps: int) -> dict:
+def bench_steps(config, n_steps: int, memory_only: bool = False) -> dict:
+    """Compiles each step kind for the config's mesh; times it unless ``memory_only``.
+
+    Memory is the compiled program's, per device: arguments + outputs + temporaries - aliased
+    (donated) buffers.
+    """
     rules = parallel.rules_from_config(config.mesh.rules)
     mesh = parallel.make_mesh(config.mesh.shape)
     vocab = config.tokenizer.vocab_size
     model = XLMEncoder(train.model_config(config, vocab))
     tx = train.make_optimizer(config.optimizer)
-    state, shardings = train.init_state(
-        model, tx, jax.random.key(0), mesh, rules, parallel.data_parallel_size(mesh, rules)
+    dp = parallel.data_parallel_size(mesh, rules)
+    abstract, shardings, _ = train.abstract_state(model, tx, mesh, rules, dp)
+    state = (
+        None if memory_only else train.init_state(model, tx, jax.random.key(0), mesh, rules, dp)[0]
     )
     steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
     rng = np.random.default_rng(0)
@@ -80,13 +91,34 @@ def bench_steps(config, n_steps: int) -> dict:
     results = {}
     with parallel.mesh_context(mesh, rules):
         for name, (kind, rows, length, pair, pred_fraction) in kinds.items():
-            batch = parallel.global_batch(
-                _batch(rng, rows, length, vocab, pair), steps.batch_sharding
-            )
+            host_batch = _batch(rng, rows, length, vocab, pair)
+            abstract_batch = {
+                k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=steps.batch_sharding)
+                for k, v in host_batch.items()
+            }
             key, lam = jax.random.key(1), np.float32(1.0)
             t = time.perf_counter()
-            compiled = steps.train[kind].lower(state, batch, key, lam).compile()
+            compiled = steps.train[kind].lower(abstract, abstract_batch, key, lam).compile()
             compile_s = time.perf_counter() - t
+            mem = compiled.memory_analysis()
+            flops = xlm_flops_per_token(model.config, length, pred_fraction)
+            results[name] = {
+                "batch": [rows, length],
+                "mesh": dict(mesh.shape),
+                "compile_s": compile_s,
+                "flops_per_token": flops,
+                "memory_bytes_per_device": None
+                if mem is None
+                else int(
+                    mem.argument_size_in_bytes
+                    + mem.output_size_in_bytes
+                    + mem.temp_size_in_bytes
+                    - mem.alias_size_in_bytes
+                ),
+            }
+            if memory_only:
+                continue
+            batch = parallel.global_batch(host_batch, steps.batch_sharding, rows)
             box = {"state": state}
 
             def run(compiled=compiled, batch=batch, key=key, lam=lam, box=box):
@@ -96,54 +128,48 @@ def bench_steps(config, n_steps: int) -> dict:
             seconds = _median_seconds(run, n_steps)
             state = box["state"]
             tokens = rows * length
-            flops = xlm_flops_per_token(model.config, length, pred_fraction)
-            mem = compiled.memory_analysis()
-            results[name] = {
-                "batch": [rows, length],
-                "compile_s": compile_s,
-                "step_s": seconds,
-                "tokens_per_s": tokens / seconds,
-                "flops_per_token": flops,
-                "achieved_flops": flops * tokens / seconds,
-                "memory_bytes": None
-                if mem is None
-                else int(
-                    mem.argument_size_in_bytes
-                    + mem.output_size_in_bytes
-                    + mem.temp_size_in_bytes
-                    - mem.alias_size_in_bytes
-                ),
-            }
+            results[name].update(
+                step_s=seconds,
+                tokens_per_s=tokens / seconds,
+                achieved_flops=flops * tokens / seconds,
+            )
     return results
 
 
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
-    peak = matmul_peak()
-    results = bench_steps(config, _STEPS.value)
-    for r in results.values():
-        r["mfu"] = r["achieved_flops"] / peak
+    peak = None if _MEMORY_ONLY.value else matmul_peak()
+    results = bench_steps(config, _STEPS.value, _MEMORY_ONLY.value)
     report = {
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
             "devices": [str(d) for d in jax.devices()],
             "jax": jax.__version__,
         },
-        "config": _CONFIG.value.to_dict().get("model"),
+        "model": config.model.to_dict(),
         "matmul_peak_flops_float32": peak,
         "steps": results,
     }
-    print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    print("| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | memory MB |")
+    if peak:
+        print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    print(f"mesh {dict(next(iter(results.values()))['mesh'])}, {jax.device_count()} devices")
+    print("| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        mem = "n/a" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.0f}"
+        mem = r["memory_bytes_per_device"]
+        mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"
+        if "step_s" in r:
+            r["mfu"] = r["achieved_flops"] / peak
+            timing = f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f}"
+            mfu = f"{r['mfu']:.1%}"
+        else:
+            timing, mfu = "- | -", "-"
         print(
-            f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | "
-            f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | "
-            f"{r['flops_per_token'] / 1e9:.4f} | {r['mfu']:.1%} | {mem} |"
+            f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | {timing} | "
+            f"{r['flops_per_token'] / 1e9:.4f} | {mfu} | {mem} |"
         )
     if _OUT.value:
         with open(_OUT.value, "w") as f:

@@ -27,13 +27,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
-
-_ITEMS = ("state", "data_state", "meta")
 
 
 def _jsonable(x: Any) -> Any:
@@ -102,7 +101,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(path, item_names=_ITEMS, options=options)
+        # Handlers named up front, so metadata of existing checkpoints is readable before a save.
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data_state": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
 
     @property
     def directory(self) -> epath.Path:
@@ -177,6 +182,24 @@ class Checkpointer:
             ),
         )
         return restored["state"], restored["data_state"], restored["meta"]
+
+    def restore_numpy(self, step: int | None = None) -> Any:
+        """The `state` of `step` (default: latest) as nested dicts of numpy arrays on the host.
+
+        Needs no mesh and no model: for inspection, exports, and comparing runs made on different
+        topologies.
+        """
+        step = self._resolve(step)
+        metadata = self._manager.item_metadata(step)["state"]
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), metadata
+        )
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
+        restored = {"state": jax.tree.map(np.asarray, restored["state"])}
+        return restored["state"]
 
     def restore_meta(self, step: int | None = None) -> dict:
         """Reads only the JSON `meta` of `step` (default: latest); touches no arrays."""

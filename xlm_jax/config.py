@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tlm_batch_size = 64  # sentence pairs per TLM step
     c.tlm_length = 128  # tokens per TLM row; longer pairs are dropped (and counted)
     c.eval_batch_size = 32
+    c.accum_steps = 1  # split each step's batch into this many micro-batches (same update)
 
     # --- optimizer: Adam with XLM's inverse-sqrt schedule ---
     c.optimizer = ml_collections.ConfigDict()

@@ -10,17 +10,22 @@ number of slots per row, so the output layer is computed only where a target is 
 while every shape stays static.
 
 Losses are returned as sums and counts (``loss_sum``, ``n_pred``, ``n_correct``): means are taken
-only when logging, so reductions across devices and steps stay exact.
+only when logging, so reductions across devices and steps stay exact. On a mesh,
+``sharded_token_loss_sums`` computes them with explicit collectives (``jax.shard_map``): each
+shard sums its own rows, which hold a varying number of targets, and a ``psum`` of sums and counts
+gives the exact global numbers; a vocabulary split over the tensor axis is reduced Megatron-style
+without ever gathering the logits.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from xlm_jax.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
 
@@ -122,3 +127,63 @@ def token_loss_sums(
         "n_pred": jnp.sum(weights),
         "n_correct": jnp.sum(correct * weights),
     }
+
+
+def sharded_token_loss_sums(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    mesh: Mesh,
+    batch_axes: Sequence[str],
+    vocab_axes: Sequence[str],
+    label_smoothing: float = 0.0,
+) -> dict[str, jax.Array]:
+    """``token_loss_sums`` on a mesh: rows split over ``batch_axes``, vocab over ``vocab_axes``.
+
+    The log-softmax needs the max and the sum of exponentials over the whole vocabulary: a
+    ``pmax``/``psum`` over the vocabulary axes of per-shard statistics, and the target's logit
+    comes from the one shard that holds it. Returns replicated global sums.
+    """
+    batch_axes, vocab_axes = tuple(batch_axes), tuple(vocab_axes)
+    vocab_size = logits.shape[-1]
+    row_spec = PartitionSpec(batch_axes or None, None)
+    logit_spec = PartitionSpec(batch_axes or None, None, vocab_axes or None)
+
+    def over_vocab(x, op):
+        return op(x, vocab_axes) if vocab_axes else x
+
+    def local(logits, targets, weights):
+        logits = logits.astype(jnp.float32)
+        v_local = logits.shape[-1]
+        offset = 0
+        for axis in vocab_axes:  # this shard's first vocabulary id (row-major over the axes)
+            offset = offset * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
+        offset = offset * v_local
+        # The max only stabilises the exponentials: no gradient flows through it.
+        gmax = over_vocab(jax.lax.stop_gradient(logits.max(axis=-1)), jax.lax.pmax)
+        sumexp = over_vocab(jnp.exp(logits - gmax[..., None]).sum(axis=-1), jax.lax.psum)
+        lse = gmax + jnp.log(sumexp)
+        local_t = targets - offset
+        here = (local_t >= 0) & (local_t < v_local)
+        picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, v_local - 1)[..., None], axis=-1)
+        target_logit = over_vocab(jnp.where(here, picked[..., 0], 0.0), jax.lax.psum)
+        nll = lse - target_logit
+        if label_smoothing:
+            mean_logit = over_vocab(logits.sum(axis=-1), jax.lax.psum) / vocab_size
+            nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
+        # correct iff the target holds the global max (argmax ties have probability zero)
+        correct = (target_logit >= gmax).astype(jnp.float32)
+        sums = {
+            "loss_sum": jnp.sum(nll * weights),
+            "n_pred": jnp.sum(weights),
+            "n_correct": jnp.sum(correct * weights),
+        }
+        return jax.lax.psum(sums, batch_axes) if batch_axes else sums
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(logit_spec, row_spec, row_spec),
+        out_specs=PartitionSpec(),
+    )(logits, targets, weights)

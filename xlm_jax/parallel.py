@@ -82,9 +82,7 @@ def rules_from_config(rules: Sequence[Sequence] | None) -> Rules:
 
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     """How many ways the batch dimension is split."""
-    axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in mesh_axes_of("batch", rules))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules, what: str = "batch_size") -> None:
@@ -108,9 +106,59 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
 
 
-def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows → global arrays (each process passes only its own shard)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def mesh_axes_of(logical: str, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes a logical axis is split over in an array that has it alone, e.g. batch."""
+    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def process_rows(sharding: NamedSharding, n_rows: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of a global batch that this process's devices hold.
+
+    With the batch split over the data axes, each process owns one contiguous block; processes
+    whose devices only differ along other axes hold the same block.
+    """
+    index_map = sharding.addressable_devices_indices_map((n_rows, 1))
+    starts = {idx[0].indices(n_rows)[0] for idx in index_map.values()}
+    stops = {idx[0].indices(n_rows)[1] for idx in index_map.values()}
+    start, stop = min(starts), max(stops)
+    covered = set()
+    for idx in index_map.values():
+        covered.update(range(*idx[0].indices(n_rows)[:2]))
+    if covered != set(range(start, stop)):
+        raise ValueError(
+            f"this process's devices hold rows {sorted(covered)} of {n_rows}: not one contiguous "
+            "block; order the mesh devices by process"
+        )
+    return start, stop
+
+
+def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding, n_rows: int):
+    """This process's rows → global ``(n_rows, ...)`` arrays laid out as ``sharding`` says."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (n_rows, *v.shape[1:]))
+        for k, v in batch.items()
+    }
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    cpu_collectives: str | None = None,
+) -> None:
+    """``jax.distributed.initialize``: explicit values, or auto-detection on TPU pods and SLURM.
+
+    On CPU (tests, local multi-process runs) cross-process collectives need an implementation:
+    ``cpu_collectives='gloo'``.
+    """
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from xlm_jax.files import write_atomic
+
 BOS_ID = 0
 EOS_ID = 1
 PAD_ID = 2
@@ -76,7 +78,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the model file atomically (a resumed run restores it from its checkpoint)."""
-        _write_atomic(Path(path), self._serialized)
+        write_atomic(Path(path), self._serialized)
 
     @property
     def serialized(self) -> bytes:
@@ -219,15 +221,6 @@ def _trainer_options(vocab_size: int, character_coverage: float) -> dict[str, An
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a crash leaves the old file or none, never half a model
-
-
 def train_tokenizer(
     texts: Mapping[str, Sequence[str]],
     model_path: str | os.PathLike,
@@ -256,7 +249,7 @@ def train_tokenizer(
     tokenizer = Tokenizer.from_bytes(writer.getvalue())
     path = Path(model_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, tokenizer.serialized)
+    write_atomic(path, tokenizer.serialized)
     _log.info(
         "trained BPE vocabulary: %d pieces (requested %d) from %d sentences, p_l=%s -> %s",
         tokenizer.vocab_size,

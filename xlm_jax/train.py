@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 
 from xlm_jax import objectives, parallel
 from xlm_jax.checkpoint import Checkpointer
@@ -97,14 +98,23 @@ def lang_list(config: ml_collections.ConfigDict) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """How a batch becomes inputs and targets: masked (MLM/TLM) or causal (CLM)."""
+    """How a batch becomes inputs and targets (masked MLM/TLM or causal CLM), and its scoring.
+
+    Scoring runs under ``shard_map`` over ``mesh``: rows split over ``batch_axes``, vocabulary
+    over ``vocab_axes`` (``objectives.sharded_token_loss_sums``).
+    """
 
     causal: bool
     vocab_size: int
+    mesh: Mesh
+    batch_axes: tuple[str, ...] = ()
+    vocab_axes: tuple[str, ...] = ()
     word_pred: float = 0.15
     mask_keep_rand: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    log_weights: jax.Array | None = dataclasses.field(default=None, compare=False)
 
-    def prepare(self, batch, rng, log_weights=None):
+    def prepare(self, batch, rng):
+        """Adds ``targets`` and ``weights`` (and, for MLM/TLM, corrupts tokens, ``pred_index``)."""
         if self.causal:
             return objectives.causal_targets(batch)
         return objectives.mask_tokens(
@@ -113,57 +123,94 @@ class Objective:
             vocab_size=self.vocab_size,
             word_pred=self.word_pred,
             mask_keep_rand=self.mask_keep_rand,
-            log_weights=log_weights,
+            log_weights=self.log_weights,
+        )
+
+    def loss_sums(self, model: XLMEncoder, params, batch, rng, *, deterministic: bool) -> Sums:
+        """A prepared batch → loss sums (``rng`` is the dropout key)."""
+        logits = model.apply(
+            {"params": params},
+            batch["tokens"],
+            batch["positions"],
+            batch["langs"],
+            causal=self.causal,
+            deterministic=deterministic,
+            pred_index=batch.get("pred_index"),
+            rngs={"dropout": rng},
+        )
+        return objectives.sharded_token_loss_sums(
+            logits,
+            batch["targets"],
+            batch["weights"],
+            mesh=self.mesh,
+            batch_axes=self.batch_axes,
+            vocab_axes=self.vocab_axes,
         )
 
 
-def loss_sums(
-    model: XLMEncoder,
-    objective: Objective,
-    params,
-    batch,
-    rng,
-    *,
-    deterministic: bool,
-    log_weights=None,
-) -> Sums:
-    """Batch → loss sums. The masking key and the dropout key are split from the step's key."""
-    k_mask, k_drop = jax.random.split(rng)
-    batch = objective.prepare(batch, k_mask, log_weights)
-    logits = model.apply(
-        {"params": params},
-        batch["tokens"],
-        batch["positions"],
-        batch["langs"],
-        causal=objective.causal,
-        deterministic=deterministic,
-        pred_index=batch.get("pred_index"),
-        rngs={"dropout": k_drop},
-    )
-    return objectives.token_loss_sums(logits, batch["targets"], batch["weights"])
+def micro_batches(batch, k: int):
+    """``(B, ...)`` arrays → ``(k, B/k, ...)``: micro-batch i takes rows i, i+k, i+2k, ...
+
+    Strided rows keep every micro-batch spread over all data shards, so splitting needs no
+    communication.
+    """
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} micro-batches")
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
 
 
 def train_step(
-    state: TrainState, batch, rng, lam, *, model, objective, tx, log_weights=None
+    state: TrainState, batch, rng, lam, *, model, objective: Objective, tx, accum_steps: int = 1
 ) -> tuple[TrainState, Sums]:
-    """One update on one objective: loss = lam * (mean cross-entropy over predicted tokens)."""
+    """One update on one objective: loss = lam * (mean cross-entropy over predicted tokens).
 
-    def loss_fn(params):
-        sums = loss_sums(
-            model, objective, params, batch, rng, deterministic=False, log_weights=log_weights
+    With ``accum_steps > 1`` the (already masked) batch is scanned in micro-batches whose
+    gradients of the summed loss are added, then divided by the total number of predictions:
+    the same update as the whole batch at once, in a fraction of the activation memory.
+    """
+    k_mask, k_drop = jax.random.split(rng)
+    batch = objective.prepare(batch, k_mask)
+
+    def grad_of_sum(params, micro, key):
+        def f(p):
+            sums = objective.loss_sums(model, p, micro, key, deterministic=False)
+            return sums["loss_sum"], sums
+
+        return jax.grad(f, has_aux=True)(params)
+
+    if accum_steps == 1:
+        grads, sums = grad_of_sum(state.params, batch, k_drop)
+    else:
+
+        def body(carry, xs):
+            micro, i = xs
+            grads, sums = grad_of_sum(state.params, micro, jax.random.fold_in(k_drop, i))
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        zeros = (
+            jax.tree.map(jnp.zeros_like, state.params),
+            {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "n_pred", "n_correct")},
         )
-        return lam * sums["loss_sum"] / jnp.maximum(sums["n_pred"], 1.0), sums
-
-    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        (grads, sums), _ = jax.lax.scan(
+            body, zeros, (micro_batches(batch, accum_steps), jnp.arange(accum_steps))
+        )
+    scale = lam / jnp.maximum(sums["n_pred"], 1.0)
+    grads = jax.tree.map(lambda g: g * scale, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     sums["grad_norm"] = optax.tree.norm(grads)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), sums
 
 
-def eval_step(params, batch, rng, *, model, objective, log_weights=None) -> Sums:
-    return loss_sums(
-        model, objective, params, batch, rng, deterministic=True, log_weights=log_weights
+def eval_step(params, batch, rng, *, model, objective: Objective) -> Sums:
+    k_mask, k_drop = jax.random.split(rng)
+    return objective.loss_sums(
+        model, params, objective.prepare(batch, k_mask), k_drop, deterministic=True
     )
 
 
@@ -202,13 +249,12 @@ def build_data(
     tokenizer_path: Path,
     step_lists: list[list[batches_lib.StepSpec]],
     *,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows_of: Callable[[int], tuple[int, int]] = lambda n: (0, n),
 ) -> tuple[Tokenizer, Data]:
     """Reads and checks all text, trains (or reuses) the tokenizer, builds the iterators.
 
-    Each process builds iterators for its own rows only (``batch_size / process_count``), from its
-    own seed offset, so hosts never read each other's batches.
+    ``rows_of(n)`` is the slice of a global batch of ``n`` rows that this process feeds: its
+    iterators build only those rows, so the global batches do not depend on the number of hosts.
     """
     langs = lang_list(config)
     corpus_lib.check_langs(langs)
@@ -248,11 +294,12 @@ def build_data(
     train_tok = corpus_lib.tokenize_split(train, tokenizer)
     valid_tok = corpus_lib.tokenize_split(valid, tokenizer)
 
-    local_bs, local_tlm_bs = (
-        config.batch_size // process_count,
-        config.tlm_batch_size // process_count,
-    )
-    seed = config.seed * 1000 + process_index
+    seed = config.seed
+
+    def eval_rows(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        start, stop = rows_of(config.eval_batch_size)
+        return [{k: v[start:stop] for k, v in b.items()} for b in batches]
+
     data = Data({}, {}, {}, np.zeros(tokenizer.vocab_size, np.int64))
     for spec in (s for steps in step_lists for s in steps):
         lid = langs.index(spec.lang1)
@@ -261,19 +308,22 @@ def build_data(
             data.train[spec.key] = batches_lib.StreamBatches(
                 stream,
                 lang_id=lid,
-                batch_size=local_bs,
+                batch_size=config.batch_size,
                 length=config.bptt,
                 seed=seed,
                 name=spec.key,
+                rows=rows_of(config.batch_size),
             )
             data.sizes[spec.key] = len(stream)
             data.token_counts += np.bincount(stream, minlength=tokenizer.vocab_size)
             if spec.lang1 in valid_tok.mono:
-                data.valid[spec.key] = batches_lib.eval_stream_batches(
-                    batches_lib.make_stream(valid_tok.mono[spec.lang1]),
-                    lang_id=lid,
-                    batch_size=config.eval_batch_size // process_count,
-                    length=config.bptt,
+                data.valid[spec.key] = eval_rows(
+                    batches_lib.eval_stream_batches(
+                        batches_lib.make_stream(valid_tok.mono[spec.lang1]),
+                        lang_id=lid,
+                        batch_size=config.eval_batch_size,
+                        length=config.bptt,
+                    )
                 )
         else:
             pair = (spec.lang1, spec.lang2)
@@ -283,10 +333,11 @@ def build_data(
                 tgt,
                 src_lang=lid,
                 tgt_lang=langs.index(spec.lang2),
-                batch_size=local_tlm_bs,
+                batch_size=config.tlm_batch_size,
                 length=config.tlm_length,
                 seed=seed,
                 name=spec.key,
+                rows=rows_of(config.tlm_batch_size),
             )
             if it.n_dropped:
                 logging.warning(
@@ -302,13 +353,15 @@ def build_data(
             )
             if pair in valid_tok.para:
                 vs, vt = valid_tok.para[pair]
-                data.valid[spec.key] = batches_lib.eval_pair_batches(
-                    vs,
-                    vt,
-                    src_lang=lid,
-                    tgt_lang=langs.index(spec.lang2),
-                    batch_size=config.eval_batch_size // process_count,
-                    length=config.tlm_length,
+                data.valid[spec.key] = eval_rows(
+                    batches_lib.eval_pair_batches(
+                        vs,
+                        vt,
+                        src_lang=lid,
+                        tgt_lang=langs.index(spec.lang2),
+                        batch_size=config.eval_batch_size,
+                        length=config.tlm_length,
+                    )
                 )
     return tokenizer, data
 
@@ -353,8 +406,12 @@ class Steps:
             kind: Objective(
                 causal=kind == "clm",
                 vocab_size=vocab,
+                mesh=mesh,
+                batch_axes=parallel.mesh_axes_of("batch", rules),
+                vocab_axes=parallel.mesh_axes_of("vocab", rules),
                 word_pred=config.word_pred,
                 mask_keep_rand=split,
+                log_weights=log_weights,
             )
             for kind in ("clm", "masked")
         }
@@ -363,7 +420,7 @@ class Steps:
         self.train = {
             kind: jax.jit(
                 functools.partial(
-                    train_step, model=model, objective=obj, tx=tx, log_weights=log_weights
+                    train_step, model=model, objective=obj, tx=tx, accum_steps=config.accum_steps
                 ),
                 in_shardings=(state_shardings, batch_sh, repl, repl),
                 out_shardings=(state_shardings, repl),
@@ -373,7 +430,7 @@ class Steps:
         }
         self.eval = {
             kind: jax.jit(
-                functools.partial(eval_step, model=model, objective=obj, log_weights=log_weights),
+                functools.partial(eval_step, model=model, objective=obj),
                 in_shardings=(state_shardings.params, batch_sh, repl),
                 out_shardings=repl,
             )
@@ -390,17 +447,31 @@ class Steps:
         return sum(f._cache_size() for f in (*self.train.values(), *self.eval.values()))
 
 
-def init_state(model: XLMEncoder, tx, rng, mesh, rules, dp: int) -> tuple[TrainState, Any]:
-    """Creates the state directly with its shardings: parameters never sit whole on one device."""
-    dummy = jnp.zeros((dp, 8), jnp.int32)
+def abstract_state(model: XLMEncoder, tx, mesh, rules, dp: int) -> tuple[Any, Any, Callable]:
+    """The train state's shapes with their shardings (nothing allocated), the shardings, and the
+    init function that creates it. ``dp`` is the batch split, which the dummy input must divide.
+    """
 
     def boxed_init(rng):
+        dummy = jnp.zeros((dp, 8), jnp.int32)
         params = model.init({"params": rng}, dummy, dummy, dummy)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     with parallel.mesh_context(mesh, rules):
-        abstract = jax.eval_shape(boxed_init, rng)
-        shardings = parallel.logical_shardings(abstract, mesh, rules)
+        boxed = jax.eval_shape(boxed_init, jax.random.key(0))
+        shardings = parallel.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings, boxed_init
+
+
+def init_state(model: XLMEncoder, tx, rng, mesh, rules, dp: int) -> tuple[TrainState, Any]:
+    """Creates the state directly with its shardings: parameters never sit whole on one device."""
+    _, shardings, boxed_init = abstract_state(model, tx, mesh, rules, dp)
+    with parallel.mesh_context(mesh, rules):
         state = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=shardings)(rng)
     return state, shardings
 
@@ -408,7 +479,7 @@ def init_state(model: XLMEncoder, tx, rng, mesh, rules, dp: int) -> tuple[TrainS
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def evaluate(steps: Steps, params, data: Data, seed: int) -> dict[str, float]:
+def evaluate(steps: Steps, params, data: Data, seed: int, n_rows: int) -> dict[str, float]:
     """Validation loss/accuracy/perplexity per step key, with the same masks at every evaluation."""
     sums: dict[str, dict[str, float]] = {}
     base = jax.random.key(seed + 1)
@@ -418,7 +489,7 @@ def evaluate(steps: Steps, params, data: Data, seed: int) -> dict[str, float]:
             out = [
                 steps.eval[kind](
                     params,
-                    parallel.global_batch(b, steps.batch_sharding),
+                    parallel.global_batch(b, steps.batch_sharding, n_rows),
                     jax.random.fold_in(base, i),
                 )
                 for i, b in enumerate(batches)
@@ -448,7 +519,7 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Pretrains as ``config`` says, resuming from ``workdir`` if it holds a checkpoint.
 
-    Returns the last logged training and validation scalars.
+    Returns the last logged training and validation scalars (and ``compiled_programs``).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -459,10 +530,15 @@ def train_and_evaluate(
     mesh = parallel.make_mesh(config.mesh.shape)
     for what in ("batch_size", "tlm_batch_size", "eval_batch_size"):
         parallel.check_batch_size(config[what], mesh, rules, what)
-        if config[what] % jax.process_count():
+    for what in ("batch_size", "tlm_batch_size"):
+        if config[what] % config.accum_steps:
             raise ValueError(
-                f"{what}={config[what]} is not divisible by {jax.process_count()} processes"
+                f"{what}={config[what]} does not split into {config.accum_steps} accum_steps"
             )
+        parallel.check_batch_size(
+            config[what] // config.accum_steps, mesh, rules, f"{what} / accum_steps"
+        )
+    batch_sharding = parallel.batch_sharding(mesh, rules)
 
     ckpt = Checkpointer(
         workdir / "checkpoints",
@@ -483,8 +559,7 @@ def train_and_evaluate(
         workdir,
         tokenizer_path,
         step_lists,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        rows_of=lambda n: parallel.process_rows(batch_sharding, n),
     )
     fingerprint = config_fingerprint(config, tokenizer)
     if saved_meta is not None:
@@ -517,7 +592,7 @@ def train_and_evaluate(
     if latest is not None:
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-        )
+        )  # the state just built: restoring reads straight into its shardings
         state, data_state, _ = ckpt.restore(latest, abstract_state=abstract)
         loop = data_state["loop"]
         for key, it_state in data_state["iterators"].items():
@@ -561,11 +636,13 @@ def train_and_evaluate(
             spec = schedule(loop["step"])
             lam = batches_lib.lambda_at(lambdas[spec.objective], loop["step"])
             if lam > 0:  # XLM skips an objective whose lambda is 0
-                batch = next(data.train[spec.key])
-                window_tokens += _tokens(batch) * jax.process_count()
+                it = data.train[spec.key]
+                batch = next(it)
+                # this process's rows, scaled to the global batch (an estimate for the log)
+                window_tokens += _tokens(batch) * it.batch_size // len(batch["tokens"])
                 state, sums = steps.train[Steps.kind(spec)](
                     state,
-                    parallel.global_batch(batch, steps.batch_sharding),
+                    parallel.global_batch(batch, steps.batch_sharding, it.batch_size),
                     jax.random.fold_in(base_rng, loop["step"]),
                     np.float32(lam),
                 )
@@ -596,7 +673,7 @@ def train_and_evaluate(
 
             metrics = None
             if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-                metrics = evaluate(steps, state.params, data, config.seed)
+                metrics = evaluate(steps, state.params, data, config.seed, config.eval_batch_size)
                 writer.write(step, metrics)
                 logging.info(
                     "eval step %d: %s",
@@ -633,7 +710,8 @@ def train_and_evaluate(
     ckpt.wait()
     ckpt.close()
     writer.close()
-    logging.info("compiled programs: %d", steps.compilations())
+    last["compiled_programs"] = steps.compilations()
+    logging.info("compiled programs: %d", last["compiled_programs"])
     return last
 
 

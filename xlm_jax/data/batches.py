@@ -3,6 +3,9 @@
 Every batch is a dict of ``(batch, length)`` int32 arrays ``tokens``, ``positions``, ``langs``
 (see docs/architecture.md). Iterators are deterministic functions of ``(seed, name, epoch)`` plus a
 cursor, so their whole state is a few integers that go into every checkpoint.
+
+An iterator walks the sequence of *global* batches but builds only the rows ``rows=(start, stop)``
+that its process feeds to its devices: the global batch is the same whatever the number of hosts.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class StreamBatches:
         length: int,
         seed: int,
         name: str,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         if len(stream) < length + 1:
             raise ValueError(
@@ -56,6 +60,7 @@ class StreamBatches:
             )
         self.stream, self.lang_id, self.name = stream, lang_id, name
         self.batch_size, self.length, self.seed = batch_size, length, seed
+        self.rows = _check_rows(rows, batch_size, name)
         self.epoch, self.cursor = 0, 0
         self._order: np.ndarray | None = None
         self._offset = 0
@@ -72,10 +77,11 @@ class StreamBatches:
 
     def __next__(self) -> Batch:
         rows = []
-        while len(rows) < self.batch_size:
+        for row in range(self.batch_size):
             order = self._epoch_windows()
-            start = self._offset + int(order[self.cursor]) * self.length
-            rows.append(self.stream[start : start + self.length])
+            if self.rows[0] <= row < self.rows[1]:
+                start = self._offset + int(order[self.cursor]) * self.length
+                rows.append(self.stream[start : start + self.length])
             self.cursor += 1
             if self.cursor == len(order):
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
@@ -96,6 +102,13 @@ class StreamBatches:
 
     def restore(self, state: Mapping[str, int]) -> None:
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+
+def _check_rows(rows: tuple[int, int] | None, batch_size: int, name: str) -> tuple[int, int]:
+    rows = (0, batch_size) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= rows[0] < rows[1] <= batch_size:
+        raise ValueError(f"{name}: rows {rows} are not a slice of a batch of {batch_size}")
+    return rows
 
 
 def pack_pair(
@@ -135,6 +148,7 @@ class PairBatches:
         seed: int,
         name: str,
         shuffle: bool = True,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         if len(src) != len(tgt):
             raise ValueError(f"{name}: {len(src)} source but {len(tgt)} target sentences")
@@ -151,6 +165,7 @@ class PairBatches:
         self.tgt = [np.asarray(tgt[i], np.int32) for i in keep]
         self.src_lang, self.tgt_lang, self.name = src_lang, tgt_lang, name
         self.batch_size, self.length, self.seed, self.shuffle = batch_size, length, seed, shuffle
+        self.rows = _check_rows(rows, batch_size, name)
         self.epoch, self.cursor = 0, 0
         self._order: np.ndarray | None = None
 
@@ -169,11 +184,12 @@ class PairBatches:
 
     def __next__(self) -> Batch:
         rows = []
-        while len(rows) < self.batch_size:
-            i = int(self._epoch_order()[self.cursor])
-            rows.append(
-                pack_pair(self.src[i], self.tgt[i], self.src_lang, self.tgt_lang, self.length)
-            )
+        for row in range(self.batch_size):
+            if self.rows[0] <= row < self.rows[1]:
+                i = int(self._epoch_order()[self.cursor])
+                rows.append(
+                    pack_pair(self.src[i], self.tgt[i], self.src_lang, self.tgt_lang, self.length)
+                )
             self.cursor += 1
             if self.cursor == len(self.src):
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None

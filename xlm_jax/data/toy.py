@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from xlm_jax.files import write_atomic
+
 LANGS: tuple[str, ...] = ("en", "fr", "de")
 _T = TypeVar("_T")
 
@@ -396,12 +398,7 @@ def _write_if_changed(path: Path, content: str) -> None:
     data = content.encode("utf-8")
     if path.exists() and path.read_bytes() == data:
         return  # idempotent: keep the file (and its mtime) untouched
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: readers never see a half-written file
+    write_atomic(path, data)
 
 
 def write_toy_corpus(
