@@ -23,7 +23,7 @@ def load_config(name: str, *args):
     return module.get_config(*args)
 
 
-@pytest.mark.parametrize("name", ["demo", "multi30k_mlm_tlm", "xnli15_mlm_tlm"])
+@pytest.mark.parametrize("name", ["demo", "multi30k_mlm_tlm", "xnli15_mlm_tlm", "xnli15_small"])
 def test_config_builds_and_docstring_shows_its_command(name):
     config = load_config(name)
     text = (REPO / "configs" / f"{name}.py").read_text()
@@ -54,16 +54,19 @@ def test_xnli15_model_has_the_paper_size():
     assert 245e6 < count_params(params) < 255e6
 
 
-def test_xnli15_data_sources_exist(shared_data):
-    """The paths the big config names are real files of ../shared/data."""
-    from xlm_jax.data.corpus import parse_sources
-    from xlm_jax.data.sources import parse_spec
+@pytest.mark.parametrize("name", ["xnli15_mlm_tlm", "xnli15_small", "multi30k_mlm_tlm"])
+def test_real_data_configs_read_their_sources(name, shared_data):
+    """Every source the config names exists and its line ranges fit the files."""
+    from xlm_jax.data.corpus import read_split
 
-    config = load_config("xnli15_mlm_tlm")
-    for split in (config.data.train, config.data.valid):
-        for spec in parse_sources(split, "x").values():
-            for item in spec.replace("|", ",").split(","):
-                assert (shared_data / parse_spec(item.strip()).path).is_file(), item
+    config = load_config(name)
+    langs = train.lang_list(config)
+    root = shared_data / config.data.root.removeprefix("../shared/data").lstrip("/")
+    for where in ("train", "valid"):
+        split = read_split(config.data[where], langs, root=str(root), where=f"data.{where}")
+        assert set(split.mono) == set(langs)
+        for src, tgt in split.para.values():
+            assert len(src) == len(tgt) > 0
 
 
 def test_cli_runs_the_demo_config(tmp_path):

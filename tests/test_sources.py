@@ -245,3 +245,17 @@ def test_unprepared_catalog_dataset_fails_fast(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir()), "nothing may be written to data_dir"
     with pytest.raises(DataError, match="unknown TFDS dataset"):
         read_lines("tfds:no_such_dataset_xyz:train:en", data_dir=tmp_path)
+
+
+def test_percent_ranges_split_a_file_without_overlap(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("".join(f"{i}\n" for i in range(7)))
+    head = read_lines("x.txt@0:80%", tmp_path)
+    tail = read_lines("x.txt@80%:", tmp_path)
+    assert head == [str(i) for i in range(5)] and tail == ["5", "6"]  # 80% of 7 = 5 (floor)
+    assert read_lines("x.txt@50%:100%", tmp_path) == ["3", "4", "5", "6"]
+    for bad in ("x.txt@0:101%", "x.txt@%:", "x.txt@1.5%:"):
+        with pytest.raises(DataError, match="bad line range"):
+            read_lines(bad, tmp_path)
+    with pytest.raises(DataError, match="starts after it ends"):
+        read_lines("x.txt@6:50%", tmp_path)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 ON_INVALID_UTF8 = ("error", "replace")
 
-_RANGE_RE = re.compile(r"(\d*):(\d*)")
+_RANGE_RE = re.compile(r"(\d*%?):(\d*%?)")
 _TFDS_RE = re.compile(
     r"tfds:(?P<name>[A-Za-z0-9_]+(?:/[A-Za-z0-9_.\-]+)?)"
     r":(?P<split>[A-Za-z0-9_.\-]+):(?P<field>[A-Za-z0-9_./\-]+)"
@@ -76,8 +76,9 @@ class Spec:
     name: str = ""  # TFDS 'name' or 'name/config'
     split: str = ""
     field: str = ""  # feature key; '/' descends into nested feature dicts
-    start: int | None = None
-    end: int | None = None
+    # a line index, or a share of the lines as "80%" (resolved when the length is known)
+    start: int | str | None = None
+    end: int | str | None = None
 
     @property
     def range_suffix(self) -> str:
@@ -91,16 +92,28 @@ class Spec:
         return f"tfds:{self.name}:{self.split}:{self.field}{self.range_suffix}"
 
 
-def _parse_range(spec: str, text: str) -> tuple[int | None, int | None]:
+def _parse_bound(text: str) -> int | str | None:
+    if not text:
+        return None
+    if text.endswith("%"):
+        if text == "%" or int(text[:-1]) > 100:
+            raise ValueError(text)
+        return text
+    return int(text)
+
+
+def _parse_range(spec: str, text: str) -> tuple[int | str | None, int | str | None]:
     m = _RANGE_RE.fullmatch(text)
-    if not m:
+    try:
+        if not m:
+            raise ValueError(text)
+        start, end = _parse_bound(m[1]), _parse_bound(m[2])
+    except ValueError:
         raise DataError(
-            f"bad line range {text!r} in source spec {spec!r}: expected START:END with "
-            "non-negative integers, either optional (e.g. @0:14500, @14500:)"
-        )
-    start = int(m[1]) if m[1] else None
-    end = int(m[2]) if m[2] else None
-    if start is not None and end is not None and start > end:
+            f"bad line range {text!r} in source spec {spec!r}: expected START:END, each optional, "
+            "a line index or a percentage of the lines (e.g. @0:14500, @14500:, @0:80%, @80%:)"
+        ) from None
+    if isinstance(start, int) and isinstance(end, int) and start > end:
         raise DataError(f"bad line range in source spec {spec!r}: START {start} > END {end}")
     return start, end
 
@@ -146,10 +159,19 @@ def _resolve(spec: Spec, root: str | os.PathLike) -> Path:
 
 def _bounds(spec: Spec, n: int, where: str, unit: str = "lines") -> tuple[int, int]:
     """The spec's range as [start, end) over n items; out of bounds or empty is an error."""
-    start = 0 if spec.start is None else spec.start
-    end = n if spec.end is None else spec.end
+
+    def resolve(bound: int | str | None, default: int) -> int:
+        if bound is None:
+            return default
+        if isinstance(bound, str):  # "80%": the first 80% of the items, rounded down
+            return n * int(bound[:-1]) // 100
+        return bound
+
+    start, end = resolve(spec.start, 0), resolve(spec.end, n)
     if start > n or end > n:
         raise DataError(f"{where}: range {spec.range_suffix} is beyond the end ({n} {unit})")
+    if start > end:
+        raise DataError(f"{where}: range {spec.range_suffix} starts after it ends ({n} {unit})")
     if start == end:
         what = f"range {spec.range_suffix} of " if spec.range_suffix else ""
         raise DataError(f"{where}: {what}no {unit}; expected at least one")
