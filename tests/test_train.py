@@ -105,6 +105,12 @@ def test_objective_without_data_fails_before_compiling(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+def test_unknown_best_metric_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="best_metric 'valid/mlm_en/ppx' will not be measured"):
+        train.train_and_evaluate(tiny_config(best_metric="valid/mlm_en/ppx"), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_mesh_that_does_not_divide_fails_fast(tmp_path):
     with pytest.raises(ValueError, match="needs 3 devices"):
         train.train_and_evaluate(tiny_config(**{"mesh.shape": (3, 1, 1)}), tmp_path)

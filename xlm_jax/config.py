@@ -86,6 +86,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.best_metric = "valid/mlm_ppl"  # "" = no best tracking
     c.best_mode = "min"
     c.patience = -1  # stop after this many evaluations without improvement; -1 = never
+    c.max_nonfinite_steps = 20  # stop after this many consecutive skipped (NaN/inf) updates
+    c.debug_nonfinite_steps = ""  # test hook: "5,6" makes those steps' loss NaN
 
     # --- devices ---
     c.mesh = ml_collections.ConfigDict()

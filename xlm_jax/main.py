@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xlm_jax import parallel, train
+from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -72,8 +74,12 @@ def main(argv: list[str]) -> None:
         jax.device_count(),
         jax.default_backend(),
     )
-    if _MODE.value == "pretrain":
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        if _MODE.value == "pretrain":
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except Preempted as e:
+        logging.warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data.toy import write_toy_corpus
 from xlm_jax.metrics import MetricWriter, summarize
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
+from xlm_jax.preemption import Preempted, PreemptionGuard
 from xlm_jax.tokenizer import PAD_ID, Tokenizer, load_or_train
 
 Sums = dict[str, jax.Array]
@@ -59,6 +60,12 @@ def inverse_sqrt_schedule(lr: float, warmup_steps: int, warmup_init_lr: float) -
         return jnp.where(step < warmup_steps, warm, decay)
 
     return schedule
+
+
+def learning_rate(config: ml_collections.ConfigDict, updates: int) -> float:
+    """The learning rate of the ``updates``-th update (for the log)."""
+    o = config.optimizer
+    return float(inverse_sqrt_schedule(o.lr, o.warmup_steps, o.warmup_init_lr)(max(updates - 1, 0)))
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -201,10 +208,21 @@ def train_step(
         )
     scale = lam / jnp.maximum(sums["n_pred"], 1.0)
     grads = jax.tree.map(lambda g: g * scale, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    sums["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), sums
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient skips the update (counted); params and Adam stay as they were.
+    finite = jnp.isfinite(sums["loss_sum"] * scale) & jnp.isfinite(grad_norm)
+
+    def update(_):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda _: (state.params, state.opt_state), None
+    )
+    sums["grad_norm"] = jnp.where(finite, grad_norm, 0.0)
+    sums["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    step = state.step + finite.astype(state.step.dtype)
+    return TrainState(step=step, params=params, opt_state=opt_state), sums
 
 
 def eval_step(params, batch, rng, *, model, objective: Objective) -> Sums:
@@ -479,6 +497,13 @@ def init_state(model: XLMEncoder, tx, rng, mesh, rules, dp: int) -> tuple[TrainS
 # --- evaluation ---------------------------------------------------------------------------------
 
 
+def eval_metric_names(data: Data) -> list[str]:
+    """The names ``evaluate`` reports for this data, known before anything runs."""
+    names = [f"valid/{key}/{stat}" for key in data.valid for stat in ("loss", "acc", "ppl")]
+    kinds = {key.split("_", 1)[0] for key in data.valid}
+    return sorted(names + [f"valid/{kind}_ppl" for kind in kinds])
+
+
 def evaluate(steps: Steps, params, data: Data, seed: int, n_rows: int) -> dict[str, float]:
     """Validation loss/accuracy/perplexity per step key, with the same masks at every evaluation."""
     sums: dict[str, dict[str, float]] = {}
@@ -561,6 +586,11 @@ def train_and_evaluate(
         step_lists,
         rows_of=lambda n: parallel.process_rows(batch_sharding, n),
     )
+    if config.best_metric and config.best_metric not in eval_metric_names(data):
+        raise ValueError(
+            f"best_metric {config.best_metric!r} will not be measured; the evaluation reports "
+            f"{eval_metric_names(data)}"
+        )
     fingerprint = config_fingerprint(config, tokenizer)
     if saved_meta is not None:
         check_compatible(
@@ -588,13 +618,13 @@ def train_and_evaluate(
     )
     steps = Steps(config, model, tx, mesh, rules, shardings, data.token_counts)
 
-    loop = {"step": 0, "best": None, "bad_evals": 0}
+    loop = {"step": 0, "best": None, "bad_evals": 0, "nonfinite_run": 0}
     if latest is not None:
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )  # the state just built: restoring reads straight into its shardings
         state, data_state, _ = ckpt.restore(latest, abstract_state=abstract)
-        loop = data_state["loop"]
+        loop = {"nonfinite_run": 0, **data_state["loop"]}
         for key, it_state in data_state["iterators"].items():
             data.train[key].restore(it_state)
         logging.info("resumed from step %d (%d updates)", loop["step"], int(state.step))
@@ -627,15 +657,19 @@ def train_and_evaluate(
         )
 
     base_rng = jax.random.key(config.seed)
+    poisoned = {int(x) for x in str(config.debug_nonfinite_steps).split(",") if x.strip()}
     window: dict[str, list[Sums]] = {}
+    nonfinite: list[jax.Array] = []  # per step, in order: runs of skipped updates are counted
     window_tokens = 0
     last: dict[str, float] = {}
     stop = False
-    with parallel.mesh_context(mesh, rules):
+    with parallel.mesh_context(mesh, rules), PreemptionGuard() as guard:
         while loop["step"] < config.max_steps and not stop:
             spec = schedule(loop["step"])
             lam = batches_lib.lambda_at(lambdas[spec.objective], loop["step"])
-            if lam > 0:  # XLM skips an objective whose lambda is 0
+            if loop["step"] in poisoned:
+                lam = float("nan")  # test hook: this step's loss and gradients are NaN
+            if lam != 0:  # XLM skips an objective whose lambda is 0
                 it = data.train[spec.key]
                 batch = next(it)
                 # this process's rows, scaled to the global batch (an estimate for the log)
@@ -647,13 +681,22 @@ def train_and_evaluate(
                     np.float32(lam),
                 )
                 window.setdefault(spec.key, []).append(sums)
+                nonfinite.append(sums["nonfinite"])
             loop["step"] += 1
             step = loop["step"]
             if on_step is not None:
                 on_step(step, state)
 
             if step % config.log_every == 0 or step == config.max_steps:
-                totals = jax.device_get(window)  # the loop's only regular host sync
+                totals, flags = jax.device_get((window, nonfinite))  # the only regular host sync
+                for flag in flags:
+                    loop["nonfinite_run"] = loop["nonfinite_run"] + 1 if flag else 0
+                    if loop["nonfinite_run"] >= config.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"{loop['nonfinite_run']} consecutive steps with a non-finite loss or "
+                            f"gradient before step {step}; their updates were skipped. The last "
+                            f"checkpoint ({ckpt.latest_step()}) holds finite parameters."
+                        )
                 scalars = summarize(
                     {
                         k: {
@@ -665,11 +708,12 @@ def train_and_evaluate(
                 )
                 for k, v in totals.items():
                     scalars[f"{k}/grad_norm"] = float(np.mean([s["grad_norm"] for s in v]))
-                scalars["lr"] = float(steps_lr(config, int(state.step)))
+                scalars["skipped_updates"] = float(sum(flags))
+                scalars["lr"] = learning_rate(config, int(state.step))
                 writer.progress(step, scalars, tokens=window_tokens)
                 writer.write(step, scalars, prefix="train/")
                 last.update({f"train/{k}": v for k, v in scalars.items()})
-                window, window_tokens = {}, 0
+                window, window_tokens, nonfinite = {}, 0, []
 
             metrics = None
             if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
@@ -682,11 +726,7 @@ def train_and_evaluate(
                 )
                 last.update(metrics)
                 if config.best_metric:
-                    value = metrics.get(config.best_metric)
-                    if value is None:
-                        raise ValueError(
-                            f"best_metric {config.best_metric!r} is not among {sorted(metrics)}"
-                        )
+                    value = metrics[config.best_metric]
                     better = loop["best"] is None or (
                         value < loop["best"] if config.best_mode == "min" else value > loop["best"]
                     )
@@ -700,21 +740,23 @@ def train_and_evaluate(
                             config.patience,
                         )
                         stop = True
+            preempted = guard.should_stop(step)
             if (
                 metrics is not None
                 or step % config.checkpoint_every == 0
                 or step == config.max_steps
                 or stop
+                or preempted
             ):
-                save(metrics, force=step == config.max_steps or stop)
+                save(metrics, force=step == config.max_steps or stop or preempted)
+            if preempted:
+                ckpt.wait()
+                ckpt.close()
+                writer.close()
+                raise Preempted(step)
     ckpt.wait()
     ckpt.close()
     writer.close()
     last["compiled_programs"] = steps.compilations()
     logging.info("compiled programs: %d", last["compiled_programs"])
     return last
-
-
-def steps_lr(config: ml_collections.ConfigDict, updates: int) -> float:
-    o = config.optimizer
-    return float(inverse_sqrt_schedule(o.lr, o.warmup_steps, o.warmup_init_lr)(max(updates - 1, 0)))

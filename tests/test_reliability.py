@@ -1,0 +1,113 @@
+"""Stopping and faults: preemption checkpoints and resumes exactly; NaN steps are skipped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from xlm_jax import train
+from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.metrics import read_jsonl
+from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    seen = {}
+    config = tiny_config(max_steps=8, eval_every=0, debug_nonfinite_steps="3,4")
+    train.train_and_evaluate(
+        config, tmp_path, on_step=lambda s, st: seen.setdefault(s, jax.device_get(st))
+    )
+    logs = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl")}
+    assert [logs[s]["train/skipped_updates"] for s in range(1, 9)] == [0, 0, 0, 1, 1, 0, 0, 0]
+    # loop steps 3 and 4 (logged as 4 and 5) changed nothing: parameters and the update count
+    jax.tree.map(np.testing.assert_array_equal, seen[3].params, seen[5].params)
+    assert int(seen[3].step) == int(seen[5].step) == 3 and int(seen[8].step) == 6
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(seen[8].params))
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
+    config = tiny_config(
+        max_steps=12,
+        eval_every=0,
+        checkpoint_every=2,
+        max_nonfinite_steps=3,
+        debug_nonfinite_steps="4,5,6,7,8",
+    )
+    with pytest.raises(FloatingPointError, match="3 consecutive steps with a non-finite loss"):
+        train.train_and_evaluate(config, tmp_path)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    state = ckpt.restore_numpy()
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_stop_request_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
+    full = {}
+    train.train_and_evaluate(
+        tiny_config(max_steps=10),
+        tmp_path / "full",
+        on_step=lambda s, st: full.setdefault(s, jax.device_get(st.params)),
+    )
+    # stop at step 4 as a SIGTERM would: the guard's flag is set, the loop saves and raises
+    from xlm_jax import preemption
+
+    real = preemption.PreemptionGuard.should_stop
+    monkeypatch.setattr(
+        preemption.PreemptionGuard, "should_stop", lambda self, step: step == 4 or real(self, step)
+    )
+    with pytest.raises(Preempted, match="stopped at step 4"):
+        train.train_and_evaluate(tiny_config(max_steps=10), tmp_path / "split")
+    monkeypatch.undo()
+    assert Checkpointer(tmp_path / "split" / "checkpoints").latest_step() == 4
+    resumed = {}
+    train.train_and_evaluate(
+        tiny_config(max_steps=10),
+        tmp_path / "split",
+        on_step=lambda s, st: resumed.setdefault(s, jax.device_get(st.params)),
+    )
+    assert min(resumed) == 5
+    jax.tree.map(np.testing.assert_array_equal, full[10], resumed[10])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "xlm_jax.main",
+        "--config=configs/demo.py",
+        f"--workdir={tmp_path}",
+        "--config.max_steps=100000",
+        "--config.log_every=1",
+        "--config.eval_every=0",
+        "--config.checkpoint_every=100000",
+        "--config.model.n_layers=1",
+        "--config.model.emb_dim=32",
+        "--config.tokenizer.vocab_size=300",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until it trains (a progress line per step)
+        line = proc.stdout.readline()
+        if line.startswith("step 5/"):
+            break
+    else:
+        proc.kill()
+        pytest.fail("the run did not reach step 5")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "checkpoint is saved, rerun to resume" in err
+    step = Checkpointer(tmp_path / "checkpoints").latest_step()
+    assert step is not None and step >= 5
