@@ -43,7 +43,7 @@ def get_config(objectives: str = "mlm_tlm"):
 
     c.optimizer.lr = 5e-4
     c.optimizer.warmup_steps = 300
-    c.max_steps = 1_200  # ~28 minutes on 2 CPU cores
+    c.max_steps = 1_200  # ~20 minutes on 2 idle CPU cores
     c.log_every = 50
     c.eval_every = 200
     c.checkpoint_every = 200

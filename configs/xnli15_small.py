@@ -37,8 +37,8 @@ def get_config(objectives: str = "mlm_tlm"):
 
     c.optimizer.lr = 5e-4
     c.optimizer.warmup_steps = 300
-    c.max_steps = 1_500
+    c.max_steps = 1_200
     c.log_every = 50
-    c.eval_every = 500
-    c.checkpoint_every = 500
+    c.eval_every = 400
+    c.checkpoint_every = 400
     return c

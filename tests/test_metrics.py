@@ -72,3 +72,20 @@ def test_progress_line(tmp_path, capsys, monkeypatch):
     assert second.startswith("step 1200/10000 | mlm_en loss 3.21 acc 41.2% ppl 24.8 | lr 0.0001")
     assert "| 20 steps/s 8.1k tok/s |" in second
     assert re.search(r"ETA 7m$", second)  # 8800 steps at 20 steps/s = 440 s
+
+
+def test_history_table_keeps_the_last_record_of_a_step():
+    from xlm_jax.metrics import history_table
+
+    records = [
+        {"step": 2, "valid/mlm_ppl": 9.0},
+        {"step": 1, "valid/mlm_ppl": 10.0, "valid/tlm_ppl": 7.0},
+        {"step": 2, "valid/mlm_ppl": 8.0},  # a resumed run logged step 2 again
+        {"step": 3, "train/x": 1.0},  # no requested column: no row
+    ]
+    assert history_table(records, ["valid/mlm_ppl", "valid/tlm_ppl"]).splitlines() == [
+        "| step | valid/mlm_ppl | valid/tlm_ppl |",
+        "|---|---|---|",
+        "| 1 | 10 | 7 |",
+        "| 2 | 8 |  |",
+    ]

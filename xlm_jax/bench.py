@@ -31,6 +31,7 @@ from xlm_jax.tokenizer import N_SPECIAL
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per kind (after 2 warm-up steps).")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_KINDS = flags.DEFINE_list("kinds", ["mlm", "tlm", "clm"], "Step kinds to compile (and time).")
 _MEMORY_ONLY = flags.DEFINE_bool(
     "memory_only", False, "Only compile against abstract state: per-device memory, no timing."
 )
@@ -65,7 +66,9 @@ def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: b
     return {"tokens": tokens, "positions": positions, "langs": langs}
 
 
-def bench_steps(config, n_steps: int, memory_only: bool = False) -> dict:
+def bench_steps(
+    config, n_steps: int, memory_only: bool = False, only: tuple[str, ...] = ("mlm", "tlm", "clm")
+) -> dict:
     """Compiles each step kind for the config's mesh; times it unless ``memory_only``.
 
     Memory is the compiled program's, per device: arguments + outputs + temporaries - aliased
@@ -91,6 +94,8 @@ def bench_steps(config, n_steps: int, memory_only: bool = False) -> dict:
     results = {}
     with parallel.mesh_context(mesh, rules):
         for name, (kind, rows, length, pair, pred_fraction) in kinds.items():
+            if name not in only:
+                continue
             host_batch = _batch(rng, rows, length, vocab, pair)
             abstract_batch = {
                 k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=steps.batch_sharding)
@@ -140,7 +145,7 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     peak = None if _MEMORY_ONLY.value else matmul_peak()
-    results = bench_steps(config, _STEPS.value, _MEMORY_ONLY.value)
+    results = bench_steps(config, _STEPS.value, _MEMORY_ONLY.value, tuple(_KINDS.value))
     report = {
         "machine": {
             "platform": platform.platform(),

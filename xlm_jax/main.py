@@ -17,14 +17,16 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xlm_jax import parallel, train
+from xlm_jax import parallel, train, xnli
 from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the tokenizer go.")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "pretrain", ["pretrain", "xnli", "xnli_sweep", "retrieval"], "What to run."
+)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join a multi-process run through jax.distributed.initialize."
 )
@@ -77,6 +79,12 @@ def main(argv: list[str]) -> None:
     try:
         if _MODE.value == "pretrain":
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        elif _MODE.value == "xnli":
+            xnli.finetune(_CONFIG.value, _WORKDIR.value)
+        elif _MODE.value == "xnli_sweep":
+            xnli.run_sweep(_CONFIG.value, _WORKDIR.value)
+        elif _MODE.value == "retrieval":
+            xnli.retrieval(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:
         logging.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)

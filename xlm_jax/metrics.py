@@ -200,3 +200,38 @@ class MetricWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def history_table(records: list[dict], columns: list[str]) -> str:
+    """A markdown table of ``columns`` by step (the last record of a step wins, as on resume)."""
+    by_step: dict[int, dict] = {}
+    for rec in records:
+        if any(c in rec for c in columns):
+            by_step.setdefault(rec["step"], {}).update(rec)
+    lines = ["| step | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for step in sorted(by_step):
+        row = by_step[step]
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float | int) else "" for c in columns]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m xlm_jax.metrics WORKDIR [COLUMN ...]``: a run's history as a markdown table.
+
+    Columns default to every ``valid/*_ppl`` average (e.g. valid/mlm_ppl, valid/tlm_ppl).
+    """
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        raise SystemExit("usage: python -m xlm_jax.metrics WORKDIR [COLUMN ...]")
+    records = read_jsonl(os.path.join(args[0], "metrics.jsonl"))
+    columns = args[1:] or sorted(
+        {k for r in records for k in r if k.startswith("valid/") and k.endswith("_ppl")}
+    )
+    print(history_table(records, columns))
+
+
+if __name__ == "__main__":
+    main()
