@@ -11,16 +11,17 @@ of the 1,000-line ones), so the probe reads the rest. The argument lists the XX 
       --config.init_checkpoint=/tmp/xlm_m30k --workdir=/tmp/retrieval_m30k
 """
 
-from xlm_jax import xnli
+from xlm_jax import retrieval
+from xlm_jax.data import nli
 
 
 def get_config(langs: str = "all"):
-    c = xnli.retrieval_default_config()
-    chosen = xnli.PAPER_LANGS if langs == "all" else tuple(langs.split(","))
+    c = retrieval.retrieval_default_config()
+    chosen = nli.PAPER_LANGS if langs == "all" else tuple(langs.split(","))
     pairs = tuple(lang for lang in chosen if lang != "en")  # each XX is probed against English
     c.init_checkpoint = ""  # the pretraining workdir: --config.init_checkpoint=WORKDIR
     c.data.root = "../shared/data"
-    c.data.pairs = xnli.tatoeba_pair_sources(pairs, start=xnli.TATOEBA_HELD_OUT)
+    c.data.pairs = retrieval.tatoeba_pair_sources(pairs, start=retrieval.TATOEBA_HELD_OUT)
     c.max_len = 256
     c.batch_size = 64
     return c

@@ -14,14 +14,15 @@ argument lists the languages to evaluate (a model pretrained on fewer languages 
 """
 
 from xlm_jax import xnli
+from xlm_jax.data import nli
 
 
 def get_config(langs: str = "all"):
     c = xnli.default_config()
-    eval_langs = xnli.PAPER_LANGS if langs == "all" else tuple(langs.split(","))
+    eval_langs = nli.PAPER_LANGS if langs == "all" else tuple(langs.split(","))
     c.init_checkpoint = ""  # the pretraining workdir: --config.init_checkpoint=WORKDIR
     c.data.root = "../shared/data"  # relative to where you run; override for a copy
-    c.data.train, c.data.valid = xnli.xnli_dev_sources(eval_langs)
+    c.data.train, c.data.valid = nli.xnli_dev_sources(eval_langs)
     c.select_lang = "en"
 
     # XLM's recipe (README: adam lr 2.5e-5 for both, batch 8, max_len 256), with epochs sized for

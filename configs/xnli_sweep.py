@@ -11,14 +11,15 @@ its epoch selected by the English validation accuracy.
 """
 
 from xlm_jax import xnli
+from xlm_jax.data import nli
 
 
 def get_config(langs: str = "all"):
     c = xnli.default_config()
-    eval_langs = xnli.PAPER_LANGS if langs == "all" else tuple(langs.split(","))
+    eval_langs = nli.PAPER_LANGS if langs == "all" else tuple(langs.split(","))
     c.init_checkpoint = ""  # the pretraining workdir: --config.init_checkpoint=WORKDIR
     c.data.root = "../shared/data"
-    c.data.train, c.data.valid = xnli.xnli_dev_sources(eval_langs)
+    c.data.train, c.data.valid = nli.xnli_dev_sources(eval_langs)
     c.select_lang = "en"
 
     # The README's grid: lr in {5e-6, 2.5e-5, 1.25e-4} (encoder and head alike), batch in {4, 8}.

@@ -5,6 +5,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from xlm_jax import train
 from xlm_jax.config import default_config
 
 
@@ -17,6 +18,10 @@ def compilation_cache(tmp_path_factory):
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+XNLI_DIR = SHARED_DATA / "xnli"
+needs_xnli = pytest.mark.skipif(
+    not (XNLI_DIR / "en.tsv").exists(), reason=f"XNLI data not found at {XNLI_DIR}"
+)
 
 
 @pytest.fixture
@@ -24,6 +29,24 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "multi30k" / "train.en").exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """A tiny MLM + TLM run on Multi30k en/fr/de: its workdir, as --config.init_checkpoint."""
+    if not (SHARED_DATA / "multi30k" / "train.en").exists() or not (XNLI_DIR / "en.tsv").exists():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    workdir = tmp_path_factory.mktemp("pretrained")
+    config = tiny_config(max_steps=4, eval_every=2, checkpoint_every=2, log_every=2)
+    config.data.root = str(SHARED_DATA / "multi30k")
+    config.model.max_positions = 128
+    train.train_and_evaluate(config, workdir)
+    return workdir
 
 
 def tiny_config(**overrides):

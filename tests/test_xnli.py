@@ -1,4 +1,4 @@
-"""XNLI fine-tuning and the retrieval probe: the classifier, the data, the loop, the probe."""
+"""XNLI fine-tuning: the classifier, the loop, the sweep, the configs."""
 
 import json
 
@@ -8,17 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED_DATA, tiny_config
-from xlm_jax import train, xnli
+from tests.conftest import SHARED_DATA, XNLI_DIR, needs_xnli
+from xlm_jax import xnli
+from xlm_jax.data import nli, sources
 from xlm_jax.data.sources import DataError
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
 from xlm_jax.tokenizer import EOS_ID, PAD_ID
-
-XNLI_DIR = SHARED_DATA / "xnli"
-needs_xnli = pytest.mark.skipif(
-    not (XNLI_DIR / "en.tsv").exists(), reason=f"XNLI data not found at {XNLI_DIR}"
-)
 
 
 def _tiny_model(**kw) -> ModelConfig:
@@ -88,136 +84,7 @@ def test_classifier_dropout_only_in_training():
     assert not np.allclose(a, c)
 
 
-# --- data ----------------------------------------------------------------------------------------
-
-
-def test_pack_pair_is_xlms_row():
-    p, h = np.array([20, 21, 22]), np.array([30, 31])
-    tokens, positions, langs = xnli.pack_pair(p, h, 4, max_len=256, length=12)
-    assert tokens.tolist() == [1, 20, 21, 22, 1, 30, 31, 1, 2, 2, 2, 2]
-    assert positions.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0]
-    assert set(langs.tolist()) == {4}
-    # XLM's truncate: each framed sentence keeps max_len tokens, its last one </s> again
-    tokens, _, _ = xnli.pack_pair(np.arange(20, 30), h, 0, max_len=4, length=16)
-    assert tokens[:8].tolist() == [1, 20, 21, 1, 30, 31, 1, 2]
-    # a row longer than the padded length loses tokens from its longer sentence
-    tokens, _, _ = xnli.pack_pair(np.arange(20, 30), h, 0, max_len=256, length=9)
-    assert tokens.tolist() == [1, 20, 21, 22, 23, 1, 30, 31, 1]
-    assert (tokens == EOS_ID).sum() == 3 and tokens[-1] == EOS_ID
-
-
-def test_batches_shuffle_per_epoch_and_pad_evaluation():
-    a, b = xnli.epoch_order(10, 1, 0, -1), xnli.epoch_order(10, 1, 0, -1)
-    np.testing.assert_array_equal(a, b)
-    assert sorted(a.tolist()) == list(range(10))
-    assert not np.array_equal(a, xnli.epoch_order(10, 2, 0, -1))
-    assert len(xnli.epoch_order(10, 1, 0, 4)) == 4
-    rows = xnli.Rows(
-        tokens=np.full((5, 6), 7, np.int32),
-        positions=np.zeros((5, 6), np.int32),
-        langs=np.zeros((5, 6), np.int32),
-        labels=np.arange(5, dtype=np.int32) % 3,
-    )
-    batches = xnli.eval_batches(rows, 4)
-    assert len(batches) == 2
-    last = batches[1]
-    assert last["weights"][:, 0].tolist() == [1, 0, 0, 0]
-    assert (last["tokens"][1:] == PAD_ID).all()
-    assert last["labels"].shape == (4, 1)
-
-
-def _write(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-GOOD = ["A man sleeps.\tA person rests.\tentailment", "A man sleeps.\tHe runs.\tcontradiction"]
-
-
-@pytest.mark.parametrize(
-    "bad, message",
-    [
-        ("A man sleeps.\tA person rests.", r"bad\.tsv:3: 2 tab-separated column\(s\); expected 3"),
-        ("A man sleeps.\tA person.\tmaybe", r"bad\.tsv:3: unknown label 'maybe'; expected one of"),
-        ("\tA person rests.\tneutral", r"bad\.tsv:3: empty premise"),
-        ("A man sleeps.\t \tneutral", r"bad\.tsv:3: empty hypothesis"),
-        ("a\tb\tc\td", r"bad\.tsv:3: 4 tab-separated"),
-    ],
-)
-def test_malformed_rows_name_file_and_line(tmp_path, bad, message):
-    path = _write(tmp_path / "bad.tsv", [*GOOD, bad])
-    with pytest.raises(DataError, match=message):
-        xnli.read_xnli_tsv(path)
-    # a range that skips the bad line reads; line numbers stay those of the file
-    assert len(xnli.read_xnli_tsv(f"{path}@0:2")) == 2
-    with pytest.raises(DataError, match=r"bad\.tsv:3:"):
-        xnli.read_xnli_tsv(path, rows=slice(1, 3))
-
-
-def test_header_and_missing_classes_are_explained(tmp_path):
-    path = _write(tmp_path / "h.tsv", ["premise\thypothesis\tlabel", *GOOD])
-    with pytest.raises(DataError, match=r"h\.tsv:1: .*header"):
-        xnli.read_xnli_tsv(path)
-    examples = xnli.read_xnli_tsv(path, rows=slice(1, None))
-    with pytest.raises(
-        DataError, match=r"train en: .*only the labels contradiction, entailment; expected all"
-    ):
-        xnli.check_three_classes(examples, "data.train en")
-
-
-def test_tfds_sources_fail_fast_when_not_prepared(tmp_path):
-    with pytest.raises(DataError, match="not prepared"):
-        xnli.read_nli("tfds:multi_nli:train:en", data_dir=tmp_path)
-    with pytest.raises(DataError, match="MultiNLI is English"):
-        xnli.read_nli("tfds:multi_nli:train:fr", data_dir=tmp_path)
-
-
-@needs_xnli
-def test_real_xnli_files_follow_the_protocol():
-    train_src, valid_src = xnli.xnli_dev_sources()
-    train_sets = xnli.read_sets(train_src, "data.train", root=str(SHARED_DATA))
-    valid = xnli.read_sets(valid_src, "data.valid", root=str(SHARED_DATA))
-    assert list(train_sets) == ["en"] and len(train_sets["en"]) == 1990
-    xnli.check_three_classes(train_sets["en"], "en")
-    assert list(valid) == list(xnli.PAPER_LANGS)
-    assert all(len(v) == 500 for v in valid.values())
-    # row-parallel files: the same labels row by row in every language
-    labels = {lang: [ex.label for ex in v] for lang, v in valid.items()}
-    assert all(labels[lang] == labels["en"] for lang in labels)
-
-
-def test_retrieval_accuracy_counts_the_diagonal():
-    x = np.eye(4) + 0.1
-    assert xnli.retrieval_accuracy(x, x) == (100.0, 100.0)
-    assert xnli.retrieval_accuracy(x, x[::-1]) == (0.0, 0.0)
-    y = x.copy()
-    y[[0, 1]] = y[[1, 0]]  # two translations swapped: half right in both directions
-    assert xnli.retrieval_accuracy(x, y) == (50.0, 50.0)
-
-
-def test_results_table_has_the_papers_column_order(tmp_path):
-    record = {"epoch": 2, "step": 10, "valid/de/acc": 40.0, "valid/en/acc": 50.0}
-    record |= {"valid/fr/acc": 45.0, "valid/avg/acc": 45.0}
-    results = {"history": [record], "selected": {"en": record, "avg": record}}
-    columns, rows = xnli.result_rows(results)
-    assert columns == ["row", "epoch", "en", "fr", "de", "avg"]
-    assert rows[0]["en"] == 50.0 and rows[0]["epoch"] == 2
-
-
-# --- end to end: a tiny pretraining, then fine-tuning and the probe ------------------------------
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny MLM + TLM run on Multi30k en/fr/de: its workdir, as --config.init_checkpoint."""
-    if not (SHARED_DATA / "multi30k" / "train.en").exists() or not (XNLI_DIR / "en.tsv").exists():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
-    workdir = tmp_path_factory.mktemp("pretrained")
-    config = tiny_config(max_steps=4, eval_every=2, checkpoint_every=2, log_every=2)
-    config.data.root = str(SHARED_DATA / "multi30k")
-    config.model.max_positions = 128
-    train.train_and_evaluate(config, workdir)
-    return workdir
+# --- end to end: a tiny pretraining (conftest.pretrained), then fine-tuning -----------------------
 
 
 def _finetune_config(init, **overrides):
@@ -307,45 +174,6 @@ def test_sweep_runs_the_grid_once(pretrained, tmp_path):
     assert (tmp_path / "lr0.001_bs8" / "results.json").stat().st_mtime_ns == stamp
 
 
-def test_retrieval_of_identical_sides_is_perfect(pretrained, tmp_path):
-    sentences = [
-        "A dog runs in the park.",
-        "Two men are playing football.",
-        "A woman reads a book on a bench.",
-        "Children swim in a lake.",
-        "A red car drives down the street.",
-        "The cat sleeps on the sofa.",
-        "A man is cooking dinner.",
-        "People walk along the beach at sunset.",
-        "A girl rides a bicycle.",
-        "An old man feeds the birds.",
-    ]
-    f = _write(tmp_path / "side.txt", sentences)
-    config = xnli.retrieval_default_config()
-    config.init_checkpoint = str(pretrained)
-    config.data.pairs = f"fr-en: {f}|{f}; de-en: {f}@2:|{f}@2:"
-    config.batch_size = 4
-    results = xnli.retrieval(config, tmp_path / "probe")
-    assert set(results["pairs"]) == {"fr-en", "de-en"} and results["pairs"]["de-en"]["n"] == 8
-    # the same sentences in the same language on both sides: each must find its twin
-    config.data.pairs = f"en-en: {f}|{f}"
-    same = xnli.retrieval(config, tmp_path / "probe_same")
-    assert same["pairs"]["en-en"] == {"n": 10, "xx->en": 100.0, "en->xx": 100.0, "mean": 100.0}
-    text = (tmp_path / "probe_same" / "retrieval.md").read_text()
-    assert "| en-en | 10 | 100.0 | 100.0 | 100.0 |" in text
-    saved = json.loads((tmp_path / "probe_same" / "retrieval.json").read_text())
-    assert saved["average"]["mean"] == 100.0
-
-
-def test_retrieval_skips_pairs_without_held_out_lines(pretrained, tmp_path):
-    f = _write(tmp_path / "short.txt", ["one line", "two lines", "three"])
-    config = xnli.retrieval_default_config()
-    config.init_checkpoint = str(pretrained)
-    config.data.pairs = f"fr-en: {f}@3:|{f}@3:; de-en: {f}|{f}"
-    results = xnli.retrieval(config, tmp_path / "probe")
-    assert list(results["pairs"]) == ["de-en"] and "fr-en" in results["skipped"]
-
-
 # --- configs -------------------------------------------------------------------------------------
 
 
@@ -375,11 +203,11 @@ def test_configs_build_show_their_command_and_read_their_data(name, mode):
         assert len(pairs) == 14 and all("@80%:" in p for p in pairs)
         for entry in pairs:
             src, tgt = entry.split(": ", 1)[1].split("|")
-            a, b = xnli.sources.read_parallel(src, tgt, root)
+            a, b = sources.read_parallel(src, tgt, root)
             assert len(a) == len(b) > 0
     else:
-        valid = xnli.read_sets(config.data.valid, "data.valid", root=root)
-        assert list(valid) == list(xnli.PAPER_LANGS)
+        valid = nli.read_sets(config.data.valid, "data.valid", root=root)
+        assert list(valid) == list(nli.PAPER_LANGS)
         assert config.select_lang == "en" and config.data.train == "en: xnli/en.tsv@0:1990"
     subset, _ = _load_config(name, "en,de,fr")
     keys = subset.data.pairs if name == "retrieval" else subset.data.valid

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xlm_jax import parallel, train, xnli
+from xlm_jax import parallel, retrieval, train, xnli
 from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
         elif _MODE.value == "xnli_sweep":
             xnli.run_sweep(_CONFIG.value, _WORKDIR.value)
         elif _MODE.value == "retrieval":
-            xnli.retrieval(_CONFIG.value, _WORKDIR.value)
+            retrieval.retrieval(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:
         logging.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)

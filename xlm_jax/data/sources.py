@@ -19,7 +19,7 @@ import importlib.util
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,7 +34,7 @@ _TFDS_RE = re.compile(
     r":(?P<split>[A-Za-z0-9_.\-]+):(?P<field>[A-Za-z0-9_./\-]+)"
 )
 # Formats TFDS can read by random access without TensorFlow.
-_RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
+RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 # tfds 4.9.10 imports its legacy builder packages in one loop that stops at the first ImportError
 # (nearest_neighbors needs h5py), so e.g. translate/wmt14 never registers: import them one by one.
 _TFDS_LEGACY_PACKAGES = (
@@ -152,22 +152,23 @@ def _as_spec(spec: str | Spec) -> Spec:
     return spec if isinstance(spec, Spec) else parse_spec(spec)
 
 
-def _resolve(spec: Spec, root: str | os.PathLike) -> Path:
+def resolve_path(spec: Spec, root: str | os.PathLike) -> Path:
+    """A file spec's path: as given if absolute, else under ``root``."""
     path = Path(spec.path).expanduser()
     return path if path.is_absolute() else Path(root) / path
 
 
-def _bounds(spec: Spec, n: int, where: str, unit: str = "lines") -> tuple[int, int]:
+def _resolve_bound(bound: int | str | None, n: int, default: int) -> int:
+    if bound is None:
+        return default
+    if isinstance(bound, str):  # "80%": the first 80% of the n items, rounded down
+        return n * int(bound[:-1]) // 100
+    return bound
+
+
+def line_bounds(spec: Spec, n: int, where: str, unit: str = "lines") -> tuple[int, int]:
     """The spec's range as [start, end) over n items; out of bounds or empty is an error."""
-
-    def resolve(bound: int | str | None, default: int) -> int:
-        if bound is None:
-            return default
-        if isinstance(bound, str):  # "80%": the first 80% of the items, rounded down
-            return n * int(bound[:-1]) // 100
-        return bound
-
-    start, end = resolve(spec.start, 0), resolve(spec.end, n)
+    start, end = _resolve_bound(spec.start, n, 0), _resolve_bound(spec.end, n, n)
     if start > n or end > n:
         raise DataError(f"{where}: range {spec.range_suffix} is beyond the end ({n} {unit})")
     if start > end:
@@ -253,9 +254,9 @@ def read_lines(
             data_dir=data_dir,
             manual_dir=manual_dir,
         )
-    path = _resolve(s, root)
+    path = resolve_path(s, root)
     lines = _read_file(path, max_chars=max_chars, on_invalid_utf8=on_invalid_utf8)
-    start, end = _bounds(s, len(lines), str(path))
+    start, end = line_bounds(s, len(lines), str(path))
     return lines[start:end]
 
 
@@ -268,10 +269,10 @@ def line_count(
     """Number of lines (examples) a spec selects, without decoding or validating the text."""
     s = _as_spec(spec)
     if s.kind == "tfds":
-        builder = _prepared_builder(s, data_dir=data_dir, manual_dir=None)
-        start, end = _bounds(s, builder.info.splits[s.split].num_examples, str(s), "examples")
+        builder = prepared_builder(s, data_dir=data_dir, manual_dir=None)
+        start, end = line_bounds(s, builder.info.splits[s.split].num_examples, str(s), "examples")
         return end - start
-    path = _resolve(s, root)
+    path = resolve_path(s, root)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -279,8 +280,17 @@ def line_count(
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from e
     n = data.count(b"\n") + (bool(data) and not data.endswith(b"\n"))
-    start, end = _bounds(s, n, str(path))
+    start, end = line_bounds(s, n, str(path))
     return end - start
+
+
+def first_line(spec: str | Spec, root: str | os.PathLike = "") -> int:
+    """The 0-based index of the first line a spec selects, a "80%" start resolved against the
+    file's length (e.g. for the file's own line numbers in errors); the range is not checked."""
+    s = _as_spec(spec)
+    if not isinstance(s.start, str):
+        return s.start or 0
+    return _resolve_bound(s.start, line_count(replace(s, start=None, end=None), root), 0)
 
 
 def read_aligned(
@@ -291,7 +301,7 @@ def read_aligned(
     counts = [len(side) for side in sides]
     if len(set(counts)) > 1:
         names = [
-            str(_resolve(p, root)) + p.range_suffix if p.kind == "file" else str(p)
+            str(resolve_path(p, root)) + p.range_suffix if p.kind == "file" else str(p)
             for p in map(_as_spec, specs)
         ]
         detail = ", ".join(f"{name}: {n} lines" for name, n in zip(names, counts, strict=True))
@@ -365,12 +375,14 @@ def _prepare_hint(name: str, data_dir: str | os.PathLike | None) -> str:
     )
 
 
-def _prepared_builder(
+def prepared_builder(
     spec: Spec,
     *,
     data_dir: str | os.PathLike | None,
     manual_dir: str | os.PathLike | None,
 ) -> tfds.core.DatasetBuilder:
+    """The builder of a tfds: spec, prepared (from ``manual_dir`` for a local builder, else an
+    immediate ``DataError`` with the command that prepares it) and holding the spec's split."""
     builder = _tfds_builder(spec.name, data_dir)
     if not builder.is_prepared():
         if manual_dir is not None and spec.name.partition("/")[0] in _local_builders():
@@ -408,7 +420,7 @@ def _read_tfds(
     manual_dir: str | os.PathLike | None,
 ) -> list[str]:
     tfds = _import_tfds()
-    builder = _prepared_builder(spec, data_dir=data_dir, manual_dir=manual_dir)
+    builder = prepared_builder(spec, data_dir=data_dir, manual_dir=manual_dir)
     feature = _feature(builder.info.features, spec.field, spec)
     if not isinstance(feature, tfds.features.Text):
         raise DataError(
@@ -416,9 +428,9 @@ def _read_tfds(
             "expected a tfds.features.Text feature"
         )
     n = builder.info.splits[spec.split].num_examples
-    start, end = _bounds(spec, n, str(spec), "examples")
+    start, end = line_bounds(spec, n, str(spec), "examples")
     fmt = builder.info.file_format.value if builder.info.file_format else "tfrecord"
-    if fmt in _RANDOM_ACCESS_FORMATS:
+    if fmt in RANDOM_ACCESS_FORMATS:
         source = builder.as_data_source(split=spec.split)
         examples = source.__getitems__(range(start, end))
     else:

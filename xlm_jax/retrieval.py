@@ -1,0 +1,238 @@
+"""Tatoeba sentence-retrieval probe: does the encoder map translations close together?
+
+No fine-tuning: each sentence is ``</s> sentence </s>`` with its own language id, its vector the
+mean of the last layer over its non-pad tokens; each XX sentence retrieves among all English ones
+of its pair by cosine similarity (and the reverse). The encoder comes from a pretraining
+checkpoint or a random init, as for XNLI (``xnli.load_pretrained`` / ``xnli.random_source``).
+
+Entry point: ``retrieval`` (``--mode=retrieval``); settings and their defaults:
+``retrieval_default_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from xlm_jax import train, xnli
+from xlm_jax.data import corpus as corpus_lib
+from xlm_jax.data import nli, presets, sources
+from xlm_jax.data.sources import DataError
+from xlm_jax.files import write_atomic
+from xlm_jax.model.encoder import XLMEncoder
+from xlm_jax.report import csv_bytes, markdown_table, ordered_langs
+from xlm_jax.tokenizer import PAD_ID
+
+# The pretraining presets train on the first 80% of each Tatoeba file (lines 0..799 of the
+# 1,000-line ones): the retrieval probe reads the rest.
+TATOEBA_HELD_OUT = f"{presets.TRAIN_SHARE}%"
+
+
+def retrieval_default_config() -> ml_collections.ConfigDict:
+    """Every setting of the probe: the encoder's (as for XNLI) and the pairs to retrieve."""
+    c = ml_collections.ConfigDict()
+    xnli.encoder_settings(c)
+    # Pairs "XX-en: SRC_SPEC|EN_SPEC; ...": line-aligned translations; each XX sentence
+    # retrieves among all English ones (and the reverse) by the cosine similarity of mean-pooled
+    # last-layer states.
+    c.data.pairs = ""
+    c.batch_size = 64
+    return c
+
+
+def tatoeba_pair_sources(
+    langs: Sequence[str] = nli.PAPER_LANGS[1:], start: int | str = TATOEBA_HELD_OUT
+) -> str:
+    """``data.pairs`` for Tatoeba as in ../shared/data: lines ``start..`` of each XX-en file.
+
+    The default start is where the pretraining presets' training share ends (80%: line 800 of
+    the 1,000-line files, and the last 20% of the shorter ones), so the probe sees no line the
+    encoder was pretrained on.
+    """
+    out = []
+    for lang in langs:
+        src = presets.tatoeba(lang, lang, f"{start}:")
+        out.append(f"{lang}-en: {src}|{presets.tatoeba(lang, 'en', f'{start}:')}")
+    return "; ".join(out)
+
+
+def mean_pooled(params, batch, *, model: XLMEncoder) -> jax.Array:
+    """Mean of the last layer over each row's non-pad tokens, float32 ``(batch, emb_dim)``."""
+    hidden = model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["positions"],
+        batch["langs"],
+        deterministic=True,
+        method=XLMEncoder.encode,
+    ).astype(jnp.float32)
+    valid = (batch["tokens"] != PAD_ID).astype(jnp.float32)[..., None]
+    return (hidden * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
+
+
+def retrieval_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Row i of ``x`` and of ``y`` are translations. Cosine nearest neighbour: the % of x rows
+    whose nearest y is their own translation, and the same from y to x."""
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    sim = x @ y.T
+    target = np.arange(len(x))
+    return (
+        100.0 * float(np.mean(sim.argmax(axis=1) == target)),
+        100.0 * float(np.mean(sim.argmax(axis=0) == target)),
+    )
+
+
+def _held_out_start_ok(spec_text: str, root: str) -> tuple[bool, str]:
+    """False (with the reason) when a file spec starts at or beyond the end of its file."""
+    s = sources.parse_spec(spec_text)
+    if s.kind != "file" or s.start is None:
+        return True, ""
+    n = sources.line_count(dataclasses.replace(s, start=None, end=None), root)
+    start = sources.first_line(s, root)
+    if start >= n:
+        return False, f"{s.path} has {n} lines, none from line {start} on"
+    return True, ""
+
+
+def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Tatoeba-style retrieval with mean-pooled last-layer states, both directions per pair.
+
+    Writes ``retrieval.{csv,md,json}`` in the workdir and returns the results dict. A pair whose
+    held-out range is empty (a short file entirely used for pretraining) is skipped and listed.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = xnli.Runner(config, {"batch_size": config.batch_size})
+    root, kw = config.data.root, xnli.read_kw(config)
+    texts: dict[str, tuple[str, str, list[str], list[str]]] = {}
+    skipped: dict[str, str] = {}
+    for key, specs in corpus_lib.parse_sources(config.data.pairs, "data.pairs").items():
+        parts = key.split("-")
+        if len(parts) != 2 or not all(p.isalnum() for p in parts):
+            raise DataError(f"data.pairs: key {key!r}; expected 'xx-en'")
+        src, tgt = [], []
+        for item in (x.strip() for x in specs.split(",") if x.strip()):
+            sides = item.split("|")
+            if len(sides) != 2:
+                raise DataError(f"data.pairs.{key}: {item!r} must be 'SRC_SPEC|TGT_SPEC'")
+            ok, why = _held_out_start_ok(sides[0], root)
+            if not ok:
+                skipped[key] = why
+                logging.warning("retrieval: skipping %s: %s", key, why)
+                continue
+            a, b = sources.read_parallel(sides[0], sides[1], root, **kw)
+            src += a
+            tgt += b
+        if src:
+            texts[key] = (parts[0], parts[1], src, tgt)
+    if not texts:
+        raise DataError(f"data.pairs: nothing to probe (skipped: {skipped or 'no entries'})")
+
+    if config.init_checkpoint:
+        source = xnli.load_pretrained(config.init_checkpoint, config.init_step)
+    else:
+
+        def texts_fn():
+            out: dict[str, list[str]] = {}
+            for l1, l2, a, b in texts.values():
+                out.setdefault(l1, []).extend(a)
+                out.setdefault(l2, []).extend(b)
+            return out
+
+        source = xnli.random_source(config, workdir, texts_fn)
+    tokenizer, mcfg = source.tokenizer, source.model
+    encoded = {
+        key: (tokenizer.encode_many(a), tokenizer.encode_many(b))
+        for key, (_, _, a, b) in texts.items()
+    }
+    needed = max(
+        nli.sentence_length(ids, config.max_len) for a, b in encoded.values() for ids in [*a, *b]
+    )
+    length = xnli.row_length(needed, config, mcfg)
+
+    model = XLMEncoder(mcfg)
+    state, shardings = train.init_state(
+        model, optax.identity(), jax.random.key(config.seed), runner.mesh, runner.rules, runner.dp
+    )
+    params = state.params
+    if source.params is not None:
+        params = xnli.place_params(source.params, params, source.description)
+    embed_fn = jax.jit(
+        functools.partial(mean_pooled, model=model),
+        in_shardings=(shardings.params, runner.batch_sharding),
+        out_shardings=runner.replicated,
+    )
+
+    def embed(sentences: Sequence[np.ndarray], lang: str, key: str) -> np.ndarray:
+        lid = source.lang_id(lang, f"data.pairs.{key}")
+        packed = [
+            nli.pack_sentence(s, lid, max_len=config.max_len, length=length) for s in sentences
+        ]
+        rows = nli.Rows.stack(packed, np.zeros(len(packed), np.int32))
+        with runner.context():
+            outs = [
+                embed_fn(params, runner.put(b)) for b in nli.eval_batches(rows, config.batch_size)
+            ]
+        return np.concatenate(jax.device_get(outs))[: len(rows)]
+
+    per_pair = {}
+    t0 = time.perf_counter()
+    for key, (l1, l2, _, _) in texts.items():
+        a, b = encoded[key]
+        fwd, bwd = retrieval_accuracy(embed(a, l1, key), embed(b, l2, key))
+        per_pair[key] = {"n": len(a), "xx->en": fwd, "en->xx": bwd, "mean": (fwd + bwd) / 2}
+        logging.info("retrieval %s (%d pairs): %.1f / %.1f", key, len(a), fwd, bwd)
+    results = {
+        "init": source.description,
+        "row_length": length,
+        "pairs": per_pair,
+        "average": {
+            k: float(np.mean([v[k] for v in per_pair.values()]))
+            for k in ("xx->en", "en->xx", "mean")
+        },
+        "skipped": skipped,
+        "seconds": time.perf_counter() - t0,
+    }
+    if jax.process_index() == 0:
+        write_retrieval(workdir, results)
+    return results
+
+
+def write_retrieval(workdir: Path, results: Mapping[str, Any]) -> None:
+    """``retrieval.{csv,md,json}``: accuracy per pair in both directions, the average last."""
+    pairs = results["pairs"]
+    order = ordered_langs([k.split("-")[0] for k in pairs])
+    keys = sorted(pairs, key=lambda k: order.index(k.split("-")[0]))
+    columns = ["pair", "n", "xx->en", "en->xx", "mean"]
+    rows = [{"pair": k, **{c: _round(pairs[k][c]) for c in columns[1:]}} for k in keys]
+    rows.append(
+        {"pair": "average", "n": None, **{c: _round(results["average"][c]) for c in columns[2:]}}
+    )
+    write_atomic(workdir / "retrieval.csv", csv_bytes(columns, rows))
+    skipped = "".join(f"\n- skipped {k}: {why}" for k, why in results["skipped"].items())
+    head = (
+        "# Tatoeba retrieval\n\n"
+        f"Encoder: {results['init']}. Cosine nearest neighbour of mean-pooled last-layer states "
+        "(non-pad tokens, each sentence with its own language id); accuracy (%) in both "
+        f"directions.{skipped}\n\n"
+    )
+    write_atomic(workdir / "retrieval.md", (head + markdown_table(columns, rows)).encode())
+    write_atomic(workdir / "retrieval.json", json.dumps(results, indent=1).encode())
+
+
+def _round(v: Any) -> Any:
+    return round(v, 2) if isinstance(v, float) else v
