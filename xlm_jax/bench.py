@@ -120,6 +120,12 @@ def bench_steps(
                     + mem.temp_size_in_bytes
                     - mem.alias_size_in_bytes
                 ),
+                "memory_breakdown": None
+                if mem is None
+                else {
+                    k: int(getattr(mem, f"{k}_size_in_bytes"))
+                    for k in ("argument", "output", "temp", "alias")
+                },
             }
             if memory_only:
                 continue
