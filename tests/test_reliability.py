@@ -111,3 +111,36 @@ def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
     assert "checkpoint is saved, rerun to resume" in err
     step = Checkpointer(tmp_path / "checkpoints").latest_step()
     assert step is not None and step >= 5
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, damage):
+    full = {}
+    train.train_and_evaluate(
+        tiny_config(max_steps=12),
+        tmp_path / "full",
+        on_step=lambda s, st: full.setdefault(s, jax.device_get(st.params)),
+    )
+    work = tmp_path / "damaged"
+    train.train_and_evaluate(tiny_config(max_steps=12), work)
+    assert Checkpointer(work / "checkpoints").all_steps() == [6, 12]
+    files = [f for f in (work / "checkpoints" / "12" / "state").rglob("*") if f.is_file()]
+    assert files
+    for f in files:  # every array file of the newest checkpoint damaged
+        size = f.stat().st_size
+        f.write_bytes(os.urandom(size) if damage == "garble" else b"")
+    caplog.set_level("WARNING")
+    resumed = {}
+    train.train_and_evaluate(
+        tiny_config(max_steps=12),
+        work,
+        on_step=lambda s, st: resumed.setdefault(s, jax.device_get(st.params)),
+    )
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert (
+        warnings
+        and "checkpoint 12" in warnings[0]
+        and "falling back to checkpoint 6" in warnings[0]
+    )
+    assert min(resumed) == 7  # redone from step 6
+    jax.tree.map(np.testing.assert_array_equal, full[12], resumed[12])

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 
@@ -163,6 +164,62 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return step
+
+    def restore_newest_readable(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+        """Restores the newest checkpoint that reads back whole, as (step, state, data, meta).
+
+        A checkpoint that fails to restore (truncated or corrupt files) is skipped with a warning
+        naming it and the one used instead; None when there is no checkpoint at all.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                return (step, *self.restore(step, abstract_state=abstract_state))
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                fallback = steps[i + 1] if i + 1 < len(steps) else None
+                kept = self._set_aside(step)
+                logging.warning(
+                    "checkpoint %d in %s cannot be restored (%s: %s); moved to %s; %s",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e)[:300],
+                    kept,
+                    f"falling back to checkpoint {fallback}"
+                    if fallback is not None
+                    else "no older checkpoint is left",
+                )
+        if steps:
+            raise RuntimeError(f"no checkpoint in {self.directory} can be restored: {steps}")
+        return None
+
+    def _set_aside(self, step: int) -> epath.Path:
+        """Moves an unreadable checkpoint out of the manager's directory (kept for inspection),
+        so the run can write that step again."""
+        target = self.directory.parent / f"{self.directory.name}_unreadable" / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = target.parent / f"{step}.{len(list(target.parent.iterdir()))}"
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:  # every process must see the move before it reloads
+            multihost_utils.sync_global_devices(f"xlm_jax: set aside checkpoint {step}")
+        self._manager.reload()
+        return target
+
+    def newest_readable_meta(self) -> tuple[int, dict] | None:
+        """(step, meta) of the newest checkpoint whose metadata reads back; see above."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, self.restore_meta(step)
+            except Exception as e:
+                logging.warning(
+                    "checkpoint %d in %s: metadata unreadable (%s); trying an older one",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                )
+        return None
 
     def restore(self, step: int | None = None, *, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restores `step` (default: latest) as (state, data_state, meta).

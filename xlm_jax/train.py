@@ -572,8 +572,8 @@ def train_and_evaluate(
         best_mode=config.best_mode,
     )
     tokenizer_path = workdir / "tokenizer.model"
-    latest = ckpt.latest_step()
-    saved_meta = ckpt.restore_meta(latest) if latest is not None else None
+    newest = ckpt.newest_readable_meta()
+    latest, saved_meta = newest if newest is not None else (None, None)
     if saved_meta is not None and not tokenizer_path.exists():
         # The checkpoint carries its vocabulary: a resumed run never retrains it.
         Tokenizer.from_bytes(base64.b64decode(saved_meta["tokenizer"])).save(tokenizer_path)
@@ -623,7 +623,7 @@ def train_and_evaluate(
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )  # the state just built: restoring reads straight into its shardings
-        state, data_state, _ = ckpt.restore(latest, abstract_state=abstract)
+        _, state, data_state, _ = ckpt.restore_newest_readable(abstract)
         loop = {"nonfinite_run": 0, **data_state["loop"]}
         for key, it_state in data_state["iterators"].items():
             data.train[key].restore(it_state)
