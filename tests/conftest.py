@@ -74,10 +74,15 @@ def tiny_config(**overrides):
     c.log_every = 1
     c.eval_every = 6
     c.checkpoint_every = 6
+    return override(c, **overrides)
+
+
+def override(config, **overrides):
+    """Sets dotted keys (``model.n_layers=2``) as the command line's --config.KEY=VALUE does."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *path, last = key.split(".")
         for p in path:
             node = node[p]
         node[last] = value
-    return c
+    return config

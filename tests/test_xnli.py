@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED_DATA, XNLI_DIR, needs_xnli
+from tests.conftest import SHARED_DATA, XNLI_DIR, needs_xnli, override
 from xlm_jax import xnli
 from xlm_jax.data import nli, sources
 from xlm_jax.data.sources import DataError
@@ -105,13 +105,7 @@ def _finetune_config(init, **overrides):
     c.encoder_dropout = 0.0
     c.encoder_attention_dropout = 0.0
     c.log_every = 1000
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return override(c, **overrides)
 
 
 @needs_xnli

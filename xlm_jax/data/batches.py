@@ -36,7 +36,28 @@ def make_stream(sentences: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-class StreamBatches:
+class EpochIterator:
+    """Position in a sequence of epochs: all an iterator's state, saved in every checkpoint.
+
+    Subclasses derive each epoch's order from ``(seed, name, epoch)`` and cache it in
+    ``_order``; restoring drops the cache so the order is derived again.
+    """
+
+    epoch: int
+    cursor: int
+    _order: np.ndarray | None
+
+    def __iter__(self) -> EpochIterator:
+        return self
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+
+class StreamBatches(EpochIterator):
     """Windows of ``length`` tokens cut from one language's stream (MLM and CLM).
 
     Each epoch starts the windows at a fresh random offset and visits them in a fresh random
@@ -94,15 +115,6 @@ class StreamBatches:
             "langs": np.full(tokens.shape, self.lang_id, np.int32),
         }
 
-    def __iter__(self) -> StreamBatches:
-        return self
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def restore(self, state: Mapping[str, int]) -> None:
-        self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
-
 
 def _check_rows(rows: tuple[int, int] | None, batch_size: int, name: str) -> tuple[int, int]:
     rows = (0, batch_size) if rows is None else (int(rows[0]), int(rows[1]))
@@ -133,7 +145,7 @@ def pack_pair(
     return tokens, positions, langs
 
 
-class PairBatches:
+class PairBatches(EpochIterator):
     """Shuffled batches of translation pairs packed for TLM (one pair per row)."""
 
     def __init__(
@@ -195,15 +207,6 @@ class PairBatches:
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
         tokens, positions, langs = (np.stack(x) for x in zip(*rows, strict=True))
         return {"tokens": tokens, "positions": positions, "langs": langs}
-
-    def __iter__(self) -> PairBatches:
-        return self
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def restore(self, state: Mapping[str, int]) -> None:
-        self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
 
 
 def eval_stream_batches(
