@@ -1,5 +1,7 @@
 """Shared fixtures: tiny configs and the path of the real data (never copied into the repo)."""
 
+import os
+import sys
 from pathlib import Path
 
 import jax
@@ -47,6 +49,24 @@ def pretrained(tmp_path_factory):
     config.model.max_positions = 128
     train.train_and_evaluate(config, workdir)
     return workdir
+
+
+def demo_command(workdir, *flags: str) -> list[str]:
+    """``python -m xlm_jax.main`` on configs/demo.py with a model small enough for tests."""
+    return [
+        sys.executable,
+        "-m",
+        "xlm_jax.main",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        "--config.model.n_layers=1",
+        "--config.model.emb_dim=32",
+        "--config.tokenizer.vocab_size=300",
+        *flags,
+    ]
+
+
+CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def tiny_config(**overrides):

@@ -1,15 +1,14 @@
 """Every config builds; the paper-size model has the paper's size; the CLI runs a config."""
 
 import importlib.util
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from tests.conftest import CPU_ENV, demo_command
 from xlm_jax import train
 from xlm_jax.model.encoder import XLMEncoder, count_params
 
@@ -70,21 +69,10 @@ def test_real_data_configs_read_their_sources(name, shared_data):
 
 
 def test_cli_runs_the_demo_config(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "xlm_jax.main",
-        "--config=configs/demo.py",
-        f"--workdir={tmp_path}",
-        "--config.max_steps=3",
-        "--config.log_every=1",
-        "--config.eval_every=3",
-        "--config.model.n_layers=1",
-        "--config.model.emb_dim=32",
-        "--config.tokenizer.vocab_size=300",
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = demo_command(
+        tmp_path, "--config.max_steps=3", "--config.log_every=1", "--config.eval_every=3"
+    )
+    out = subprocess.run(cmd, cwd=REPO, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 3/3" in out.stdout
     assert (tmp_path / "checkpoints" / "3").is_dir() and (tmp_path / "tokenizer.model").is_file()

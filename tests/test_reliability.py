@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import CPU_ENV, demo_command, tiny_config
 from xlm_jax import train
 from xlm_jax.checkpoint import Checkpointer
 from xlm_jax.metrics import read_jsonl
@@ -79,23 +78,15 @@ def test_stop_request_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "xlm_jax.main",
-        "--config=configs/demo.py",
-        f"--workdir={tmp_path}",
+    cmd = demo_command(
+        tmp_path,
         "--config.max_steps=100000",
         "--config.log_every=1",
         "--config.eval_every=0",
         "--config.checkpoint_every=100000",
-        "--config.model.n_layers=1",
-        "--config.model.emb_dim=32",
-        "--config.tokenizer.vocab_size=300",
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, cwd=REPO, env=CPU_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until it trains (a progress line per step)

@@ -117,7 +117,7 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runner = xnli.Runner(config, {"batch_size": config.batch_size})
-    root, kw = config.data.root, xnli.read_kw(config)
+    root, kw = config.data.root, corpus_lib.read_options(config.data)
     texts: dict[str, tuple[str, str, list[str], list[str]]] = {}
     skipped: dict[str, str] = {}
     for key, specs in corpus_lib.parse_sources(config.data.pairs, "data.pairs").items():

@@ -277,12 +277,10 @@ def build_data(
     langs = lang_list(config)
     corpus_lib.check_langs(langs)
     root = resolve_root(config, workdir)
-    read_kw = dict(
-        max_chars=config.data.max_chars,
-        on_invalid_utf8=config.data.on_invalid_utf8,
-        data_dir=config.data.tfds_data_dir or None,
-        manual_dir=config.data.tfds_manual_dir or None,
-    )
+    read_kw = {
+        **corpus_lib.read_options(config.data),
+        "manual_dir": config.data.tfds_manual_dir or None,  # prepares the local TFDS builders
+    }
     train = corpus_lib.read_split(
         config.data.train, langs, root=root, where="data.train", **read_kw
     )

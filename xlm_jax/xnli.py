@@ -154,15 +154,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def read_kw(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The reading options of ``config.data`` (``encoder_settings``), for ``sources`` readers."""
-    return dict(
-        max_chars=config.data.max_chars,
-        on_invalid_utf8=config.data.on_invalid_utf8,
-        data_dir=config.data.tfds_data_dir or None,
-    )
-
-
 def row_length(needed: int, config: ml_collections.ConfigDict, model: ModelConfig) -> int:
     """The padded row length: ``seq_len``, or the longest row rounded up to a multiple of 8;
     never beyond the model's positions."""
@@ -482,7 +473,7 @@ def finetune(
     )
 
     # Text first: a bad file fails in seconds, before any checkpoint is read.
-    root, kw = config.data.root, read_kw(config)
+    root, kw = config.data.root, corpus_lib.read_options(config.data)
     train_sets = nli.read_sets(config.data.train, "data.train", root=root, **kw)
     for lang, examples in train_sets.items():
         nli.check_three_classes(examples, f"data.train {lang}")

@@ -25,6 +25,15 @@ from xlm_jax.tokenizer import Tokenizer
 Pair = tuple[str, str]
 
 
+def read_options(data) -> dict:
+    """The reading options of a config's ``data`` section, for the ``sources`` readers."""
+    return dict(
+        max_chars=data.max_chars,
+        on_invalid_utf8=data.on_invalid_utf8,
+        data_dir=data.tfds_data_dir or None,
+    )
+
+
 def parse_key(key: str, langs: Sequence[str], where: str) -> str | Pair:
     """``'en'`` → ``'en'``; ``'en-fr'`` → ``('en', 'fr')``; unknown languages are an error."""
     parts = key.split("-")
