@@ -6,14 +6,16 @@ language and pair on Multi30k val. Results and their command: docs/results.md.
   python -m xlm_jax.main --config=configs/multi30k_mlm_tlm.py --workdir=/tmp/xlm_m30k
   # MLM only, at the same number of steps (the baseline TLM should beat on transfer):
   python -m xlm_jax.main --config=configs/multi30k_mlm_tlm.py:mlm --workdir=/tmp/xlm_m30k_mlm
+  # stage 1 of unsupervised MT (configs/multi30k_unmt_enfr.py): MLM on disjoint en/fr halves
+  python -m xlm_jax.main --config=configs/multi30k_mlm_tlm.py:unmt_enfr --workdir=/tmp/mlm_enfr
 """
 
 from xlm_jax.config import default_config
 
 
 def get_config(objectives: str = "mlm_tlm"):
-    if objectives not in ("mlm_tlm", "mlm"):
-        raise ValueError(f"objectives {objectives!r}: expected 'mlm_tlm' or 'mlm'")
+    if objectives not in ("mlm_tlm", "mlm", "unmt_enfr"):
+        raise ValueError(f"objectives {objectives!r}: expected 'mlm_tlm', 'mlm' or 'unmt_enfr'")
     c = default_config()
     c.langs = "en,de,fr"
     c.data.root = "../shared/data/multi30k"  # relative to where you run; override for a copy
@@ -47,4 +49,11 @@ def get_config(objectives: str = "mlm_tlm"):
     c.log_every = 50
     c.eval_every = 200
     c.checkpoint_every = 200
+    if objectives == "unmt_enfr":
+        # No pair ever seen (../shared/data/README.md): en takes lines 0..14,499 of each split's
+        # first half, fr the second half; MLM only.
+        c.langs = "en,fr"
+        c.data.train = "en: train.en@0:14500; fr: train.fr@14500:29000"
+        c.data.valid = "en: val.en@0:507; fr: val.fr@507:1014"
+        c.mlm_steps = "en,fr"
     return c

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from xlm_jax import train
+from xlm_jax import nmt, train
 from xlm_jax.config import default_config
 
 
@@ -106,3 +106,33 @@ def override(config, **overrides):
             node = node[p]
         node[last] = value
     return config
+
+
+def tiny_nmt(**overrides):
+    """A translation run with every objective (AE, MT, BT) small enough for seconds per step."""
+    c = nmt.default_config()
+    c.langs = "en,fr"
+    c.data.root = str(SHARED_DATA / "multi30k")
+    c.data.train = (
+        "en: train.en@0:600; fr: train.fr@600:1200; en-fr: train.en@1200:1800|train.fr@1200:1800"
+    )
+    c.data.valid = "en-fr: val.en@0:24|val.fr@0:24"
+    c.data.test = ""
+    c.tokenizer.vocab_size = 300
+    c.tokenizer.n_sentences = 5000
+    c.tokenizer.character_coverage = 1.0
+    c.model.emb_dim = 32
+    c.model.n_layers = 1
+    c.model.n_heads = 2
+    c.model.max_positions = 256
+    c.ae_steps, c.mt_steps, c.bt_steps = "en,fr", "en-fr", "en-fr-en,fr-en-fr"
+    c.batch_size = 8
+    c.eval_batch_size = 16
+    c.length_buckets = "48,96,160"
+    c.optimizer.warmup_steps = 10
+    c.max_steps = 8
+    c.log_every = 2
+    c.eval_every = 0
+    c.checkpoint_every = 4
+    c.best_metric = ""
+    return override(c, **overrides)

@@ -2,8 +2,9 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.parallel_worker JOBS.json
 
-JOBS.json: a list of {"workdir", "out", "overrides": {dotted.key: value}}. For each job, trains
-with ``tests.conftest.tiny_config(**overrides)`` and writes ``out`` (.npz): the final parameters
+JOBS.json: a list of {"workdir", "out", "overrides": {dotted.key: value}, "mode"}. For each job,
+trains with ``tests.conftest.tiny_config(**overrides)`` (``mode`` "pretrain", the default) or
+``tiny_nmt(**overrides)`` (``mode`` "nmt") and writes ``out`` (.npz): the final parameters
 (flattened by path), plus ``__specs__`` (the sharding spec of every parameter and Adam moment)
 and ``__compiled__`` (number of compiled programs).
 """
@@ -14,8 +15,8 @@ import sys
 import jax
 import numpy as np
 
-from tests.conftest import tiny_config
-from xlm_jax import train
+from tests.conftest import tiny_config, tiny_nmt
+from xlm_jax import nmt, train
 
 
 def _flat(tree, prefix=""):
@@ -26,7 +27,8 @@ def _flat(tree, prefix=""):
 
 
 def run(job: dict) -> None:
-    config = tiny_config(
+    nmt_mode = job.get("mode", "pretrain") == "nmt"
+    config = (tiny_nmt if nmt_mode else tiny_config)(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in job["overrides"].items()}
     )
     final = {}
@@ -44,7 +46,8 @@ def run(job: dict) -> None:
             }
             final["params"] = {k: np.asarray(jax.device_get(v)) for k, v in final["params"].items()}
 
-    out = train.train_and_evaluate(config, job["workdir"], on_step=on_step)
+    run_fn = nmt.train_and_evaluate if nmt_mode else train.train_and_evaluate
+    out = run_fn(config, job["workdir"], on_step=on_step)
     if jax.process_index() == 0:
         np.savez(
             job["out"],

@@ -31,3 +31,18 @@ def test_memory_only_compiles_without_running():
     out = bench.bench_steps(config, n_steps=1, memory_only=True, only=("mlm",))
     assert set(out) == {"mlm"} and "step_s" not in out["mlm"]
     assert out["mlm"]["memory_bytes_per_device"] > 0
+
+
+def test_bench_decoding_runs_every_variant_at_full_length():
+    config = tiny_config()
+    config.tokenizer.vocab_size = 256
+    runs = bench.bench_decoding(config, batch=4, src_len=6, out_tokens=5, n_runs=1)
+    assert [(r["search"], r["kv_cache"]) for r in runs] == [
+        ("greedy", True),
+        ("greedy", False),
+        ("beam 4", True),
+        ("beam 4", False),
+    ]
+    for r in runs:
+        assert r["sentences_per_s"] == pytest.approx(4 / r["seconds"])
+        assert r["tokens_per_s"] == pytest.approx(4 * 5 / r["seconds"])

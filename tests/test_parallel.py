@@ -241,3 +241,35 @@ def _flatten(tree, prefix=""):
             out.update(_flatten(v, f"{prefix}/{k}"))
         return out
     return {prefix: tree}
+
+
+NMT_MESH_CONFIG = {
+    "model.emb_dim": 64,
+    "model.n_heads": 8,
+    "tokenizer.vocab_size": 256,
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    "max_steps": 6,
+    "log_every": 1,
+    "checkpoint_every": 6,
+}
+
+
+@pytest.mark.slow
+def test_translation_on_a_mesh_matches_single_device(tmp_path):
+    """AE, MT and BT steps (BT generates on the mesh) on (2,2,2): same losses and parameters."""
+    if not (REPO.parent / "shared" / "data" / "multi30k" / "train.en").exists():
+        pytest.skip("no Multi30k data")
+
+    def job(name, mesh):
+        return {
+            "mode": "nmt",
+            "workdir": str(tmp_path / name),
+            "out": str(tmp_path / f"{name}.npz"),
+            "overrides": {**NMT_MESH_CONFIG, "mesh.shape": mesh},
+        }
+
+    _run_jobs(tmp_path, [job("single", [1, 1, 1])], devices=1)
+    _run_jobs(tmp_path, [job("mesh", [2, 2, 2])], devices=8)
+    _assert_same_run(tmp_path / "single", tmp_path / "mesh")
+    _assert_same_params(tmp_path / "single.npz", tmp_path / "mesh.npz")

@@ -1,20 +1,32 @@
 """XNLI fine-tuning: the classifier, the loop, the sweep, the configs."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import SHARED_DATA, XNLI_DIR, needs_xnli, override
+from tests.conftest import CPU_ENV, SHARED_DATA, XNLI_DIR, needs_xnli, override
 from xlm_jax import xnli
+from xlm_jax.checkpoint import Checkpointer
 from xlm_jax.data import nli, sources
 from xlm_jax.data.sources import DataError
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
+from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
 from xlm_jax.tokenizer import EOS_ID, PAD_ID
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_model(**kw) -> ModelConfig:
@@ -154,6 +166,169 @@ def test_finetune_resumes_after_an_epoch(pretrained, tmp_path):
     assert [h["epoch"] for h in again["history"]] == [1, 2]
 
 
+# --- preemption: a checkpoint inside an epoch, resumed exactly ------------------------------------
+
+PREEMPT_TRAIN = "en: xnli/en.tsv@0:100; fr: xnli/fr.tsv@100:200"  # 200 pairs: 7 updates of 32
+
+
+def _preempt_config(pretrained, **overrides):
+    """Two epochs of 7 updates (the 7th with 8 real rows), both dropouts on so the resumed run's
+    dropout keys matter, a periodic checkpoint every 5 updates, the last 2 kept."""
+    kw = {
+        "n_epochs": 2,
+        "data.train": PREEMPT_TRAIN,
+        "dropout": 0.1,
+        "encoder_dropout": 0.1,
+        "checkpoint_every": 5,
+        "keep_checkpoints": 2,
+        **overrides,
+    }
+    return _finetune_config(pretrained, **kw)
+
+
+def _sigterm_at(step: int, seen: list[int] | None = None):
+    """An on_step hook: SIGTERM to this process after update ``step``, as a scheduler would."""
+
+    def hook(s: int, state) -> None:
+        if seen is not None:
+            seen.append(s)
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+def _loop_state(checkpoints: Path, step: int) -> dict:
+    """The JSON loop state saved with a checkpoint (no model needed)."""
+    with ocp.CheckpointManager(
+        checkpoints, item_handlers={"data_state": ocp.JsonCheckpointHandler()}
+    ) as m:
+        got = m.restore(step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore()))
+    return got["data_state"]
+
+
+def _assert_same_final_state(a: Path, b: Path) -> None:
+    states, steps = [], []
+    for workdir in (a, b):
+        with Checkpointer(workdir / "checkpoints", async_save=False) as ck:
+            steps.append(ck.latest_step())
+            states.append(ck.restore_numpy())
+    assert steps[0] == steps[1]
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    jax.tree.map(np.testing.assert_array_equal, states[0], states[1])  # params + Adam: bitwise
+
+
+@needs_xnli
+def test_preempted_mid_epoch_resumes_exactly(pretrained, tmp_path):
+    full = xnli.finetune(_preempt_config(pretrained), tmp_path / "full")
+    assert [h["epoch"] for h in full["history"]] == [0, 1, 2]
+
+    # SIGTERM after update 3 of epoch 1: a checkpoint at that update, then Preempted.
+    split, ckdir = tmp_path / "split", tmp_path / "split" / "checkpoints"
+    with pytest.raises(Preempted, match="stopped at step 3"):
+        xnli.finetune(_preempt_config(pretrained), split, on_step=_sigterm_at(3))
+    with Checkpointer(ckdir) as ck:
+        assert ck.all_steps() == [3]
+    saved = _loop_state(ckdir, 3)
+    assert saved["epoch"] == 0 and saved["epoch_rows"] == 96 and saved["step"] == 3
+    assert [h["epoch"] for h in saved["history"]] == [0]  # only evaluated epochs
+    assert saved["epoch_sums"]["n_pred"] == 96.0
+    # The rest of that epoch's batches depend on these: a changed one is refused.
+    with pytest.raises(ValueError, match=r"inside an epoch.*batch_size=32 -> 16"):
+        xnli.finetune(_preempt_config(pretrained, batch_size=16), split)
+
+    # Resumed: update 4 comes next; SIGTERM again after update 12 (epoch 2's 5th).
+    seen: list[int] = []
+    with pytest.raises(Preempted, match="stopped at step 12"):
+        xnli.finetune(_preempt_config(pretrained), split, on_step=_sigterm_at(12, seen))
+    assert seen[0] == 4 and seen[-1] == 12
+    # Retention: the last 2 (the periodic save at 10, the preemption's at 12) and the best ranked
+    # one, epoch 1's end (7). Mid-epoch checkpoints carry no metrics, so they are never "best".
+    with Checkpointer(ckdir, best_metric="valid/en/acc", best_mode="max") as ck:
+        assert ck.all_steps() == [7, 10, 12] and ck.best_step() == 7
+    assert _loop_state(ckdir, 10)["epoch_rows"] == 96  # epoch 2 after 3 of its updates
+
+    # As if the process had died after update 12 without its checkpoint: the periodic one at
+    # 10 is the newest, and resuming from it is exact as well.
+    shutil.rmtree(ckdir / "12")
+    seen = []
+    resumed = xnli.finetune(
+        _preempt_config(pretrained), split, on_step=lambda s, st: seen.append(s)
+    )
+    assert seen == [11, 12, 13, 14]
+    assert resumed["history"] == full["history"]  # every accuracy and epoch loss, exactly
+    assert resumed["selected"] == full["selected"] and resumed["complete"]
+    _assert_same_final_state(tmp_path / "full", split)
+    # The best checkpoint is the selected epoch's end; the selection saw evaluated epochs only.
+    best = full["selected"]["en"]
+    with Checkpointer(ckdir, best_metric="valid/en/acc", best_mode="max") as ck:
+        assert ck.best_step() == best["step"] and best["step"] in (7, 14)
+
+
+CLI_CONFIG = """
+from tests.test_xnli import _finetune_config
+
+def get_config():
+    return _finetune_config({init!r}, **{overrides!r})
+"""
+
+
+@pytest.mark.slow
+@needs_xnli
+def test_sigterm_mid_epoch_exits_75_and_the_rerun_finishes_the_same(pretrained, tmp_path):
+    """The command line: SIGTERM inside an epoch -> a checkpoint and exit code 75; the same
+    command again resumes and ends with what an uninterrupted run gives."""
+    # 200 pairs in batches of 8: 25 updates an epoch, a progress line after each.
+    overrides = {
+        "data.train": "en: xnli/en.tsv@0:200",
+        "n_epochs": 2,
+        "batch_size": 8,
+        "log_every": 1,
+        "eval_at_start": False,
+        "dropout": 0.1,
+        "encoder_dropout": 0.1,
+    }
+    config_file = tmp_path / "tiny_xnli.py"
+    config_file.write_text(CLI_CONFIG.format(init=str(pretrained), overrides=overrides))
+    work = tmp_path / "cli"
+    cmd = [
+        sys.executable,
+        "-m",
+        "xlm_jax.main",
+        "--mode=xnli",
+        f"--config={config_file}",
+        f"--workdir={work}",
+    ]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:  # a file: a full stderr pipe would stall the child
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=CPU_ENV, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until it trains (a progress line per update)
+            line = proc.stdout.readline()
+            if line.startswith("step 4/") or not line:
+                break
+        if not line.startswith("step 4/"):
+            proc.kill()
+            pytest.fail(f"the run did not reach update 4: {log.read_text()[-2000:]}")
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, log.read_text()[-2000:]
+    assert "checkpoint is saved, rerun to resume" in log.read_text()
+    with Checkpointer(work / "checkpoints") as ck:
+        step = ck.latest_step()
+    assert step is not None and 4 <= step < 25, step
+    assert _loop_state(work / "checkpoints", step)["epoch_rows"] == 8 * step  # inside epoch 1
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=CPU_ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = json.loads((work / "results.json").read_text())
+    full = xnli.finetune(_finetune_config(pretrained, **overrides), tmp_path / "full")
+    assert resumed["history"] == json.loads(json.dumps(full["history"]))
+    _assert_same_final_state(tmp_path / "full", work)
+
+
 @needs_xnli
 def test_sweep_runs_the_grid_once(pretrained, tmp_path):
     config = _finetune_config(pretrained, **{"n_epochs": 1, "data.train": "en: xnli/en.tsv@0:96"})
@@ -173,7 +348,6 @@ def test_sweep_runs_the_grid_once(pretrained, tmp_path):
 
 def _load_config(name: str, *args):
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -228,11 +402,6 @@ print("HISTORIES" + json.dumps(out))
 def test_sharded_finetuning_matches_one_device(pretrained, tmp_path):
     """Data, FSDP and tensor parallel fine-tuning on 4 emulated devices give the one-device run
     (a pretraining checkpoint written on one device restores onto every mesh)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     ref = xnli.finetune(
         _finetune_config(
             pretrained,
@@ -250,7 +419,7 @@ def test_sharded_finetuning_matches_one_device(pretrained, tmp_path):
     shapes = [[4, 1, 1], [1, 4, 1], [2, 1, 2]]
     proc = subprocess.run(
         [sys.executable, "-c", MESH_WORKER, str(pretrained), str(tmp_path), json.dumps(shapes)],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,

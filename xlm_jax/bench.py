@@ -1,6 +1,8 @@
 """Benchmark the compiled training steps of a config: tokens/s, FLOPs/token, MFU, memory.
 
   python -m xlm_jax.bench --config=configs/multi30k_mlm_tlm.py --out=/tmp/bench.json
+  # and translation decoding (greedy / beam 4, KV cache or not) at the config's model sizes:
+  python -m xlm_jax.bench --config=configs/multi30k_mlm_tlm.py --decode --kinds=
 
 In one process: the machine's float32 matmul peak measured with JAX, then for each step kind
 (MLM, TLM, CLM) the compile time, the median step time over ``--steps`` steps after warm-up, tokens
@@ -12,21 +14,25 @@ the text.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import platform
 import time
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from xlm_jax import parallel, train
+from xlm_jax import nmt, parallel, train
 from xlm_jax.model.encoder import XLMEncoder, xlm_flops_per_token
-from xlm_jax.tokenizer import N_SPECIAL
+from xlm_jax.model.seq2seq import EncoderDecoder
+from xlm_jax.tokenizer import EOS_ID, N_SPECIAL
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per kind (after 2 warm-up steps).")
@@ -34,6 +40,12 @@ _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 _KINDS = flags.DEFINE_list("kinds", ["mlm", "tlm", "clm"], "Step kinds to compile (and time).")
 _MEMORY_ONLY = flags.DEFINE_bool(
     "memory_only", False, "Only compile against abstract state: per-device memory, no timing."
+)
+_DECODE = flags.DEFINE_bool(
+    "decode", False, "Also time translation decoding (greedy / beam 4, with / without KV cache)."
+)
+_DECODE_SHAPE = flags.DEFINE_list(
+    "decode_shape", ["32", "20", "50"], "Decoding: sentences, source tokens, output tokens."
 )
 
 
@@ -147,6 +159,63 @@ def bench_steps(
     return results
 
 
+def bench_decoding(
+    config, batch: int, src_len: int, out_tokens: int, n_runs: int = 3
+) -> list[dict]:
+    """Sentences/s of greedy and beam-4 decoding with and without the KV cache.
+
+    An encoder-decoder of the config's model sizes with random weights; end-of-sentence is
+    disabled so every sentence has exactly ``out_tokens`` tokens after the start token and all
+    variants do the same work. Median of ``n_runs`` after one warm-up (compile time separately).
+    """
+    mcfg = train.model_config(config, config.tokenizer.vocab_size)
+    mcfg = dataclasses.replace(mcfg, dropout=0.0, attention_dropout=0.0)
+    model = EncoderDecoder(mcfg, mcfg)
+    params = jax.jit(lambda r: nn.meta.unbox(model.init(r, *nmt.example_batch(1))["params"]))(
+        jax.random.key(0)
+    )
+    rng = np.random.default_rng(0)
+    src = rng.integers(N_SPECIAL, mcfg.vocab_size, (batch, src_len)).astype(np.int32)
+    src[:, 0] = src[:, -1] = EOS_ID
+    inputs = {
+        "src_tokens": src,
+        "src_positions": np.broadcast_to(np.arange(src_len, dtype=np.int32), src.shape).copy(),
+        "src_langs": np.zeros_like(src),
+    }
+    # int(0 * src_len + out_tokens + 1) tokens: start token + out_tokens (the last a forced </s>)
+    max_len = (0.0, float(out_tokens + 1))
+    results = []
+    for beam in (1, 4):
+        for kv in (True, False):
+            fn = jax.jit(
+                functools.partial(
+                    nmt.generate,
+                    model,
+                    max_len=max_len,
+                    beam_size=beam,
+                    eos_allowed=False,
+                    kv_cache=kv,
+                )
+            )
+            t = time.perf_counter()
+            compiled = fn.lower(params, inputs, np.int32(1)).compile()
+            compile_s = time.perf_counter() - t
+            tokens, lengths = compiled(params, inputs, np.int32(1))
+            assert int(np.min(lengths)) == out_tokens + 1, "every sentence must be full length"
+            seconds = _median_seconds(lambda c=compiled: c(params, inputs, np.int32(1)), n_runs, 1)
+            results.append(
+                {
+                    "search": "greedy" if beam == 1 else f"beam {beam}",
+                    "kv_cache": kv,
+                    "compile_s": compile_s,
+                    "seconds": seconds,
+                    "sentences_per_s": batch / seconds,
+                    "tokens_per_s": batch * out_tokens / seconds,
+                }
+            )
+    return results
+
+
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
@@ -182,6 +251,25 @@ def main(argv: list[str]) -> None:
             f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | {timing} | "
             f"{r['flops_per_token'] / 1e9:.4f} | {mfu} | {mem} |"
         )
+    if _DECODE.value:
+        batch, src_len, out_tokens = (int(x) for x in _DECODE_SHAPE.value)
+        report["decoding"] = {
+            "batch": batch,
+            "source_tokens": src_len,
+            "output_tokens": out_tokens,
+            "runs": bench_decoding(config, batch, src_len, out_tokens),
+        }
+        print(
+            f"decoding {batch} sentences, {src_len} source tokens, {out_tokens} output tokens "
+            "(end-of-sentence disabled):"
+        )
+        print("| search | KV cache | compile s | sentences/s | tokens/s |")
+        print("|---|---|---|---|---|")
+        for r in report["decoding"]["runs"]:
+            print(
+                f"| {r['search']} | {'yes' if r['kv_cache'] else 'no'} | {r['compile_s']:.1f} | "
+                f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} |"
+            )
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(report, f, indent=2)

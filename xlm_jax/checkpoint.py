@@ -23,7 +23,9 @@ removed when the next `Checkpointer` on the directory saves (`cleanup_tmp_direct
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +36,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
+
+# A full disk (or quota): orbax re-raises the background writer's OSError without any path.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _jsonable(x: Any) -> Any:
@@ -109,6 +114,34 @@ class Checkpointer:
             "meta": ocp.JsonCheckpointHandler(),
         }
         self._manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
+        self._last_saved: int | None = None  # the newest step handed to the manager
+
+    def _disk_full(self, e: OSError, step: int | None) -> OSError:
+        """The manager's bare ``[Errno 28] No space left on device``, said with where and what
+        is left: the failed step is never committed, so the previous checkpoint stays usable."""
+        try:
+            kept = self.latest_step()
+        except Exception:  # the manager may be in a bad state after the failure
+            kept = None
+        left = (
+            f"the newest complete checkpoint, {kept}, is untouched and a rerun resumes from it"
+            if kept is not None
+            else "no complete checkpoint was written yet"
+        )
+        return OSError(
+            e.errno,
+            f"checkpoint {step} could not be written to {self.directory}: the disk is full "
+            f"({os.strerror(e.errno)}); {left}. Free space there and rerun the same command.",
+        )
+
+    def _failed_step(self, step: int | None) -> int | None:
+        """The step whose write failed: an earlier async save still pending, else ``step``."""
+        last = self._last_saved
+        try:
+            pending = last is not None and last not in self._manager.all_steps()
+        except Exception:
+            pending = False
+        return last if pending or step is None else step
 
     @property
     def directory(self) -> epath.Path:
@@ -145,7 +178,15 @@ class Checkpointer:
             data_state=ocp.args.JsonSave(_jsonable(data_state)),
             meta=ocp.args.JsonSave(_jsonable(meta)),
         )
-        return self._manager.save(step, args=args, metrics=manager_metrics, force=force)
+        try:
+            saved = self._manager.save(step, args=args, metrics=manager_metrics, force=force)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise self._disk_full(e, self._failed_step(step)) from e
+            raise
+        if saved:
+            self._last_saved = step
+        return saved
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -266,10 +307,20 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until pending async saves (and the deletions they trigger) are finished."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise self._disk_full(e, self._failed_step(None)) from e
+            raise
 
     def close(self) -> None:
-        self._manager.close()  # waits for pending saves first
+        try:
+            self._manager.close()  # waits for pending saves first
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise self._disk_full(e, self._failed_step(None)) from e
+            raise
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -66,16 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 32
     c.accum_steps = 1  # split each step's batch into this many micro-batches (same update)
 
-    # --- optimizer: Adam with XLM's inverse-sqrt schedule ---
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.lr = 1e-4
-    c.optimizer.warmup_steps = 4000
-    c.optimizer.warmup_init_lr = 1e-7
-    c.optimizer.beta1 = 0.9
-    c.optimizer.beta2 = 0.98
-    c.optimizer.eps = 1e-6
-    c.optimizer.weight_decay = 0.0  # decoupled (AdamW); biases and LayerNorms excluded
-    c.optimizer.clip_grad_norm = 5.0  # 0 = off
+    c.optimizer = optimizer_config()
 
     # --- loop ---
     c.max_steps = 100_000  # loop steps (each one objective's update)
@@ -95,3 +86,18 @@ def default_config() -> ml_collections.ConfigDict:
     # Logical axis name -> mesh axes (flax applies them in order; see xlm_jax/parallel.py).
     c.mesh.rules = parallel.DEFAULT_RULES
     return c
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """Adam with XLM's inverse-sqrt schedule (``adam_inverse_sqrt,lr=0.0001,warmup_updates=4000,
+    beta1=0.9,beta2=0.98``); shared by pretraining and translation."""
+    o = ml_collections.ConfigDict()
+    o.lr = 1e-4
+    o.warmup_steps = 4000
+    o.warmup_init_lr = 1e-7
+    o.beta1 = 0.9
+    o.beta2 = 0.98
+    o.eps = 1e-6
+    o.weight_decay = 0.0  # decoupled (AdamW); biases and LayerNorms excluded
+    o.clip_grad_norm = 5.0  # 0 = off
+    return o

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xlm_jax import parallel, retrieval, train, xnli
+from xlm_jax import nmt, parallel, retrieval, train, xnli
 from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the tokenizer go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "pretrain", ["pretrain", "xnli", "xnli_sweep", "retrieval"], "What to run."
+    "mode", "pretrain", ["pretrain", "xnli", "xnli_sweep", "retrieval", "nmt"], "What to run."
 )
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join a multi-process run through jax.distributed.initialize."
@@ -85,6 +85,8 @@ def main(argv: list[str]) -> None:
             xnli.run_sweep(_CONFIG.value, _WORKDIR.value)
         elif _MODE.value == "retrieval":
             retrieval.retrieval(_CONFIG.value, _WORKDIR.value)
+        elif _MODE.value == "nmt":
+            nmt.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:
         logging.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)

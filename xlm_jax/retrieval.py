@@ -3,7 +3,7 @@
 No fine-tuning: each sentence is ``</s> sentence </s>`` with its own language id, its vector the
 mean of the last layer over its non-pad tokens; each XX sentence retrieves among all English ones
 of its pair by cosine similarity (and the reverse). The encoder comes from a pretraining
-checkpoint or a random init, as for XNLI (``xnli.load_pretrained`` / ``xnli.random_source``).
+checkpoint or a random init, as for XNLI (``xlm_jax/pretrained.py``).
 
 Entry point: ``retrieval`` (``--mode=retrieval``); settings and their defaults:
 ``retrieval_default_config``.
@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from xlm_jax import train, xnli
+from xlm_jax import pretrained, train, xnli
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import nli, presets, sources
 from xlm_jax.data.sources import DataError
@@ -143,7 +143,7 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         raise DataError(f"data.pairs: nothing to probe (skipped: {skipped or 'no entries'})")
 
     if config.init_checkpoint:
-        source = xnli.load_pretrained(config.init_checkpoint, config.init_step)
+        source = pretrained.load_pretrained(config.init_checkpoint, config.init_step)
     else:
 
         def texts_fn():
@@ -153,11 +153,11 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
                 out.setdefault(l2, []).extend(b)
             return out
 
-        source = xnli.random_source(config, workdir, texts_fn)
+        source = pretrained.random_source(config, workdir, texts_fn)
     tokenizer, mcfg = source.tokenizer, source.model
     encoded = {
-        key: (tokenizer.encode_many(a), tokenizer.encode_many(b))
-        for key, (_, _, a, b) in texts.items()
+        key: (tokenizer.encode_many(a, l1), tokenizer.encode_many(b, l2))
+        for key, (l1, l2, a, b) in texts.items()
     }
     needed = max(
         nli.sentence_length(ids, config.max_len) for a, b in encoded.values() for ids in [*a, *b]
@@ -170,7 +170,7 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     )
     params = state.params
     if source.params is not None:
-        params = xnli.place_params(source.params, params, source.description)
+        params = pretrained.place_params(source.params, params, source.description)
     embed_fn = jax.jit(
         functools.partial(mean_pooled, model=model),
         in_shardings=(shardings.params, runner.batch_sharding),

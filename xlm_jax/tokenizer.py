@@ -8,6 +8,9 @@ characters. The ids of the special symbols are fixed (they are baked into the mo
 
 `<special*>` are SentencePiece *control* symbols: they own an id but are never produced by
 `encode`, so a literal "<special1>" in a corpus is ordinary text, not a mask token.
+
+Models imported from XLM / HuggingFace keep XLM's own tokenization (Moses + fastBPE, same special
+ids): `xlm_bpe.XLMBPETokenizer`, which `Tokenizer.from_bytes` / `load` return for its bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ UNK_ID = 3
 N_SPECIAL_SYMBOLS = 10
 MASK_ID = 5  # <special1>, as in XLM's dictionary
 N_SPECIAL = 14  # first ordinary piece id
+
+# First bytes of a serialized `xlm_bpe.XLMBPETokenizer` (XLM's fastBPE tokenization of imported
+# models): `Tokenizer.from_bytes` tells it from a SentencePiece model proto by this header.
+XLM_BPE_MAGIC = b"xlm_jax:xlm-fastbpe\n"
 
 BOS_PIECE, EOS_PIECE, PAD_PIECE, UNK_PIECE = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_PIECES: tuple[str, ...] = (
@@ -68,12 +75,18 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         data = Path(path).read_bytes()
         try:
-            return cls(data)
+            return cls.from_bytes(data)
         except ValueError as e:
             raise ValueError(f"{os.fspath(path)}: {e}") from e
 
     @classmethod
     def from_bytes(cls, serialized: bytes) -> Tokenizer:
+        """The tokenizer of `serialized`: a SentencePiece model, or (by its header) an imported
+        XLM model's fastBPE tokenizer (`xlm_bpe.XLMBPETokenizer`, same interface)."""
+        if isinstance(serialized, bytes) and serialized.startswith(XLM_BPE_MAGIC):
+            from xlm_jax.xlm_bpe import XLMBPETokenizer  # imports this module: import lazily
+
+            return XLMBPETokenizer.from_bytes(serialized)
         return cls(serialized)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -93,17 +106,20 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
 
-    def encode(self, text: str) -> np.ndarray:
-        """int32 ids of the pieces of `text`; no <s>/</s> added (the data pipeline frames)."""
+    def encode(self, text: str, lang: str | None = None) -> np.ndarray:
+        """int32 ids of the pieces of `text`; no <s>/</s> added (the data pipeline frames).
+
+        `lang` is for tokenizers with per-language rules (XLM's Moses); SentencePiece ignores it.
+        """
         return self._sp.Encode(text, add_bos=False, add_eos=False, return_type="numpy")
 
-    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_many(self, texts: Sequence[str], lang: str | None = None) -> list[np.ndarray]:
         """Batch `encode`: one call into SentencePiece, which encodes on its own threads."""
         if isinstance(texts, str):
             raise TypeError("encode_many takes a sequence of strings; use encode for one string")
         return self._sp.Encode(list(texts), add_bos=False, add_eos=False, return_type="numpy")
 
-    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+    def decode(self, ids: Iterable[int] | np.ndarray, lang: str | None = None) -> str:
         """Text of `ids`; special ids (< N_SPECIAL, including <unk>) are dropped, not rendered."""
         arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
         if arr.ndim != 1:

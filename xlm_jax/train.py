@@ -206,10 +206,21 @@ def train_step(
         (grads, sums), _ = jax.lax.scan(
             body, zeros, (micro_batches(batch, accum_steps), jnp.arange(accum_steps))
         )
+    return apply_gradients(state, grads, sums, lam, tx)
+
+
+def apply_gradients(
+    state: TrainState, grads, sums: Sums, lam: jax.Array, tx
+) -> tuple[TrainState, Sums]:
+    """The update from gradients of a *summed* loss: scaled to ``lam`` × the mean over
+    ``sums["n_pred"]`` predictions, clipped and applied by ``tx``.
+
+    A non-finite loss or gradient skips the update (counted in ``sums["nonfinite"]``); params and
+    the optimizer state stay as they were.
+    """
     scale = lam / jnp.maximum(sums["n_pred"], 1.0)
     grads = jax.tree.map(lambda g: g * scale, grads)
     grad_norm = optax.tree.norm(grads)
-    # A non-finite loss or gradient skips the update (counted); params and Adam stay as they were.
     finite = jnp.isfinite(sums["loss_sum"] * scale) & jnp.isfinite(grad_norm)
 
     def update(_):
@@ -219,8 +230,11 @@ def train_step(
     params, opt_state = jax.lax.cond(
         finite, update, lambda _: (state.params, state.opt_state), None
     )
-    sums["grad_norm"] = jnp.where(finite, grad_norm, 0.0)
-    sums["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    sums = {
+        **sums,
+        "grad_norm": jnp.where(finite, grad_norm, 0.0),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+    }
     step = state.step + finite.astype(state.step.dtype)
     return TrainState(step=step, params=params, opt_state=opt_state), sums
 
@@ -463,14 +477,21 @@ class Steps:
         return sum(f._cache_size() for f in (*self.train.values(), *self.eval.values()))
 
 
-def abstract_state(model: XLMEncoder, tx, mesh, rules, dp: int) -> tuple[Any, Any, Callable]:
+def abstract_state(
+    model: nn.Module, tx, mesh, rules, dp: int, example: Callable[[int], tuple] | None = None
+) -> tuple[Any, Any, Callable]:
     """The train state's shapes with their shardings (nothing allocated), the shardings, and the
-    init function that creates it. ``dp`` is the batch split, which the dummy input must divide.
+    init function that creates it. ``dp`` is the batch split, which the dummy input must divide;
+    ``example(dp)`` gives the dummy arguments of ``model.init`` (default: an encoder's three).
     """
 
     def boxed_init(rng):
-        dummy = jnp.zeros((dp, 8), jnp.int32)
-        params = model.init({"params": rng}, dummy, dummy, dummy)["params"]
+        if example is None:
+            dummy = jnp.zeros((dp, 8), jnp.int32)
+            args: tuple = (dummy, dummy, dummy)
+        else:
+            args = example(dp)
+        params = model.init({"params": rng}, *args)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     with parallel.mesh_context(mesh, rules):
@@ -484,9 +505,11 @@ def abstract_state(model: XLMEncoder, tx, mesh, rules, dp: int) -> tuple[Any, An
     return abstract, shardings, boxed_init
 
 
-def init_state(model: XLMEncoder, tx, rng, mesh, rules, dp: int) -> tuple[TrainState, Any]:
+def init_state(
+    model: nn.Module, tx, rng, mesh, rules, dp: int, example: Callable[[int], tuple] | None = None
+) -> tuple[TrainState, Any]:
     """Creates the state directly with its shardings: parameters never sit whole on one device."""
-    _, shardings, boxed_init = abstract_state(model, tx, mesh, rules, dp)
+    _, shardings, boxed_init = abstract_state(model, tx, mesh, rules, dp, example)
     with parallel.mesh_context(mesh, rules):
         state = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=shardings)(rng)
     return state, shardings
@@ -528,6 +551,79 @@ def evaluate(steps: Steps, params, data: Data, seed: int, n_rows: int) -> dict[s
 
 
 # --- the loop -----------------------------------------------------------------------------------
+
+
+def log_window(
+    writer: MetricWriter,
+    step: int,
+    window: Mapping[str, list[Sums]],
+    nonfinite: list[jax.Array],
+    tokens: int,
+    loop: dict[str, Any],
+    config: ml_collections.ConfigDict,
+    ckpt: Checkpointer,
+    state: TrainState,
+) -> dict[str, float]:
+    """Pulls a logging window's sums to the host (the only regular host sync), stops the run after
+    ``max_nonfinite_steps`` consecutive skipped updates, logs, and returns ``train/*`` scalars."""
+    totals, flags = jax.device_get((dict(window), nonfinite))
+    for flag in flags:
+        loop["nonfinite_run"] = loop["nonfinite_run"] + 1 if flag else 0
+        if loop["nonfinite_run"] >= config.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{loop['nonfinite_run']} consecutive steps with a non-finite loss or gradient "
+                f"before step {step}; their updates were skipped. The last checkpoint "
+                f"({ckpt.latest_step()}) holds finite parameters."
+            )
+    keys = ("loss_sum", "n_pred", "n_correct")
+    scalars = summarize(
+        {k: {n: float(sum(s[n] for s in v)) for n in keys} for k, v in totals.items()}
+    )
+    for k, v in totals.items():
+        scalars[f"{k}/grad_norm"] = float(np.mean([s["grad_norm"] for s in v]))
+    scalars["skipped_updates"] = float(sum(flags))
+    scalars["lr"] = learning_rate(config, int(state.step))
+    writer.progress(step, scalars, tokens=tokens)
+    writer.write(step, scalars, prefix="train/")
+    return {f"train/{k}": v for k, v in scalars.items()}
+
+
+def save_or_stop(
+    step: int,
+    metrics: Mapping[str, float] | None,
+    stop: bool,
+    guard: PreemptionGuard,
+    config: ml_collections.ConfigDict,
+    save: Callable[..., None],
+    to_close: tuple[Checkpointer, MetricWriter],
+) -> None:
+    """Checkpoints after an evaluation, every ``checkpoint_every`` steps, at the end, and when a
+    preemption signal arrived, then raises ``Preempted`` (after the save is complete)."""
+    preempted = guard.should_stop(step)
+    final = step == config.max_steps or stop or preempted
+    if metrics is not None or step % config.checkpoint_every == 0 or final:
+        save(metrics, force=final)
+    if preempted:
+        for closable in to_close:
+            closable.close()  # the Checkpointer waits for the save first
+        raise Preempted(step)
+
+
+def track_best(loop: dict[str, Any], value: float, config: ml_collections.ConfigDict) -> bool:
+    """Updates ``loop``'s best value and count of evaluations without improvement (both go into
+    every checkpoint); True when ``config.patience`` says to stop."""
+    better = loop["best"] is None or (
+        value < loop["best"] if config.best_mode == "min" else value > loop["best"]
+    )
+    loop["best"], loop["bad_evals"] = (
+        (value, 0) if better else (loop["best"], loop["bad_evals"] + 1)
+    )
+    if config.patience > 0 and loop["bad_evals"] >= config.patience:
+        logging.info(
+            "stopping: %s did not improve for %d evaluations", config.best_metric, config.patience
+        )
+        return True
+    return False
 
 
 def _tokens(batch: Mapping[str, np.ndarray]) -> int:
@@ -686,31 +782,11 @@ def train_and_evaluate(
                 on_step(step, state)
 
             if step % config.log_every == 0 or step == config.max_steps:
-                totals, flags = jax.device_get((window, nonfinite))  # the only regular host sync
-                for flag in flags:
-                    loop["nonfinite_run"] = loop["nonfinite_run"] + 1 if flag else 0
-                    if loop["nonfinite_run"] >= config.max_nonfinite_steps:
-                        raise FloatingPointError(
-                            f"{loop['nonfinite_run']} consecutive steps with a non-finite loss or "
-                            f"gradient before step {step}; their updates were skipped. The last "
-                            f"checkpoint ({ckpt.latest_step()}) holds finite parameters."
-                        )
-                scalars = summarize(
-                    {
-                        k: {
-                            n: float(sum(s[n] for s in v))
-                            for n in ("loss_sum", "n_pred", "n_correct")
-                        }
-                        for k, v in totals.items()
-                    }
+                last.update(
+                    log_window(
+                        writer, step, window, nonfinite, window_tokens, loop, config, ckpt, state
+                    )
                 )
-                for k, v in totals.items():
-                    scalars[f"{k}/grad_norm"] = float(np.mean([s["grad_norm"] for s in v]))
-                scalars["skipped_updates"] = float(sum(flags))
-                scalars["lr"] = learning_rate(config, int(state.step))
-                writer.progress(step, scalars, tokens=window_tokens)
-                writer.write(step, scalars, prefix="train/")
-                last.update({f"train/{k}": v for k, v in scalars.items()})
                 window, window_tokens, nonfinite = {}, 0, []
 
             metrics = None
@@ -724,36 +800,9 @@ def train_and_evaluate(
                 )
                 last.update(metrics)
                 if config.best_metric:
-                    value = metrics[config.best_metric]
-                    better = loop["best"] is None or (
-                        value < loop["best"] if config.best_mode == "min" else value > loop["best"]
-                    )
-                    loop["best"], loop["bad_evals"] = (
-                        (value, 0) if better else (loop["best"], loop["bad_evals"] + 1)
-                    )
-                    if config.patience > 0 and loop["bad_evals"] >= config.patience:
-                        logging.info(
-                            "stopping: %s did not improve for %d evaluations",
-                            config.best_metric,
-                            config.patience,
-                        )
-                        stop = True
-            preempted = guard.should_stop(step)
-            if (
-                metrics is not None
-                or step % config.checkpoint_every == 0
-                or step == config.max_steps
-                or stop
-                or preempted
-            ):
-                save(metrics, force=step == config.max_steps or stop or preempted)
-            if preempted:
-                ckpt.wait()
-                ckpt.close()
-                writer.close()
-                raise Preempted(step)
-    ckpt.wait()
-    ckpt.close()
+                    stop = track_best(loop, metrics[config.best_metric], config)
+            save_or_stop(step, metrics, stop, guard, config, save, (ckpt, writer))
+    ckpt.close()  # waits for pending saves first
     writer.close()
     last["compiled_programs"] = steps.compilations()
     logging.info("compiled programs: %d", last["compiled_programs"])

@@ -13,9 +13,11 @@ those languages. As XLM's ``src/evaluation/xnli.py``:
 
 Here, additionally: rows are padded to one fixed length so each step compiles once; the model is
 selected by the English validation accuracy (no target-language labels), and the epoch the
-language average would pick is reported beside it (``report.py``); every epoch is checkpointed
-with the loop's state so a run resumes; translate-train (training files in several languages) and
-translate-test (target-language sets translated to English) run when their files are configured.
+language average would pick is reported beside it (``report.py``); every epoch's end, a
+preemption (SIGTERM/SIGINT, at the next update) and optionally every ``checkpoint_every`` updates
+are checkpointed with the loop's state, the position in the epoch's order included, so a run
+resumes exactly; translate-train (training files in several languages) and translate-test
+(target-language sets translated to English) run when their files are configured.
 
 Entry points: ``finetune`` (``--mode=xnli``), ``run_sweep`` (``--mode=xnli_sweep``: a learning
 rate × batch size grid); settings and their defaults: ``default_config``. The encoder's source
@@ -26,7 +28,6 @@ are shared with the retrieval probe (``retrieval.py``).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import functools
 import json
 import os
@@ -41,19 +42,18 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
-from xlm_jax import objectives, parallel, report, train
+from xlm_jax import objectives, parallel, pretrained, report, train
 from xlm_jax.checkpoint import Checkpointer
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import nli
 from xlm_jax.data.nli import LABELS, Batch, Rows
-from xlm_jax.data.sources import DataError
 from xlm_jax.metrics import MetricWriter
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import ModelConfig
-from xlm_jax.tokenizer import PAD_ID, Tokenizer, load_or_train
+from xlm_jax.preemption import Preempted, PreemptionGuard
+from xlm_jax.tokenizer import PAD_ID, Tokenizer
 
 # --- settings ------------------------------------------------------------------------------------
 
@@ -61,48 +61,18 @@ from xlm_jax.tokenizer import PAD_ID, Tokenizer, load_or_train
 def encoder_settings(c: ml_collections.ConfigDict) -> None:
     """Where the encoder comes from, the data reading options, row lengths and the mesh; shared
     by fine-tuning and the retrieval probe."""
-    c.seed = 0
-    # A pretraining workdir (or its checkpoints/ folder): its tokenizer, languages and model come
-    # from the checkpoint's metadata. "" = a randomly initialised encoder (a baseline), sized by
-    # `model` below, with the languages `langs` and the tokenizer `tokenizer.path` (or one trained
-    # on the task's own training text).
-    c.init_checkpoint = ""
-    c.init_step = -1  # -1 = the pretraining run's best checkpoint if it tracked one, else latest
+    pretrained.source_settings(c)
     c.langs = ",".join(nli.PAPER_LANGS)  # random baseline only
-    c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""  # random baseline only; "" = train one into the workdir
     c.tokenizer.vocab_size = 8000
-    c.tokenizer.alpha = 0.5
     c.tokenizer.n_sentences = 100_000
-    c.tokenizer.character_coverage = 0.9995
-    c.model = ml_collections.ConfigDict()  # random baseline only (else the checkpoint's)
     c.model.emb_dim = 256
     c.model.n_layers = 4
-    c.model.n_heads = 8
-    c.model.ffn_dim = None
-    c.model.dropout = 0.1
-    c.model.attention_dropout = 0.1
-    c.model.max_positions = 512
-    c.model.sinusoidal_embeddings = False
-    c.model.use_lang_emb = True
-    c.model.dtype = "float32"
-    c.model.param_dtype = "float32"
-
-    c.data = ml_collections.ConfigDict()
-    c.data.root = ""  # relative sources resolve here
-    c.data.tfds_data_dir = ""  # for tfds: sources ("" = TFDS's default); never downloaded
-    c.data.max_chars = 10_000
-    c.data.on_invalid_utf8 = "error"
 
     # Sentences are cut to max_len tokens (with their </s>), as XLM's --max_len; rows are padded
     # to seq_len (0 = the longest row in the data, rounded up to a multiple of 8) so every step
     # has one shape. A pair longer than seq_len loses tokens from its longer sentence.
     c.max_len = 256
     c.seq_len = 0
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor)
-    c.mesh.rules = parallel.DEFAULT_RULES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -147,6 +117,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.patience = -1  # stop after this many epochs without a better select_lang accuracy; -1 = never
     c.log_every = 50
     c.keep_checkpoints = 1  # the last N, plus the best by select_lang validation accuracy
+    # Also checkpoint every N updates inside an epoch (0 = only at epoch ends and on SIGTERM /
+    # SIGINT); resuming from one is exact. Only epoch checkpoints are ranked for the best one.
+    c.checkpoint_every = 0
 
     c.sweep = ml_collections.ConfigDict()  # --mode=xnli_sweep: every (lr, batch size) pair
     c.sweep.lrs = "5e-6,2.5e-5,1.25e-4"  # sets optimizer_e.lr and optimizer_p.lr
@@ -166,148 +139,6 @@ def row_length(needed: int, config: ml_collections.ConfigDict, model: ModelConfi
             raise ValueError(f"seq_len={config.seq_len}: a pair row needs at least 5 tokens")
         return int(config.seq_len)
     return int(min(-(-needed // 8) * 8, model.max_positions))
-
-
-# --- the encoder's source: a pretraining checkpoint or a random init ---------------------------
-
-
-@dataclasses.dataclass
-class EncoderSource:
-    tokenizer: Tokenizer
-    model: ModelConfig
-    langs: list[str]
-    params: Any | None  # host (numpy) tree of the pretrained encoder; None = random init
-    info: dict[str, Any]  # {"checkpoint": dir, "step": n, "chosen": "best by ..."} or {}
-
-    def lang_id(self, lang: str, where: str) -> int:
-        if lang in self.langs:
-            return self.langs.index(lang)
-        if not self.model.has_lang_embeddings:
-            return 0  # no language embedding: the id is never looked up
-        raise DataError(
-            f"{where}: language {lang!r} is not one of the model's languages {self.langs}"
-        )
-
-    @property
-    def description(self) -> str:
-        if not self.info:
-            return "random init"
-        return f"{self.info['checkpoint']} step {self.info['step']} ({self.info['chosen']})"
-
-
-def checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A pretraining workdir's checkpoints/ folder (or the folder itself if given)."""
-    p = Path(path).expanduser()
-    if (p / "checkpoints").is_dir():
-        return p / "checkpoints"
-    if p.is_dir():
-        return p
-    raise FileNotFoundError(f"init_checkpoint {os.fspath(path)!r}: no such directory")
-
-
-def load_pretrained(path: str | os.PathLike, step: int = -1) -> EncoderSource:
-    """Tokenizer, model config, languages and encoder parameters (host numpy) of a pretraining run.
-
-    ``step=-1`` picks the run's best checkpoint by its own ``best_metric`` when it tracked one,
-    else its latest.
-    """
-    directory = checkpoint_dir(path).resolve()
-    with Checkpointer(directory, async_save=False) as probe:
-        latest = probe.latest_step()
-        if latest is None:
-            raise FileNotFoundError(f"init_checkpoint {os.fspath(path)!r}: no checkpoint in it")
-        pre = probe.restore_meta(latest)["config"]
-    chosen = f"step {step} as configured"
-    if step < 0:
-        best_metric = pre.get("best_metric") or None
-        with Checkpointer(
-            directory,
-            best_metric=best_metric,
-            best_mode=pre.get("best_mode", "min"),
-            async_save=False,
-        ) as ck:
-            best = ck.best_step()
-        step, chosen = (best, f"best by {best_metric}") if best is not None else (latest, "latest")
-    with Checkpointer(directory, async_save=False) as ck:
-        if step not in ck.all_steps():
-            raise FileNotFoundError(f"{directory}: no checkpoint {step} (has {ck.all_steps()})")
-        meta = ck.restore_meta(step)
-        state = ck.restore_numpy(step)
-    tokenizer = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]))
-    langs = train.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
-    model = ModelConfig.from_dict(
-        {**meta["config"]["model"], "vocab_size": tokenizer.vocab_size, "n_langs": len(langs)}
-    )
-    logging.info(
-        "encoder from %s step %d (%s): %s, langs %s", directory, step, chosen, model, langs
-    )
-    return EncoderSource(
-        tokenizer,
-        model,
-        langs,
-        state["params"],
-        {"checkpoint": str(directory), "step": int(step), "chosen": chosen},
-    )
-
-
-def random_source(
-    config: ml_collections.ConfigDict,
-    workdir: Path,
-    texts_fn: Callable[[], Mapping[str, Sequence[str]]],
-) -> EncoderSource:
-    """The baseline: a fresh encoder sized by ``config.model``, tokenizer from ``tokenizer.path``
-    or trained on ``texts_fn()`` into the workdir."""
-    t = config.tokenizer
-    if t.path:
-        tokenizer = Tokenizer.load(t.path)
-    else:
-        tokenizer = load_or_train(
-            workdir / "tokenizer.model",
-            texts_fn,
-            vocab_size=t.vocab_size,
-            alpha=t.alpha,
-            n_sentences=t.n_sentences,
-            seed=config.seed,
-            character_coverage=t.character_coverage,
-        )
-    langs = train.lang_list(config)
-    corpus_lib.check_langs(langs)
-    model = ModelConfig.from_dict(
-        {**config.model.to_dict(), "vocab_size": tokenizer.vocab_size, "n_langs": len(langs)}
-    )
-    return EncoderSource(tokenizer, model, langs, None, {})
-
-
-def with_dropout(model: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
-    changes = {}
-    if config.get("encoder_dropout", -1.0) >= 0:
-        changes["dropout"] = float(config.encoder_dropout)
-    if config.get("encoder_attention_dropout", -1.0) >= 0:
-        changes["attention_dropout"] = float(config.encoder_attention_dropout)
-    return dataclasses.replace(model, **changes)
-
-
-def place_params(host: Any, like: Any, what: str) -> Any:
-    """Host arrays → device arrays with the shardings (and dtypes) of ``like``; the two trees must
-    have the same parameters with the same shapes."""
-    flat_host = traverse_util.flatten_dict(host, sep="/")
-    flat_like = traverse_util.flatten_dict(like, sep="/")
-    problems = [f"missing {k}" for k in sorted(set(flat_like) - set(flat_host))]
-    problems += [f"unexpected {k}" for k in sorted(set(flat_host) - set(flat_like))]
-    problems += [
-        f"{k}: shape {tuple(np.shape(flat_host[k]))} vs {tuple(v.shape)}"
-        for k, v in sorted(flat_like.items())
-        if k in flat_host and tuple(np.shape(flat_host[k])) != tuple(v.shape)
-    ]
-    if problems:
-        raise ValueError(f"{what} does not match the model:\n  " + "\n  ".join(problems[:20]))
-
-    def put(h, ref):
-        h = np.asarray(h, dtype=ref.dtype)
-        return jax.make_array_from_callback(h.shape, ref.sharding, lambda idx: h[idx])
-
-    placed = {k: put(flat_host[k], v) for k, v in flat_like.items()}
-    return traverse_util.unflatten_dict(placed, sep="/")
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -458,11 +289,16 @@ def finetune(
     workdir: str | os.PathLike,
     *,
     on_epoch: Callable[[int, train.TrainState], None] | None = None,
+    on_step: Callable[[int, train.TrainState], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes and evaluates as ``config`` says, resuming from ``workdir`` if it holds a
     checkpoint. Writes ``results.{json,csv,md,png}`` and returns the results dict (``history``:
     one record per evaluated epoch; ``selected``: the epochs picked by ``select_lang`` and by the
     average; ``compiled_programs``).
+
+    On SIGTERM/SIGINT (``PreemptionGuard``) it checkpoints at the next update and raises
+    ``Preempted``; rerunning resumes inside the epoch with the same batches, dropout keys and
+    updates as an uninterrupted run. ``on_step(step, state)`` runs after every update (tests).
     """
     _check_config(config)
     workdir = Path(workdir)
@@ -503,7 +339,7 @@ def finetune(
                 f"{workdir} holds a fine-tuning of {saved['config']['init_checkpoint']!r}, not of "
                 f"{config.init_checkpoint!r}; use another workdir"
             )
-        source = EncoderSource(
+        source = pretrained.EncoderSource(
             Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
             ModelConfig.from_dict(saved["model"]),
             list(saved["langs"]),
@@ -511,10 +347,10 @@ def finetune(
             saved["init"],
         )
     elif config.init_checkpoint:
-        source = load_pretrained(config.init_checkpoint, config.init_step)
-        source.model = with_dropout(source.model, config)
+        source = pretrained.load_pretrained(config.init_checkpoint, config.init_step)
+        source.model = pretrained.with_dropout(source.model, config)
     else:
-        source = random_source(
+        source = pretrained.random_source(
             config,
             workdir,
             lambda: {
@@ -522,13 +358,17 @@ def finetune(
                 for lang, exs in train_sets.items()
             },
         )
-        source.model = with_dropout(source.model, config)
+        source.model = pretrained.with_dropout(source.model, config)
     tokenizer, mcfg = source.tokenizer, source.model
 
     # Rows: one padded length for every set, so each step compiles once.
-    train_tok = {lang: nli.tokenize_pairs(exs, tokenizer) for lang, exs in train_sets.items()}
+    train_tok = {lang: nli.tokenize_pairs(exs, tokenizer, lang) for lang, exs in train_sets.items()}
     eval_tok = {
-        split: {lang: nli.tokenize_pairs(exs, tokenizer) for lang, exs in by_lang.items()}
+        # translate-test sets hold English text (translations of `lang`'s rows)
+        split: {
+            lang: nli.tokenize_pairs(exs, tokenizer, "en" if split == "translate_test" else lang)
+            for lang, exs in by_lang.items()
+        }
         for split, by_lang in eval_text.items()
     }
     pair_lengths = [
@@ -585,21 +425,34 @@ def finetune(
         out_shardings=runner.replicated,
     )
 
-    loop: dict[str, Any] = {
-        "epoch": 0,
-        "step": 0,
-        "bad_epochs": 0,
-        "stopped": False,
-        "history": [],
+    order_inputs = {
+        "seed": config.seed,
+        "n_train": len(train_rows),
+        "epoch_size": config.epoch_size,
+        "batch_size": config.batch_size,
     }
+    loop = new_loop_state(order_inputs)
     if latest is not None:
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
-        state, loop, _ = ckpt.restore(latest, abstract_state=abstract)
-        logging.info("resumed after epoch %d (%d updates)", loop["epoch"], loop["step"])
+        state, saved_loop, _ = ckpt.restore(latest, abstract_state=abstract)
+        loop = {**loop, **saved_loop}  # checkpoints of older versions lack the mid-epoch keys
+        if loop["epoch_rows"]:
+            check_mid_epoch_resume(loop["order_inputs"], order_inputs, f"checkpoint {latest}")
+            logging.info(
+                "resumed in epoch %d after %d of its pairs (%d updates)",
+                loop["epoch"] + 1,
+                loop["epoch_rows"],
+                loop["step"],
+            )
+        else:
+            logging.info("resumed after epoch %d (%d updates)", loop["epoch"], loop["step"])
+        loop["order_inputs"] = order_inputs
     elif source.params is not None:
-        encoder = place_params(source.params, state.params["encoder"], source.description)
+        encoder = pretrained.place_params(
+            source.params, state.params["encoder"], source.description
+        )
         state = state.replace(params={**state.params, "encoder": encoder})
         source.params = None  # the host copy is no longer needed
 
@@ -636,47 +489,73 @@ def finetune(
     if latest is None and config.eval_at_start:
         loop["history"].append(evaluate(0))
 
+    def save(metrics: Mapping[str, float] | None, force: bool) -> None:
+        # Keyed by update, so mid-epoch saves and epoch ends share one increasing sequence;
+        # only an epoch's save carries metrics: the best-checkpoint ranking sees evaluated epochs.
+        ckpt.save(loop["step"], state, data_state=loop, meta=meta, metrics=metrics, force=force)
+
+    def stop_for_preemption() -> None:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        raise Preempted(loop["step"])
+
+    window = _Window(loop["epoch_sums"])
     base_rng = jax.random.key(config.seed)
-    with runner.context():
+    with runner.context(), PreemptionGuard() as guard:
         while loop["epoch"] < config.n_epochs and not loop["stopped"]:
             epoch = loop["epoch"] + 1
             order = nli.epoch_order(len(train_rows), epoch, config.seed, config.epoch_size)
-            window, totals = [], []
-            for i in range(0, len(order), config.batch_size):
+            for i in range(loop["epoch_rows"], len(order), config.batch_size):
                 batch = train_rows.batch(order[i : i + config.batch_size], config.batch_size)
+                # The dropout key is a function of the update count alone, so it survives resumes.
                 state, sums = step_fn(
                     state, runner.put(batch), jax.random.fold_in(base_rng, loop["step"])
                 )
                 loop["step"] += 1
-                window.append(sums)
-                if loop["step"] % config.log_every == 0:
-                    totals += _log_window(writer, loop["step"], window, batch_tokens=batch)
-                    window = []
-            totals += _log_window(writer, loop["step"], window, batch_tokens=None)
+                loop["epoch_rows"] = min(i + config.batch_size, len(order))
+                step = loop["step"]
+                window.add(sums)
+                if on_step is not None:
+                    on_step(step, state)
+                if step % config.log_every == 0:
+                    window.log(writer, step, batch_tokens=batch)
+                if loop["epoch_rows"] == len(order):
+                    break  # the epoch's end: its evaluated checkpoint, then the guard (below)
+                preempted = guard.should_stop(step)
+                if preempted or (
+                    config.checkpoint_every > 0 and step % config.checkpoint_every == 0
+                ):
+                    window.count()  # the epoch's training sums so far go into the checkpoint
+                    save(None, force=preempted)
+                if preempted:
+                    window.log(writer, step, batch_tokens=None)  # this process ends: log it now
+                    stop_for_preemption()
+            window.log(writer, loop["step"], batch_tokens=None)
             record = evaluate(epoch)
-            n = sum(t["n_pred"] for t in totals)
-            record["train/loss"] = sum(t["loss_sum"] for t in totals) / max(n, 1.0)
-            record["train/acc"] = 100.0 * sum(t["n_correct"] for t in totals) / max(n, 1.0)
+            total = loop["epoch_sums"]
+            n = total["n_pred"]
+            record["train/loss"] = total["loss_sum"] / max(n, 1.0)
+            record["train/acc"] = 100.0 * total["n_correct"] / max(n, 1.0)
             best = select(loop["history"], best_metric)
             improved = best is None or record[best_metric] > best[best_metric]
             loop["bad_epochs"] = 0 if improved else loop["bad_epochs"] + 1
             loop["history"].append(record)
             loop["epoch"] = epoch
+            loop["epoch_rows"] = 0
+            loop["epoch_sums"] = window.reset()
             if config.patience > 0 and loop["bad_epochs"] >= config.patience:
                 logging.info(
                     "stopping: %s did not improve for %d epochs", best_metric, config.patience
                 )
                 loop["stopped"] = True
-            ckpt.save(
-                epoch,
-                state,
-                data_state=loop,
-                meta=meta,
-                metrics={k: v for k, v in record.items() if isinstance(v, float)},
-                force=True,
-            )
+            save({k: v for k, v in record.items() if isinstance(v, float)}, force=True)
             if on_epoch is not None:
                 on_epoch(epoch, state)
+            # The epoch's last update is a step boundary too; its checkpoint is the one above.
+            unfinished = loop["epoch"] < config.n_epochs and not loop["stopped"]
+            if guard.should_stop(loop["step"]) and unfinished:
+                stop_for_preemption()
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -709,22 +588,88 @@ def _mode(train_sets: Mapping[str, Any]) -> str:
     return "zero-shot" if len(langs) == 1 else f"translate-train ({','.join(langs)})"
 
 
-def _log_window(writer: MetricWriter, step: int, window: list, batch_tokens) -> list[dict]:
-    """Fetches a window of step sums (the loop's only regular host sync) and logs it."""
-    if not window:
-        return []
-    got = [{k: float(v) for k, v in s.items()} for s in jax.device_get(window)]
-    n = sum(s["n_pred"] for s in got)
-    scalars = {
-        "xnli/loss": sum(s["loss_sum"] for s in got) / max(n, 1.0),
-        "xnli/acc": 100.0 * sum(s["n_correct"] for s in got) / max(n, 1.0),
-        "xnli/grad_norm": float(np.mean([s["grad_norm"] for s in got])),
+SUM_KEYS = ("loss_sum", "n_pred", "n_correct")
+
+
+class _Window:
+    """The step sums since the last log line, and the epoch's running training sums.
+
+    Device values are fetched (the loop's only regular host sync) when a log line is due or a
+    checkpoint needs the epoch's sums; every step is added to those sums once and in order, so a
+    run resumed from a mid-epoch checkpoint reports bitwise the same epoch loss.
+    """
+
+    def __init__(self, epoch_sums: dict[str, float]) -> None:
+        self.epoch_sums = epoch_sums  # the loop state's dict, updated in place
+        self.steps: list[Any] = []  # device sums, or host dicts once fetched
+        self.counted = 0  # the first `counted` steps are already in epoch_sums
+
+    def add(self, sums: Mapping[str, jax.Array]) -> None:
+        self.steps.append(sums)
+
+    def count(self) -> list[dict[str, float]]:
+        """Fetches the window and adds its uncounted steps to the epoch's sums."""
+        got = [{k: float(v) for k, v in s.items()} for s in jax.device_get(self.steps)]
+        for s in got[self.counted :]:
+            for k in SUM_KEYS:
+                self.epoch_sums[k] += s[k]
+        self.steps, self.counted = got, len(got)
+        return got
+
+    def log(self, writer: MetricWriter, step: int, batch_tokens: Batch | None) -> None:
+        """Counts and logs the window, then starts a new one."""
+        if not self.steps:
+            return
+        got = self.count()
+        n = sum(s["n_pred"] for s in got)
+        scalars = {
+            "xnli/loss": sum(s["loss_sum"] for s in got) / max(n, 1.0),
+            "xnli/acc": 100.0 * sum(s["n_correct"] for s in got) / max(n, 1.0),
+            "xnli/grad_norm": float(np.mean([s["grad_norm"] for s in got])),
+        }
+        if batch_tokens is not None:
+            n_tok = int(np.count_nonzero(batch_tokens["tokens"] != PAD_ID)) * len(got)
+            writer.progress(step, scalars, tokens=n_tok)
+        writer.write(step, scalars, prefix="train/")
+        self.steps, self.counted = [], 0
+
+    def reset(self) -> dict[str, float]:
+        """A new epoch: zero sums (a new dict, which the loop state takes over)."""
+        self.epoch_sums = {k: 0.0 for k in SUM_KEYS}
+        return self.epoch_sums
+
+
+def new_loop_state(order_inputs: Mapping[str, int]) -> dict[str, Any]:
+    """The loop's state, saved in every checkpoint (JSON) and enough to continue exactly.
+
+    ``epoch`` counts the evaluated epochs; ``epoch_rows`` / ``epoch_sums`` are the progress of the
+    next one (pairs of its order trained, its training loss sums so far), 0 at an epoch's end.
+    The order and the dropout keys are functions of (seed, epoch) and ``step``, so nothing random
+    is stored; ``order_inputs`` (what the order and the batches depend on) is compared on resume.
+    """
+    return {
+        "epoch": 0,
+        "step": 0,
+        "bad_epochs": 0,
+        "stopped": False,
+        "history": [],  # one record per evaluated epoch: all that select() and results read
+        "epoch_rows": 0,
+        "epoch_sums": {k: 0.0 for k in SUM_KEYS},
+        "order_inputs": dict(order_inputs),
     }
-    if batch_tokens is not None:
-        n_tok = int(np.count_nonzero(batch_tokens["tokens"] != PAD_ID)) * len(got)
-        writer.progress(step, scalars, tokens=n_tok)
-    writer.write(step, scalars, prefix="train/")
-    return got
+
+
+def check_mid_epoch_resume(
+    saved: Mapping[str, int], current: Mapping[str, int], where: str
+) -> None:
+    """A checkpoint taken inside an epoch continues that epoch's order where it stopped: that is
+    exact only with the settings that made the order and cut it into batches."""
+    changed = [f"{k}={saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"{where} was taken inside an epoch; its batches depend on settings that changed "
+            f"({', '.join(changed)}): resume with the original values or use another workdir"
+        )
 
 
 # --- sweep ---------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class StreamBatches(EpochIterator):
         name: str,
         rows: tuple[int, int] | None = None,
     ) -> None:
+        if length < 1:  # would pass the check below and fail at the first batch
+            raise ValueError(f"{name}: window length {length}; expected at least 1 token")
         if len(stream) < length + 1:
             raise ValueError(
                 f"{name}: the stream has {len(stream)} tokens, fewer than one window of {length}"

@@ -134,9 +134,10 @@ class TokenizedSplit:
 
 def tokenize_split(split: Split, tokenizer: Tokenizer) -> TokenizedSplit:
     return TokenizedSplit(
-        mono={lang: tokenizer.encode_many(lines) for lang, lines in split.mono.items()},
+        # The language matters to tokenizers with per-language rules (XLM's Moses).
+        mono={lang: tokenizer.encode_many(lines, lang) for lang, lines in split.mono.items()},
         para={
-            pair: (tokenizer.encode_many(src), tokenizer.encode_many(tgt))
+            pair: (tokenizer.encode_many(src, pair[0]), tokenizer.encode_many(tgt, pair[1]))
             for pair, (src, tgt) in split.para.items()
         },
     )

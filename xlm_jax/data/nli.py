@@ -289,10 +289,11 @@ FIELDS = dataclasses.fields(Rows)
 
 
 def tokenize_pairs(
-    examples: Sequence[Example], tokenizer: Tokenizer
+    examples: Sequence[Example], tokenizer: Tokenizer, lang: str | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    premises = tokenizer.encode_many([ex.premise for ex in examples])
-    return premises, tokenizer.encode_many([ex.hypothesis for ex in examples])
+    """Premises and hypotheses as ids; `lang` for tokenizers with per-language rules (XLM's)."""
+    premises = tokenizer.encode_many([ex.premise for ex in examples], lang)
+    return premises, tokenizer.encode_many([ex.hypothesis for ex in examples], lang)
 
 
 def pack_rows(

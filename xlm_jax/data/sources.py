@@ -127,6 +127,8 @@ def parse_spec(spec: str) -> Spec:
         )
     if spec != spec.strip():
         raise DataError(f"source spec {spec!r} has leading/trailing whitespace")
+    if "\x00" in spec:  # the OS would refuse the path with a bare ValueError naming nothing
+        raise DataError(f"source spec {spec!r} contains a NUL character")
     body, start, end = spec, None, None
     head, at, tail = spec.rpartition("@")
     # A '@' followed by a path separator belongs to the path (e.g. /data/user@host/train.en).

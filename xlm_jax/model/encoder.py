@@ -126,7 +126,7 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         dtype, param_dtype = cfg.compute_dtype, cfg.params_dtype
         attn = layers.MultiHeadAttention(
-            cfg.n_heads, cfg.attention_dropout, dtype, param_dtype, name="attention"
+            cfg.n_heads, cfg.emb_dim, cfg.attention_dropout, dtype, param_dtype, name="attention"
         )(x, x, mask, deterministic=deterministic)
         attn = nn.Dropout(cfg.dropout)(attn, deterministic=deterministic)
         x = layers.layer_norm(
@@ -171,13 +171,17 @@ class XLMEncoder(nn.Module):
             cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=pdt
         )
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.layers = [EncoderLayer(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+        self.layers = self.make_layers()
         self.pred_bias = self.param(
             "pred_bias",
             nn.with_logical_partitioning(nn.initializers.zeros_init(), (VOCAB,)),
             (cfg.vocab_size,),
             pdt,
         )
+
+    def make_layers(self) -> list[nn.Module]:
+        # The decoder subclass overrides this (and only this) part of the setup.
+        return [EncoderLayer(self.config, name=f"layer_{i}") for i in range(self.config.n_layers)]
 
     def encode(
         self,
@@ -194,12 +198,22 @@ class XLMEncoder(nn.Module):
         model has no language embedding. `positions` must be < max_positions: out-of-range
         lookups are NaN (jnp.take's fill mode), never a silently clipped row.
         """
-        cfg = self.config
         if tokens.ndim != 2 or positions.shape != tokens.shape or langs.shape != tokens.shape:
             raise ValueError(
                 "tokens, positions and langs must all be (batch, length); got "
                 f"{tokens.shape}, {positions.shape}, {langs.shape}"
             )
+        x, valid = self.embed(tokens, positions, langs, deterministic=deterministic)
+        mask = layers.make_attention_mask(valid, causal=causal)
+        for layer in self.layers:
+            x = layer(x, mask, valid, deterministic=deterministic)
+        return x
+
+    def embed(
+        self, tokens: Array, positions: Array, langs: Array, *, deterministic: bool
+    ) -> tuple[Array, Array]:
+        """LayerNorm(token + position [+ language] embeddings), zero at pads; and the valid mask."""
+        cfg = self.config
         valid = layers.padding_mask(tokens, cfg.pad_id)
         x = self.embeddings(tokens)
         if cfg.sinusoidal_embeddings:
@@ -212,12 +226,7 @@ class XLMEncoder(nn.Module):
         x = self.layer_norm_emb(x)
         x = self.emb_dropout(x, deterministic=deterministic)
         x = x * valid[..., None].astype(x.dtype)
-        x = nn.with_logical_constraint(x, ACT_EMBED)
-
-        mask = layers.make_attention_mask(valid, causal=causal)
-        for layer in self.layers:
-            x = layer(x, mask, valid, deterministic=deterministic)
-        return x
+        return nn.with_logical_constraint(x, ACT_EMBED), valid
 
     def logits(self, hidden: Array) -> Array:
         """Tied output layer: `hidden @ embeddings.T + pred_bias`, in float32 (loss precision)."""

@@ -1,6 +1,6 @@
 """Reusable Transformer pieces of XLM: initializers, embeddings, attention, feed-forward.
 
-Shared by the encoder and (later) the NMT decoder. Layout is `(batch, length, ...)` everywhere.
+Shared by the encoder and the NMT decoder. Layout is `(batch, length, ...)` everywhere.
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
 activations are constrained with `nn.with_logical_constraint`; both are no-ops until
 `parallel.py` installs axis rules and a mesh.
@@ -211,65 +211,75 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention passes the same array twice; the decoder's cross-attention passes the
     encoder output as `kv_input`. `mask` is boolean, broadcastable to `(batch, q_len, kv_len)`,
-    True where attention is allowed. Keys/values are projected in one place (`_project_kv`) so
-    an incremental decoding cache can later be slotted in there without touching the math.
+    True where attention is allowed. `project_kv` and `attend` are the two halves of `__call__`
+    so incremental decoding can cache keys/values (projected once per token, or once per
+    source sentence for cross-attention) without a second copy of the math.
     """
 
     n_heads: int
+    dim: int
     dropout_rate: float = 0.0
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
-    @nn.compact
-    def __call__(
-        self, query_input: Array, kv_input: Array, mask: Array, *, deterministic: bool = True
-    ) -> Array:
-        dim = query_input.shape[-1]
-        if dim % self.n_heads:
-            raise ValueError(f"feature dim {dim} is not a multiple of n_heads={self.n_heads}")
-        head_dim = dim // self.n_heads
-        q = self._project("query", query_input, head_dim)
-        k, v = self._project_kv(kv_input, head_dim)
-        # XLM scales q (not the scores) before the product.
-        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-
-        # Scores accumulate in float32 and the softmax runs in float32 (as XLM's .float()).
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        # A finite floor instead of -inf: a fully padded row then softmaxes to uniform (finite)
-        # weights rather than NaN, and masked entries still get exactly zero weight.
-        mask = jnp.broadcast_to(mask, scores.shape[:1] + scores.shape[2:])
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        context = nn.with_logical_constraint(context, ACT_HEADS)
-        out = projection(
+    def setup(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of n_heads={self.n_heads}")
+        head_dim = self.dim // self.n_heads
+        self.query, self.key, self.value = (
+            projection(
+                "...e,ehd->...hd",
+                (self.dim, self.n_heads, head_dim),
+                n_in_axes=1,
+                kernel_axes=(EMBED, HEADS, KV),
+                bias_axes=(HEADS, KV),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+            for _ in range(3)
+        )
+        self.out = projection(
             "...hd,hde->...e",
-            (self.n_heads, head_dim, dim),
+            (self.n_heads, head_dim, self.dim),
             n_in_axes=2,
             kernel_axes=(HEADS, KV, EMBED),
             bias_axes=(EMBED,),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            name="out",
-        )(context)
-        return nn.with_logical_constraint(out, ACT_EMBED)
+        )
+        self.dropout = nn.Dropout(self.dropout_rate)
 
-    def _project_kv(self, kv_input: Array, head_dim: int) -> tuple[Array, Array]:
-        return self._project("key", kv_input, head_dim), self._project("value", kv_input, head_dim)
+    def __call__(
+        self, query_input: Array, kv_input: Array, mask: Array, *, deterministic: bool = True
+    ) -> Array:
+        keys, values = self.project_kv(kv_input)
+        return self.attend(query_input, keys, values, mask, deterministic=deterministic)
 
-    def _project(self, name: str, x: Array, head_dim: int) -> Array:
-        y = projection(
-            "...e,ehd->...hd",
-            (x.shape[-1], self.n_heads, head_dim),
-            n_in_axes=1,
-            kernel_axes=(EMBED, HEADS, KV),
-            bias_axes=(HEADS, KV),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )(x)
-        return nn.with_logical_constraint(y, ACT_HEADS)
+    def project_kv(self, kv_input: Array) -> tuple[Array, Array]:
+        """Keys and values `(batch, kv_len, heads, head_dim)` of `kv_input`."""
+        return (
+            nn.with_logical_constraint(self.key(kv_input), ACT_HEADS),
+            nn.with_logical_constraint(self.value(kv_input), ACT_HEADS),
+        )
+
+    def attend(
+        self, query_input: Array, keys: Array, values: Array, mask: Array, *, deterministic: bool
+    ) -> Array:
+        """Attention of `query_input` over projected `keys`/`values` (e.g. from a cache)."""
+        q = nn.with_logical_constraint(self.query(query_input), ACT_HEADS)
+        # XLM scales q (not the scores) before the product.
+        q = q * jnp.asarray((self.dim // self.n_heads) ** -0.5, q.dtype)
+        # Scores accumulate in float32 and the softmax runs in float32 (as XLM's .float()).
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
+        # A finite floor instead of -inf: a fully padded row then softmaxes to uniform (finite)
+        # weights rather than NaN, and masked entries still get exactly zero weight.
+        mask = jnp.broadcast_to(mask, scores.shape[:1] + scores.shape[2:])
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        weights = self.dropout(weights, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights, values.astype(self.dtype))
+        context = nn.with_logical_constraint(context, ACT_HEADS)
+        return nn.with_logical_constraint(self.out(context), ACT_EMBED)
 
 
 class FeedForward(nn.Module):

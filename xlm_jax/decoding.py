@@ -1,0 +1,272 @@
+"""Autoregressive decoding on device: greedy search and XLM's beam search.
+
+Both run in a `lax.while_loop` over a model-agnostic step function with a cache, with fixed shapes
+(a new batch of the same sizes never recompiles), and stop as soon as every sentence is finished.
+They follow facebookresearch/XLM `TransformerModel.generate` / `generate_beam` and its
+`BeamHypotheses`, so that translations (hence BLEU) match the reference implementation:
+
+* Row layout: position 0 holds the start token (`bos_id`; XLM uses `</s>`), then the generated
+  tokens, then `eos_id`, then `pad_id`. `lengths` count every token, bos and eos included.
+* A row that reaches its length limit without eos gets eos forced as its last token, so every
+  row ends with exactly one eos after the start token.
+
+The step function (the NMT decoder provides one) has the form::
+
+    step_fn(tokens (n,) int32, index () int32, cache) -> (logits (n, vocab), cache)
+
+where `tokens` sit at position `index` and `logits` predict position `index + 1`; every array
+leaf of `cache` has leading dimension n (n = batch, or batch * beam for beam search).
+
+Callers close the step function and the static sizes over and wrap the call in `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Cache = Any
+StepFn = Callable[[Array, Array, Cache], tuple[Array, Cache]]
+
+# XLM's initial score of beams 1..K-1: only beam 0 expands at the first step (all beams hold the
+# same start token), yet the value stays finite, so no inf - inf can ever appear.
+_DEAD_BEAM = -1e9
+
+
+def tile_beams(tree: Cache, beam_size: int) -> Cache:
+    """Repeats every leaf's rows `beam_size` times (row b*beam + j = beam j of sentence b).
+
+    Turns a per-sentence cache (e.g. the encoder output) into the batch*beam cache
+    `beam_search` expects, as XLM's `generate_beam` expands `src_enc` and `src_len`.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0), tree)
+
+
+def _row_limits(max_lengths: Array | None, batch_size: int, max_len: int) -> Array:
+    """Per-row limits on the total length (bos and eos included), clipped to [2, max_len + 1]."""
+    if max_lengths is None:
+        return jnp.full((batch_size,), max_len + 1, jnp.int32)
+    max_lengths = jnp.asarray(max_lengths, jnp.int32)
+    if max_lengths.shape != (batch_size,):
+        raise ValueError(f"max_lengths must have shape ({batch_size},), got {max_lengths.shape}")
+    # A row needs room for bos and eos; the output buffer has max_len + 1 positions.
+    return jnp.clip(max_lengths, 2, max_len + 1)
+
+
+def _check_sizes(batch_size: int, max_len: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+
+
+def _float_logits(logits: Array, eos_id: int, eos_allowed: bool) -> Array:
+    """float32 logits, with eos impossible when `eos_allowed=False` (fixed-length benchmarks)."""
+    logits = logits.astype(jnp.float32)
+    if not eos_allowed:
+        logits = logits.at[:, eos_id].set(-jnp.inf)
+    return logits
+
+
+def _reorder_cache(cache: Cache, rows: Array) -> Cache:
+    """Gathers every cache leaf along axis 0 (the parent beam of each new beam)."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+
+
+def _gather_beams(x: Array, idx: Array) -> Array:
+    """x (batch, m, ...), idx (batch, k) -> (batch, k, ...): per-sentence selection."""
+    return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0))(x, idx)
+
+
+def greedy_decode(
+    step_fn: StepFn,
+    cache: Cache,
+    *,
+    batch_size: int,
+    max_len: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_lengths: Array | None = None,
+    eos_allowed: bool = True,
+) -> tuple[Array, Array]:
+    """Greedy decoding (XLM's `generate` without sampling); returns `(tokens, lengths)`.
+
+    `tokens` is int32 `(batch_size, max_len + 1)`: bos, the argmax tokens, eos, then pads;
+    `lengths` (int32 `(batch_size,)`) counts bos and eos. `max_lengths` (int32 `(batch_size,)`)
+    limits each row's total length (clipped to [2, max_len + 1]), as XLM's per-batch
+    `max_len = a * src_len + b` but per row; a row reaching its limit gets eos forced as its last
+    token, like XLM's `generated[-1].masked_fill_(unfinished_sents, eos_index)`. The loop stops
+    once every row has its eos, which gives the same outputs as running all `max_len` steps.
+    `eos_allowed=False` removes eos from the choices, so every row has exactly its limit length.
+    """
+    _check_sizes(batch_size, max_len)
+    limits = _row_limits(max_lengths, batch_size, max_len)
+    tokens = jnp.full((batch_size, max_len + 1), pad_id, jnp.int32).at[:, 0].set(bos_id)
+    lengths = jnp.ones((batch_size,), jnp.int32)
+    unfinished = jnp.ones((batch_size,), jnp.bool_)
+
+    def cond(state):
+        cur, _, _, unfinished, _ = state
+        return (cur <= max_len) & jnp.any(unfinished)
+
+    def body(state):
+        cur, tokens, lengths, unfinished, cache = state
+        prev = lax.dynamic_index_in_dim(tokens, cur - 1, axis=1, keepdims=False)
+        logits, cache = step_fn(prev, cur - 1, cache)
+        logits = _float_logits(logits, eos_id, eos_allowed)
+        word = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        word = jnp.where(cur >= limits - 1, eos_id, word)  # the last position is always eos
+        word = jnp.where(unfinished, word, pad_id)
+        tokens = lax.dynamic_update_index_in_dim(tokens, word, cur, axis=1)
+        lengths = lengths + unfinished.astype(jnp.int32)
+        unfinished = unfinished & (word != eos_id)
+        return cur + 1, tokens, lengths, unfinished, cache
+
+    state = (jnp.int32(1), tokens, lengths, unfinished, cache)
+    _, tokens, lengths, _, _ = lax.while_loop(cond, body, state)
+    return tokens, lengths
+
+
+def beam_search(
+    step_fn: StepFn,
+    cache: Cache,
+    *,
+    batch_size: int,
+    beam_size: int,
+    max_len: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    length_penalty: float | Array = 1.0,
+    early_stopping: bool | Array = False,
+    max_lengths: Array | None = None,
+    eos_allowed: bool = True,
+) -> tuple[Array, Array, Array]:
+    """XLM's `generate_beam`; returns the best hypothesis per sentence `(tokens, lengths, scores)`.
+
+    `cache` has batch_size * beam_size rows (see `tile_beams`); its leaves are gathered along
+    axis 0 by the parent beams at every step. `tokens` (int32 `(batch_size, max_len + 1)`) and
+    `lengths` are laid out as in `greedy_decode`, including `max_lengths` and `eos_allowed`.
+
+    Rules, as XLM (ties aside): at each step the top 2 * beam_size (beam, word) extensions are
+    visited in order of log-probability; one ending in eos (or reaching the row's length limit)
+    becomes a finished hypothesis, the first beam_size others form the next beams. A sentence
+    keeps its beam_size best finished hypotheses and is done when it has beam_size of them and
+    either `early_stopping` or none of its alive beams can still beat the worst of them
+    (worst >= best_next_sum_logprobs / (limit - 1) ** length_penalty), or at its length limit.
+
+    `scores` = sum of log-probs / length ** length_penalty, where length is XLM's `len(hyp)`:
+    the hypothesis without its eos but with the start token, i.e. `lengths - 1` (= the number of
+    generated tokens, eos included). As in XLM, a hypothesis cut at its length limit is scored
+    with the log-prob of the best candidate word at that position, which the eos then replaces.
+    `length_penalty` and `early_stopping` may be traced scalars: one compilation serves all.
+    """
+    _check_sizes(batch_size, max_len)
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    B, K, T = batch_size, beam_size, max_len + 1
+    limits = _row_limits(max_lengths, batch_size, max_len)
+    length_penalty = jnp.asarray(length_penalty, jnp.float32)
+    # XLM's BeamHypotheses.max_len: the longest possible hypothesis, bos in, eos out.
+    best_possible_den = (limits - 1).astype(jnp.float32) ** length_penalty
+
+    alive_seq = jnp.full((B, K, T), pad_id, jnp.int32).at[:, :, 0].set(bos_id)
+    alive_score = jnp.full((B, K), _DEAD_BEAM, jnp.float32).at[:, 0].set(0.0)
+    fin_seq = jnp.full((B, K, T), pad_id, jnp.int32)
+    fin_len = jnp.zeros((B, K), jnp.int32)
+    fin_score = jnp.full((B, K), -jnp.inf, jnp.float32)
+    fin_count = jnp.zeros((B,), jnp.int32)
+    done = jnp.zeros((B,), jnp.bool_)
+    slots = jnp.arange(1, K + 1, dtype=jnp.int32)
+
+    def cond(state):
+        return (state["cur"] <= max_len) & ~jnp.all(state["done"])
+
+    def body(state):
+        cur = state["cur"]
+        alive_seq, alive_score = state["alive_seq"], state["alive_score"]
+        prev = lax.dynamic_index_in_dim(alive_seq, cur - 1, axis=2, keepdims=False)
+        logits, cache = step_fn(prev.reshape(B * K), cur - 1, state["cache"])
+        logprobs = jax.nn.log_softmax(_float_logits(logits, eos_id, eos_allowed), axis=-1)
+        V = logprobs.shape[-1]
+        cand = (alive_score[:, :, None] + logprobs.reshape(B, K, V)).reshape(B, K * V)
+        top_score, top_idx = lax.top_k(cand, 2 * K)  # (B, 2K), best first
+        parent, word = top_idx // V, (top_idx % V).astype(jnp.int32)
+
+        # BeamHypotheses.is_done, checked before this step's candidates, as XLM.
+        worst = jnp.min(state["fin_score"], axis=1)
+        hopeless = worst >= top_score[:, 0] / best_possible_den
+        done = state["done"] | ((state["fin_count"] >= K) & (early_stopping | hopeless))
+
+        # XLM's loop over the sorted candidates, vectorised: it stops after the K-th
+        # non-final candidate, so a final one is visited iff fewer than K non-final precede it.
+        at_limit = cur >= limits - 1
+        final = (word == eos_id) | at_limit[:, None]
+        nonfinal = (~final).astype(jnp.int32)
+        rank = jnp.cumsum(nonfinal, axis=1)
+        added = final & (rank - nonfinal < K) & ~done[:, None]
+
+        # Finished hypotheses: the parent's tokens, eos at `cur`; keep the K best (a streaming
+        # top-K, which is what BeamHypotheses.add keeps).
+        cand_seq = _gather_beams(alive_seq, parent)
+        cand_seq = lax.dynamic_update_index_in_dim(
+            cand_seq, jnp.full((B, 2 * K), eos_id, jnp.int32), cur, axis=2
+        )
+        cand_norm = top_score / cur.astype(jnp.float32) ** length_penalty
+        merged = jnp.concatenate([state["fin_score"], jnp.where(added, cand_norm, -jnp.inf)], 1)
+        fin_score, keep = lax.top_k(merged, K)
+        fin_seq = _gather_beams(jnp.concatenate([state["fin_seq"], cand_seq], axis=1), keep)
+        cand_len = jnp.full((B, 2 * K), cur + 1, jnp.int32)
+        fin_len = _gather_beams(jnp.concatenate([state["fin_len"], cand_len], axis=1), keep)
+        fin_count = jnp.minimum(K, state["fin_count"] + jnp.sum(added, axis=1, dtype=jnp.int32))
+
+        # Next beams: slot s takes the (s+1)-th non-final candidate. Sentences without any
+        # (done, or at their limit) keep their own beams, which are never read again.
+        match = (nonfinal[:, None, :] == 1) & (rank[:, None, :] == slots[None, :, None])
+        pick = jnp.argmax(match, axis=-1)  # (B, K)
+        live = jnp.any(match, axis=-1) & ~done[:, None]
+        own = jnp.broadcast_to(jnp.arange(K), (B, K))
+        new_parent = jnp.where(live, jnp.take_along_axis(parent, pick, axis=1), own)
+        new_word = jnp.where(live, jnp.take_along_axis(word, pick, axis=1), pad_id)
+        new_score = jnp.where(live, jnp.take_along_axis(top_score, pick, axis=1), _DEAD_BEAM)
+        alive_seq = lax.dynamic_update_index_in_dim(
+            _gather_beams(alive_seq, new_parent), new_word, cur, axis=2
+        )
+        rows = (jnp.arange(B)[:, None] * K + new_parent).reshape(B * K)
+        return {
+            "cur": cur + 1,
+            "alive_seq": alive_seq,
+            "alive_score": new_score,
+            "fin_seq": fin_seq,
+            "fin_len": fin_len,
+            "fin_score": fin_score,
+            "fin_count": fin_count,
+            "done": done | at_limit,
+            "cache": _reorder_cache(cache, rows),
+        }
+
+    state = {
+        "cur": jnp.int32(1),
+        "alive_seq": alive_seq,
+        "alive_score": alive_score,
+        "fin_seq": fin_seq,
+        "fin_len": fin_len,
+        "fin_score": fin_score,
+        "fin_count": fin_count,
+        "done": done,
+        "cache": cache,
+    }
+    state = lax.while_loop(cond, body, state)
+    best = jnp.argmax(state["fin_score"], axis=1)[:, None]
+    tokens = _gather_beams(state["fin_seq"], best)[:, 0]
+    lengths = jnp.take_along_axis(state["fin_len"], best, axis=1)[:, 0]
+    scores = jnp.take_along_axis(state["fin_score"], best, axis=1)[:, 0]
+    return tokens, lengths, scores

@@ -1,0 +1,172 @@
+"""The XLM Transformer decoder (XLM's `TransformerModel` with `is_decoder=True`) and its KV cache.
+
+Same embeddings, parameter names and tied output layer as `XLMEncoder` (so a pretrained encoder
+initialises it by name); each block adds cross-attention to the source with its own LayerNorm:
+x = LN1(x + self_attn(x)); x = LN15(x + cross_attn(x, src)); x = LN2(x + ffn(x)), post-LN.
+The target language reaches the decoder through the language embedding.
+
+Two ways to run it: teacher forcing over a whole `(batch, length)` target (training), and `step`,
+one token per row with a cache of keys/values (decoding). The cache is a dict of arrays whose
+leading axis is the row, so beam search reorders it with a gather along axis 0.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xlm_jax.model import layers
+from xlm_jax.model.encoder import ModelConfig, XLMEncoder
+from xlm_jax.model.layers import ACT_EMBED
+
+Array = jax.Array
+Cache = dict[str, Array]
+KV = tuple[Array, Array]
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention (causal) → cross-attention → FFN, each followed by residual + LayerNorm."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype, pdt = cfg.compute_dtype, cfg.params_dtype
+
+        def attention() -> layers.MultiHeadAttention:
+            return layers.MultiHeadAttention(
+                cfg.n_heads, cfg.emb_dim, cfg.attention_dropout, dtype, pdt
+            )
+
+        def norm() -> nn.LayerNorm:
+            return layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, param_dtype=pdt)
+
+        # Names as the encoder's block (so pretrained weights load by name) plus XLM's
+        # `encoder_attn` / `layer_norm15` pair for cross-attention.
+        self.attention, self.layer_norm1 = attention(), norm()
+        self.cross_attention, self.layer_norm15 = attention(), norm()
+        self.ffn = layers.FeedForward(cfg.ffn_dim, cfg.dropout, dtype, pdt)
+        self.layer_norm2 = norm()
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(
+        self,
+        x: Array,
+        self_kv: KV,
+        self_mask: Array,
+        cross_kv: KV,
+        cross_mask: Array,
+        valid: Array,
+        *,
+        deterministic: bool,
+    ) -> Array:
+        """One block given the keys/values to attend to (fresh projections or a cache)."""
+        a = self.attention.attend(x, *self_kv, self_mask, deterministic=deterministic)
+        x = self.layer_norm1(x + self.dropout(a, deterministic=deterministic))
+        a = self.cross_attention.attend(x, *cross_kv, cross_mask, deterministic=deterministic)
+        x = self.layer_norm15(x + self.dropout(a, deterministic=deterministic))
+        x = self.layer_norm2(x + self.ffn(x, deterministic=deterministic))
+        x = x * valid[..., None].astype(x.dtype)
+        return nn.with_logical_constraint(x, ACT_EMBED)
+
+
+class XLMDecoder(XLMEncoder):
+    """Decoder with the encoder's embeddings and tied output layer.
+
+    Methods (`(batch, length)` int32 inputs; `memory` = encoder output, `memory_valid` its mask):
+      __call__(tokens, positions, langs, memory, memory_valid, *, deterministic) -> logits
+      init_cache(memory, memory_valid, langs, max_len) -> cache
+      step(tokens, index, cache) -> (logits (n, vocab), cache)
+    """
+
+    def make_layers(self) -> list[nn.Module]:
+        return [DecoderLayer(self.config, name=f"layer_{i}") for i in range(self.config.n_layers)]
+
+    def decode(
+        self,
+        tokens: Array,
+        positions: Array,
+        langs: Array,
+        memory: Array,
+        memory_valid: Array,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
+        """Teacher-forced hidden states `(batch, length, emb_dim)`; position t sees targets <= t."""
+        x, valid = self.embed(tokens, positions, langs, deterministic=deterministic)
+        self_mask = layers.make_attention_mask(valid, causal=True)
+        cross_mask = memory_valid[:, None, :]
+        for layer in self.layers:
+            x = layer(
+                x,
+                layer.attention.project_kv(x),
+                self_mask,
+                layer.cross_attention.project_kv(memory),
+                cross_mask,
+                valid,
+                deterministic=deterministic,
+            )
+        return x
+
+    def __call__(  # type: ignore[override]
+        self,
+        tokens: Array,
+        positions: Array,
+        langs: Array,
+        memory: Array,
+        memory_valid: Array,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
+        """Logits `(batch, length, vocab)` (float32) for the token after each position."""
+        hidden = self.decode(
+            tokens, positions, langs, memory, memory_valid, deterministic=deterministic
+        )
+        return self.logits(hidden)
+
+    def init_cache(self, memory: Array, memory_valid: Array, langs: Array, max_len: int) -> Cache:
+        """A cache for decoding up to `max_len` tokens per row (the start token included).
+
+        Cross-attention keys/values are projected once here, not at every step. `langs` (n,) is
+        each row's target language.
+        """
+        cfg = self.config
+        n = memory.shape[0]
+        shape = (n, max_len, cfg.n_heads, cfg.head_dim)
+        cache: Cache = {"memory_valid": memory_valid, "langs": langs.astype(jnp.int32)}
+        for i, layer in enumerate(self.layers):
+            cache[f"cross_k_{i}"], cache[f"cross_v_{i}"] = layer.cross_attention.project_kv(memory)
+            cache[f"self_k_{i}"] = jnp.zeros(shape, cfg.compute_dtype)
+            cache[f"self_v_{i}"] = jnp.zeros(shape, cfg.compute_dtype)
+        return cache
+
+    def step(self, tokens: Array, index: Array, cache: Cache) -> tuple[Array, Cache]:
+        """Feeds `tokens` (n,) at position `index` (a scalar, the same for all rows); returns the
+        logits `(n, vocab)` of the next token and the cache with this position's keys/values."""
+        n = tokens.shape[0]
+        positions = jnp.full((n, 1), index, jnp.int32)
+        x, valid = self.embed(
+            tokens[:, None], positions, cache["langs"][:, None], deterministic=True
+        )
+        max_len = cache["self_k_0"].shape[1]
+        # Row-independent: positions <= index are filled (earlier steps, or this one).
+        self_mask = (jnp.arange(max_len) <= index)[None, None, :]
+        cross_mask = cache["memory_valid"][:, None, :]
+        cache = dict(cache)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.attention.project_kv(x)
+            for name, new in ((f"self_k_{i}", k), (f"self_v_{i}", v)):
+                cache[name] = jax.lax.dynamic_update_slice_in_dim(
+                    cache[name], new.astype(cache[name].dtype), index, axis=1
+                )
+            x = layer(
+                x,
+                (cache[f"self_k_{i}"], cache[f"self_v_{i}"]),
+                self_mask,
+                (cache[f"cross_k_{i}"], cache[f"cross_v_{i}"]),
+                cross_mask,
+                valid,
+                deterministic=True,
+            )
+        return self.logits(x[:, 0]), cache

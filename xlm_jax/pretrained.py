@@ -1,0 +1,218 @@
+"""Where an encoder comes from: a pretraining checkpoint (its tokenizer, languages, model and
+parameters) or a random initialisation of the same shape (the baselines).
+
+Shared by every mode that starts from a pretrained encoder: XNLI fine-tuning, the retrieval probe
+and translation (which initialises both its encoder and its decoder from it).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from xlm_jax import parallel, train
+from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.data import corpus as corpus_lib
+from xlm_jax.data.sources import DataError
+from xlm_jax.model.encoder import ModelConfig
+from xlm_jax.tokenizer import Tokenizer, load_or_train
+
+
+def source_settings(c: ml_collections.ConfigDict) -> None:
+    """The settings of an encoder's source (checkpoint or random init), of reading text and of
+    the mesh, shared by every mode that starts from a pretrained encoder."""
+    c.seed = 0
+    # A pretraining workdir (or its checkpoints/ folder): its tokenizer, languages and model come
+    # from the checkpoint's metadata. "" = a randomly initialised encoder (a baseline), sized by
+    # `model` below, with the languages `langs` and the tokenizer `tokenizer.path` (or one trained
+    # on the task's own training text).
+    c.init_checkpoint = ""
+    c.init_step = -1  # -1 = the pretraining run's best checkpoint if it tracked one, else latest
+    c.langs = "en,fr"  # random baseline only
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # random baseline only; "" = train one into the workdir
+    c.tokenizer.vocab_size = 8000
+    c.tokenizer.alpha = 0.5
+    c.tokenizer.n_sentences = 100_000
+    c.tokenizer.character_coverage = 0.9995
+    c.model = ml_collections.ConfigDict()  # random baseline only (else the checkpoint's)
+    c.model.emb_dim = 256
+    c.model.n_layers = 4
+    c.model.n_heads = 8
+    c.model.ffn_dim = None
+    c.model.dropout = 0.1
+    c.model.attention_dropout = 0.1
+    c.model.max_positions = 512
+    c.model.sinusoidal_embeddings = False
+    c.model.use_lang_emb = True
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # relative sources resolve here
+    c.data.tfds_data_dir = ""  # for tfds: sources ("" = TFDS's default); never downloaded
+    c.data.max_chars = 10_000
+    c.data.on_invalid_utf8 = "error"
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor)
+    c.mesh.rules = parallel.DEFAULT_RULES
+
+
+@dataclasses.dataclass
+class EncoderSource:
+    tokenizer: Tokenizer
+    model: ModelConfig
+    langs: list[str]
+    params: Any | None  # host (numpy) tree of the pretrained encoder; None = random init
+    info: dict[str, Any]  # {"checkpoint": dir, "step": n, "chosen": "best by ..."} or {}
+
+    def lang_id(self, lang: str, where: str) -> int:
+        if lang in self.langs:
+            return self.langs.index(lang)
+        if not self.model.has_lang_embeddings:
+            return 0  # no language embedding: the id is never looked up
+        raise DataError(
+            f"{where}: language {lang!r} is not one of the model's languages {self.langs}"
+        )
+
+    @property
+    def description(self) -> str:
+        if not self.info:
+            return "random init"
+        return f"{self.info['checkpoint']} step {self.info['step']} ({self.info['chosen']})"
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A pretraining workdir's checkpoints/ folder (or the folder itself if given)."""
+    p = Path(path).expanduser()
+    if (p / "checkpoints").is_dir():
+        return p / "checkpoints"
+    if p.is_dir():
+        return p
+    raise FileNotFoundError(f"init_checkpoint {os.fspath(path)!r}: no such directory")
+
+
+def load_checkpoint(path: str | os.PathLike, step: int = -1) -> tuple[Path, int, str, dict, Any]:
+    """A run's checkpoint on the host: (directory, step, why this step, metadata, state).
+
+    ``step=-1`` picks the run's best checkpoint by its own ``best_metric`` when it tracked one,
+    else its latest.
+    """
+    directory = checkpoint_dir(path).resolve()
+    with Checkpointer(directory, async_save=False) as probe:
+        latest = probe.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"{os.fspath(path)!r}: no checkpoint in it")
+        pre = probe.restore_meta(latest)["config"]
+    chosen = f"step {step} as configured"
+    if step < 0:
+        best_metric = pre.get("best_metric") or None
+        with Checkpointer(
+            directory,
+            best_metric=best_metric,
+            best_mode=pre.get("best_mode", "min"),
+            async_save=False,
+        ) as ck:
+            best = ck.best_step()
+        step, chosen = (best, f"best by {best_metric}") if best is not None else (latest, "latest")
+    with Checkpointer(directory, async_save=False) as ck:
+        if step not in ck.all_steps():
+            raise FileNotFoundError(f"{directory}: no checkpoint {step} (has {ck.all_steps()})")
+        meta = ck.restore_meta(step)
+        state = ck.restore_numpy(step)
+    return directory, int(step), chosen, meta, state
+
+
+def load_pretrained(path: str | os.PathLike, step: int = -1) -> EncoderSource:
+    """Tokenizer, model config, languages and encoder parameters (host numpy) of a pretraining run
+    (its best checkpoint by default, see ``load_checkpoint``)."""
+    directory, step, chosen, meta, state = load_checkpoint(path, step)
+    tokenizer = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]))
+    langs = train.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
+    model = ModelConfig.from_dict(
+        {**meta["config"]["model"], "vocab_size": tokenizer.vocab_size, "n_langs": len(langs)}
+    )
+    logging.info(
+        "encoder from %s step %d (%s): %s, langs %s", directory, step, chosen, model, langs
+    )
+    return EncoderSource(
+        tokenizer,
+        model,
+        langs,
+        state["params"],
+        {"checkpoint": str(directory), "step": int(step), "chosen": chosen},
+    )
+
+
+def random_source(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    texts_fn: Callable[[], Mapping[str, Sequence[str]]],
+) -> EncoderSource:
+    """The baseline: a fresh encoder sized by ``config.model``, tokenizer from ``tokenizer.path``
+    or trained on ``texts_fn()`` into the workdir."""
+    t = config.tokenizer
+    if t.path:
+        tokenizer = Tokenizer.load(t.path)
+    else:
+        tokenizer = load_or_train(
+            workdir / "tokenizer.model",
+            texts_fn,
+            vocab_size=t.vocab_size,
+            alpha=t.alpha,
+            n_sentences=t.n_sentences,
+            seed=config.seed,
+            character_coverage=t.character_coverage,
+        )
+    langs = train.lang_list(config)
+    corpus_lib.check_langs(langs)
+    model = ModelConfig.from_dict(
+        {**config.model.to_dict(), "vocab_size": tokenizer.vocab_size, "n_langs": len(langs)}
+    )
+    return EncoderSource(tokenizer, model, langs, None, {})
+
+
+def with_dropout(model: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
+    changes = {}
+    if config.get("encoder_dropout", -1.0) >= 0:
+        changes["dropout"] = float(config.encoder_dropout)
+    if config.get("encoder_attention_dropout", -1.0) >= 0:
+        changes["attention_dropout"] = float(config.encoder_attention_dropout)
+    return dataclasses.replace(model, **changes)
+
+
+def place_params(host: Any, like: Any, what: str) -> Any:
+    """Host arrays → device arrays with the shardings (and dtypes) of ``like``; the two trees must
+    have the same parameters with the same shapes."""
+    flat_host = traverse_util.flatten_dict(host, sep="/")
+    flat_like = traverse_util.flatten_dict(like, sep="/")
+    problems = [f"missing {k}" for k in sorted(set(flat_like) - set(flat_host))]
+    problems += [f"unexpected {k}" for k in sorted(set(flat_host) - set(flat_like))]
+    problems += [
+        f"{k}: shape {tuple(np.shape(flat_host[k]))} vs {tuple(v.shape)}"
+        for k, v in sorted(flat_like.items())
+        if k in flat_host and tuple(np.shape(flat_host[k])) != tuple(v.shape)
+    ]
+    if problems:
+        raise ValueError(f"{what} does not match the model:\n  " + "\n  ".join(problems[:20]))
+
+    placed = {k: put_like(flat_host[k], v) for k, v in flat_like.items()}
+    return traverse_util.unflatten_dict(placed, sep="/")
+
+
+def put_like(host: Any, like: jax.Array) -> jax.Array:
+    """A host array → a device array with the sharding and dtype of ``like`` (each device gets
+    only its shard)."""
+    h = np.asarray(host, dtype=like.dtype)
+    return jax.make_array_from_callback(h.shape, like.sharding, lambda idx: h[idx])

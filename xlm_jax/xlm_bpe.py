@@ -1,0 +1,455 @@
+"""XLM's own tokenization (Moses + fastBPE + dictionary), for models imported from XLM or HF.
+
+The released XLM models were trained on text prepared by shell pipelines (XLM's `tools/tokenize.sh`,
+`get-data-xnli.sh`, `get-data-nmt.sh`), which this module reproduces step by step:
+
+  1. Moses `replace-unicode-punctuation` | `normalize-punctuation -l LANG` |
+     `remove-non-printing-char` (sacremoses' `MosesPunctNormalizer` does all three);
+  2. for the en-ro models only: Sennrich's `normalise-romanian` + `remove-diacritics`;
+  3. Moses `tokenizer.perl -l LANG -no-escape` (sacremoses' `MosesTokenizer`);
+  4. for the XNLI-15 / English models only: XLM's `lowercase_and_remove_accent.py`;
+  5. `fastBPE applybpe` with the model's codes: a word's subwords joined by the `@@` convention
+     (`lo@@ w@@ er`: every subword but the last carries `@@`);
+  6. XLM's `Dictionary.index`: a word missing from the (`max_vocab`-truncated) dictionary is
+     `<unk>`; a special word found in the text (`<s>`, `<special1>`, ...) is dropped.
+
+Ids follow XLM's dictionary, whose first 14 entries are fixed (the constants of `tokenizer.py`):
+`<s>`0 `</s>`1 `<pad>`2 `<unk>`3 `<special0..9>`4-13 (mask = `<special1>` = 5).
+
+`XLMBPETokenizer` has the `Tokenizer` interface; its `serialized` form is a JSON document behind a
+magic header, so checkpoints embed it like a SentencePiece model and `Tokenizer.from_bytes` brings
+back the right class. XLM used other segmenters for zh (Stanford), th (PyThaiNLP) and ja (KyTea);
+here every language goes through Moses (a warning says so once).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import sacremoses
+
+from xlm_jax.files import write_atomic
+from xlm_jax.tokenizer import N_SPECIAL, SPECIAL_PIECES, UNK_ID, XLM_BPE_MAGIC, Tokenizer
+
+_log = logging.getLogger(__name__)
+
+END_OF_WORD = "</w>"  # fastBPE's marker on a word's last symbol (codes and HF vocab.json)
+CONTINUATION = "@@"  # XLM's marker on every subword but a word's last
+# Languages that XLM segmented with another tool than Moses (see the module docstring).
+_OWN_SEGMENTER = {"zh": "the Stanford segmenter", "th": "PyThaiNLP", "ja": "KyTea"}
+
+
+# --- the dictionary ------------------------------------------------------------------------------
+
+
+def check_dictionary(words: Sequence[str]) -> None:
+    """XLM's `Dictionary.check_valid` on an id → word list: fixed specials, no duplicates."""
+    if len(words) <= N_SPECIAL:
+        raise ValueError(
+            f"dictionary has {len(words)} words, not more than the {N_SPECIAL} specials"
+        )
+    bad = [(i, words[i]) for i in range(N_SPECIAL) if words[i] != SPECIAL_PIECES[i]]
+    if bad:
+        raise ValueError(f"dictionary special ids differ from XLM's: {bad[:4]}")
+    if len(set(words)) != len(words):
+        dup = [w for w, n in Counter(words).items() if n > 1]
+        raise ValueError(f"dictionary lists words more than once: {dup[:5]}")
+
+
+def words_from_id2word(id2word: Mapping[int, str]) -> list[str]:
+    """A checkpoint's `dico_id2word` ({id: word}, ids 0..n-1) as a list."""
+    n = len(id2word)
+    if sorted(int(i) for i in id2word) != list(range(n)):
+        raise ValueError("dico_id2word ids are not 0..n-1")
+    words = [id2word[i] for i in range(n)]
+    check_dictionary(words)
+    return words
+
+
+def read_vocab(text: str) -> list[str]:
+    """XLM's `Dictionary.read_vocab` of a fastBPE vocabulary file ("word count" lines).
+
+    The 14 specials come first; a line with U+2028, without exactly two fields, or repeating a
+    word is skipped (and shifts nothing), as in XLM.
+    """
+    words = list(SPECIAL_PIECES)
+    known = set(words)
+    for i, line in enumerate(text.split("\n")):
+        if "\u2028" in line:
+            continue
+        fields = line.rstrip().split()
+        if len(fields) != 2:
+            continue
+        if not fields[1].isdigit():
+            raise ValueError(f"vocabulary line {i + 1}: count {fields[1]!r} is not a number")
+        if fields[0] in known:
+            continue
+        known.add(fields[0])
+        words.append(fields[0])
+    check_dictionary(words)
+    return words
+
+
+def words_from_hf_vocab(vocab: Mapping[str, int]) -> list[str]:
+    """HF `vocab.json` → XLM words. HF's conversion wrote XLM's `w@@` as `w` and a word-final `w`
+    as `w</w>` (ids >= 14 only); this undoes it."""
+    n = len(vocab)
+    by_id: dict[int, str] = {}
+    for token, i in vocab.items():
+        if i in by_id:
+            raise ValueError(f"vocab.json maps {by_id[i]!r} and {token!r} to the same id {i}")
+        by_id[int(i)] = token
+    if sorted(by_id) != list(range(n)):
+        raise ValueError("vocab.json ids are not 0..n-1")
+    words = []
+    for i in range(n):
+        token = by_id[i]
+        if i < N_SPECIAL:
+            words.append(token)
+        elif token.endswith(END_OF_WORD):
+            words.append(token[: -len(END_OF_WORD)])
+        else:
+            words.append(token + CONTINUATION)
+    check_dictionary(words)
+    return words
+
+
+def hf_vocab_from_words(words: Sequence[str]) -> dict[str, int]:
+    """XLM words → HF `vocab.json` (the inverse of `words_from_hf_vocab`)."""
+    out = {}
+    for i, word in enumerate(words):
+        if i < N_SPECIAL:
+            out[word] = i
+        elif word.endswith(CONTINUATION):
+            out[word[: -len(CONTINUATION)]] = i
+        else:
+            out[word + END_OF_WORD] = i
+    if len(out) != len(words):
+        raise ValueError("the dictionary has words that collide in HF's vocab.json convention")
+    return out
+
+
+# --- fastBPE -------------------------------------------------------------------------------------
+
+
+Code = tuple[str, str, int]  # (left, right, count): one merge, ranked by its line
+
+
+def read_codes(text: str) -> list[Code]:
+    """A fastBPE codes file ("left right count" lines; HF's merges.txt has the same first two
+    fields). A merge's rank is its line; a `#version` header and blank lines are skipped."""
+    codes: list[Code] = []
+    for i, line in enumerate(text.split("\n")):
+        fields = line.split()
+        if not fields or (i == 0 and line.startswith("#version")):
+            continue
+        if len(fields) not in (2, 3) or (len(fields) == 3 and not fields[2].isdigit()):
+            raise ValueError(f"BPE codes line {i + 1}: expected 'left right [count]', got {line!r}")
+        codes.append((fields[0], fields[1], int(fields[2]) if len(fields) == 3 else 0))
+    if not codes:
+        raise ValueError("the BPE codes are empty")
+    return codes
+
+
+class FastBPE:
+    """fastBPE's `applybpe` on one word: split into characters (the last one marked `</w>`),
+    then merge the best-ranked adjacent pair, all its non-overlapping occurrences left to right,
+    until no pair is a code. Returns the subwords in XLM's `@@` convention."""
+
+    def __init__(self, codes: Sequence[Code]) -> None:
+        self._ranks: dict[tuple[str, str], int] = {}
+        for rank, (left, right, _) in enumerate(codes):
+            self._ranks.setdefault((left, right), rank)  # fastBPE keeps the first
+        self._cache: dict[str, list[str]] = {}
+
+    def __call__(self, word: str) -> list[str]:
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        symbols = [*word[:-1], word[-1] + END_OF_WORD]
+        ranks = self._ranks
+        while len(symbols) > 1:
+            best, best_rank = None, -1
+            for pair in zip(symbols, symbols[1:], strict=False):
+                rank = ranks.get(pair, -1)
+                if rank >= 0 and (best is None or rank < best_rank):
+                    best, best_rank = pair, rank
+            if best is None:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        out = [s + CONTINUATION for s in symbols[:-1]] + [symbols[-1][: -len(END_OF_WORD)]]
+        if len(self._cache) < 1_000_000:  # bounded: the cache of a long run's rare words
+            self._cache[word] = out
+        return out
+
+
+# --- Moses preprocessing -------------------------------------------------------------------------
+
+# Sennrich's WMT16 `normalise-romanian.py` (cedilla → comma below) then `remove-diacritics.py`.
+_ROMANIAN = str.maketrans(
+    {
+        "\u015e": "S", "\u015f": "s", "\u0162": "T", "\u0163": "t",  # ş ţ (cedilla)
+        "\u0218": "S", "\u0219": "s", "\u021a": "T", "\u021b": "t",  # ș ț (comma)
+        "\u0102": "A", "\u0103": "a", "\u00c2": "A", "\u00e2": "a",  # ă â
+        "\u00ce": "I", "\u00ee": "i",  # î
+    }
+)  # fmt: skip
+
+
+def lowercase_and_remove_accent(tokens: Iterable[str]) -> list[str]:
+    """XLM's `tools/lowercase_and_remove_accent.py`: lowercase, NFD, drop combining marks (Mn).
+
+    Like XLM's tool the text stays NFD (e.g. Hangul as jamo); a token that was only combining
+    marks disappears (fastBPE skips empty words).
+    """
+    text = unicodedata.normalize("NFD", " ".join(tokens).lower())
+    text = "".join(c for c in text if unicodedata.category(c) != "Mn").lower()
+    return [t for t in text.split(" ") if t]
+
+
+class MosesPipeline:
+    """Steps 1-4 of the module docstring for one language: raw text → XLM's words."""
+
+    def __init__(self, lang: str, *, lowercase: bool, romanian: bool) -> None:
+        self.lang = lang
+        self.lowercase = lowercase
+        self.romanian = romanian and lang == "ro"
+        self._normalizer = sacremoses.MosesPunctNormalizer(
+            lang=lang, pre_replace_unicode_punct=True, post_remove_control_chars=True
+        )
+        self._tokenizer = sacremoses.MosesTokenizer(lang=lang)
+        if lang in _OWN_SEGMENTER:
+            _log.warning(
+                "XLM segmented %r text with %s, not Moses: ids may differ from the reference",
+                lang,
+                _OWN_SEGMENTER[lang],
+            )
+
+    def __call__(self, text: str) -> list[str]:
+        text = self._normalizer.normalize(text)
+        if self.romanian:
+            text = text.translate(_ROMANIAN)
+        tokens = self._tokenizer.tokenize(text, escape=False)
+        if self.lowercase:
+            tokens = lowercase_and_remove_accent(tokens)
+        return tokens
+
+
+# --- the tokenizer -------------------------------------------------------------------------------
+
+
+class XLMBPETokenizer(Tokenizer):
+    """XLM's tokenization (Moses + fastBPE + dictionary) with the `Tokenizer` interface.
+
+    `encode`/`encode_many`/`decode` take an optional `lang` (Moses rules are per language);
+    without it, `default_lang`. Build one with `from_files` (XLM's codes + vocabulary), `from_hf`
+    (HF's vocab.json + merges.txt) or the constructor.
+    """
+
+    FORMAT = "xlm-fastbpe"
+    VERSION = 1
+
+    def __init__(  # Tokenizer.__init__ (a SentencePiece model) is deliberately not called
+        self,
+        words: Sequence[str],
+        codes: Sequence[Code],
+        *,
+        lowercase: bool,
+        romanian: bool = False,
+        default_lang: str = "en",
+    ) -> None:
+        words = list(words)
+        check_dictionary(words)
+        self._words = words
+        self._word2id = {w: i for i, w in enumerate(words)}
+        self._codes = [(str(a), str(b), int(c)) for a, b, c in codes]
+        self.lowercase = bool(lowercase)
+        self.romanian = bool(romanian)
+        self.default_lang = default_lang
+        self._bpe = FastBPE(self._codes)
+        self._pipelines: dict[str, MosesPipeline] = {}
+        doc = {
+            "format": self.FORMAT,
+            "version": self.VERSION,
+            "lowercase": self.lowercase,
+            "romanian": self.romanian,
+            "default_lang": self.default_lang,
+            "words": self._words,
+            "codes": [list(c) for c in self._codes],
+        }
+        self._serialized = XLM_BPE_MAGIC + json.dumps(
+            doc, ensure_ascii=False, separators=(",", ":")
+        ).encode("utf-8")
+
+    # -- construction and serialization
+
+    @classmethod
+    def from_bytes(cls, serialized: bytes) -> XLMBPETokenizer:
+        if not serialized.startswith(XLM_BPE_MAGIC):
+            raise ValueError("not a serialized XLM BPE tokenizer (missing magic header)")
+        doc = json.loads(serialized[len(XLM_BPE_MAGIC) :].decode("utf-8"))
+        if doc.get("format") != cls.FORMAT or doc.get("version") != cls.VERSION:
+            raise ValueError(
+                f"unsupported XLM BPE tokenizer {doc.get('format')!r} v{doc.get('version')}"
+            )
+        tok = cls(
+            doc["words"],
+            [tuple(c) for c in doc["codes"]],
+            lowercase=doc["lowercase"],
+            romanian=doc["romanian"],
+            default_lang=doc["default_lang"],
+        )
+        if tok.serialized != serialized:  # checkpoints identify tokenizers by sha256
+            tok._serialized = serialized
+        return tok
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> XLMBPETokenizer:
+        return cls.from_bytes(Path(path).read_bytes())
+
+    @classmethod
+    def from_files(
+        cls,
+        codes_path: str | os.PathLike,
+        vocab_path: str | os.PathLike,
+        *,
+        max_vocab: int = -1,
+        **options,
+    ) -> XLMBPETokenizer:
+        """XLM's released `codes_*` and `vocab_*` files; `max_vocab` > 0 truncates as XLM's flag."""
+        words = read_vocab(Path(vocab_path).read_text(encoding="utf-8"))
+        if max_vocab > 0:
+            words = truncate(words, max_vocab)
+        return cls(words, read_codes(Path(codes_path).read_text(encoding="utf-8")), **options)
+
+    @classmethod
+    def from_hf(
+        cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike, **options
+    ) -> XLMBPETokenizer:
+        """A HuggingFace XLM tokenizer's `vocab.json` + `merges.txt`."""
+        vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+        codes = read_codes(Path(merges_txt).read_text(encoding="utf-8"))
+        return cls(words_from_hf_vocab(vocab), codes, **options)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_atomic(Path(path), self._serialized)
+
+    def save_hf(self, directory: str | os.PathLike) -> None:
+        """Writes `vocab.json` and `merges.txt` as HF's `XLMTokenizer` reads them."""
+        d = Path(directory)
+        vocab = json.dumps(hf_vocab_from_words(self._words), ensure_ascii=False, indent=1)
+        write_atomic(d / "vocab.json", (vocab + "\n").encode("utf-8"))
+        merges = "".join(f"{a} {b} {c}\n" for a, b, c in self._codes)
+        write_atomic(d / "merges.txt", merges.encode("utf-8"))
+
+    @property
+    def serialized(self) -> bytes:
+        return self._serialized
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self._serialized).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._words)
+
+    @property
+    def words(self) -> list[str]:
+        return list(self._words)
+
+    @property
+    def codes(self) -> list[Code]:
+        return list(self._codes)
+
+    # -- text <-> ids
+
+    def _pipeline(self, lang: str) -> MosesPipeline:
+        if lang not in self._pipelines:  # sacremoses loads per-language tables: build once
+            self._pipelines[lang] = MosesPipeline(
+                lang, lowercase=self.lowercase, romanian=self.romanian
+            )
+        return self._pipelines[lang]
+
+    def words_of(self, text: str, lang: str | None = None) -> list[str]:
+        """The BPE words of `text` (steps 1-5), e.g. `['lo@@', 'w@@', 'er']`."""
+        out: list[str] = []
+        for token in self._pipeline(lang or self.default_lang)(text):
+            out.extend(self._bpe(token))
+        return out
+
+    def encode(self, text: str, lang: str | None = None) -> np.ndarray:
+        """int32 ids of `text`; no <s>/</s> added (the data pipeline frames)."""
+        ids = []
+        for word in self.words_of(text, lang):
+            i = self._word2id.get(word, UNK_ID)
+            if i < N_SPECIAL and i != UNK_ID:
+                continue  # XLM's index_data drops special words found in the text
+            ids.append(i)
+        return np.asarray(ids, dtype=np.int32)
+
+    def encode_many(self, texts: Sequence[str], lang: str | None = None) -> list[np.ndarray]:
+        if isinstance(texts, str):
+            raise TypeError("encode_many takes a sequence of strings; use encode for one string")
+        return [self.encode(t, lang) for t in texts]
+
+    def decode(self, ids: Iterable[int] | np.ndarray, lang: str | None = None) -> str:
+        """Text of `ids`: special ids dropped, `@@` subwords joined, Moses-detokenized."""
+        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"decode takes a 1-D sequence of ids, got shape {arr.shape}")
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise ValueError(f"ids out of range [0, {self.vocab_size}): {bad[:5].tolist()}")
+        text = " ".join(self._words[i] for i in arr[arr >= N_SPECIAL].tolist())
+        text = (text + " ").replace(CONTINUATION + " ", "").strip()
+        return _detokenizer(lang or self.default_lang).detokenize(text.split(), unescape=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._words[int(i)]
+
+    def piece_to_id(self, piece: str) -> int:
+        return self._word2id.get(piece, UNK_ID)
+
+    def __repr__(self) -> str:
+        return (
+            f"XLMBPETokenizer(vocab_size={self.vocab_size}, codes={len(self._codes)}, "
+            f"lowercase={self.lowercase}, sha256={self.sha256[:12]})"
+        )
+
+
+@functools.cache
+def _detokenizer(lang: str) -> sacremoses.MosesDetokenizer:
+    return sacremoses.MosesDetokenizer(lang=lang)
+
+
+def truncate(words: Sequence[str], max_vocab: int) -> list[str]:
+    """XLM's `Dictionary.max_vocab`: keep ids < max_vocab (the others become <unk>)."""
+    if max_vocab <= N_SPECIAL:
+        raise ValueError(f"max_vocab must be > {N_SPECIAL}, got {max_vocab}")
+    return list(words[:max_vocab])
+
+
+def looks_lowercased(words: Sequence[str]) -> bool:
+    """Whether a dictionary was built from lowercased text (XLM's XNLI-15 / English models):
+    hardly any word has an uppercase letter, where a cased one has thousands."""
+    ordinary = words[N_SPECIAL:]
+    upper = sum(any(c.isupper() for c in w) for w in ordinary)
+    return upper <= 0.005 * len(ordinary)
