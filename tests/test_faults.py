@@ -261,6 +261,32 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, async_sav
     assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
 
 
+@ORBAX_THREADS_WIND_DOWN
+def test_tensorstore_disk_full_error_is_reworded_too(tmp_path, monkeypatch):
+    """Array data is written by tensorstore, whose full-disk error is a ValueError carrying the
+    OS error code (as seen when a demo run fills a real tmpfs): reported the same way."""
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, small_state(1), data_state={}, meta={})
+    tensorstore_error = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file '
+        f'"{tmp_path}/2.orbax-checkpoint-tmp/state/": Failed to write 2433024 bytes to file 18: '
+        "No space left on device [os_error_code='28']"
+    )
+
+    def save(*args, **kwargs):
+        raise tensorstore_error
+
+    monkeypatch.setattr(ckpt._manager, "save", save)
+    with pytest.raises(OSError, match=r"checkpoint 2 could not be written to .*disk is full") as e:
+        ckpt.save(2, small_state(2), data_state={}, meta={})
+    assert e.value.errno == errno.ENOSPC and e.value.__cause__ is tensorstore_error
+    assert "newest complete checkpoint, 1, is untouched" in str(e.value)
+    # other errors pass through untouched
+    monkeypatch.setattr(ckpt._manager, "save", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ckpt.save(2, small_state(2), data_state={}, meta={})
+
+
 def _abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
@@ -355,12 +381,10 @@ def test_disk_full_on_a_real_filesystem(tmp_path):
     out = json.loads(result[0].removeprefix("RESULT "))
     assert out["filled"]
     kind, code, msg = out["error"]
-    # orbax's own files fail with OSError(ENOSPC), reworded by Checkpointer; when tensorstore's
-    # error wins the race it is a ValueError that names the file and the cause itself
-    assert "No space left on device" in msg and str(mnt / "checkpoints") in msg, out
-    if kind == "OSError":
-        assert code == errno.ENOSPC and "the disk is full" in msg, out
-        assert "newest complete checkpoint, 1, is untouched" in msg, out
+    # whichever writer fails first (orbax's OSError or tensorstore's ValueError), the same words
+    assert kind == "OSError" and code == errno.ENOSPC, out
+    assert f"checkpoint 2 could not be written to {mnt / 'checkpoints'}: the disk is full" in msg
+    assert "newest complete checkpoint, 1, is untouched" in msg, out
     assert out["steps"] == [1] and out["w"] == 64 * 64  # step 1 intact and restorable
     assert out["after"] == ["1", "2"]  # room again: step 2 written, the failed try cleaned up
 

@@ -193,3 +193,23 @@ def test_max_len_rule():
     assert nmt.max_len_of(64, 1.5, 10) == 106
     positions = nmt.positions_of(jax.numpy.asarray([[1, 7, 1, 2, 2]]))
     np.testing.assert_array_equal(np.asarray(positions), [[0, 1, 2, 0, 0]])
+
+
+@needs_m30k
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path):
+    """NaN steps leave the parameters as they were (counted); 3 in a row stop the run."""
+    seen = {}
+    result = nmt.train_and_evaluate(
+        tiny_nmt(debug_nonfinite_steps="2", max_steps=4, log_every=4),
+        tmp_path / "a",
+        on_step=lambda step, state: seen.__setitem__(step, _params(state)),
+    )
+    assert result["train/skipped_updates"] == 1.0
+    # loop index 2 is the third update (on_step step 3): skipped, so nothing changed in it
+    assert all(np.array_equal(seen[3][k], seen[2][k]) for k in seen[3])
+    assert not all(np.array_equal(seen[2][k], seen[1][k]) for k in seen[2])
+    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        nmt.train_and_evaluate(
+            tiny_nmt(debug_nonfinite_steps="1,2,3", max_nonfinite_steps=3, log_every=4),
+            tmp_path / "b",
+        )

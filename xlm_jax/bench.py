@@ -235,9 +235,10 @@ def main(argv: list[str]) -> None:
     }
     if peak:
         print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    print(f"mesh {dict(next(iter(results.values()))['mesh'])}, {jax.device_count()} devices")
-    print("| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device |")
-    print("|---|---|---|---|---|---|---|---|")
+    if results:  # --kinds= (empty) times decoding only
+        print(f"mesh {dict(next(iter(results.values()))['mesh'])}, {jax.device_count()} devices")
+        print("| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device |")
+        print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         mem = r["memory_bytes_per_device"]
         mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"

@@ -37,8 +37,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
-# A full disk (or quota): orbax re-raises the background writer's OSError without any path.
+# A full disk (or quota). Orbax re-raises its writers' OSError without any path; tensorstore (the
+# array data) raises ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']") instead.
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_errno(e: Exception) -> int | None:
+    """ENOSPC or EDQUOT if ``e`` says the disk is full, else None."""
+    if isinstance(e, OSError):
+        return e.errno if e.errno in _DISK_FULL else None
+    text = str(e)
+    return next((code for code in _DISK_FULL if f"[os_error_code='{code}']" in text), None)
 
 
 def _jsonable(x: Any) -> Any:
@@ -116,7 +125,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
         self._last_saved: int | None = None  # the newest step handed to the manager
 
-    def _disk_full(self, e: OSError, step: int | None) -> OSError:
+    def _disk_full(self, code: int, step: int | None) -> OSError:
         """The manager's bare ``[Errno 28] No space left on device``, said with where and what
         is left: the failed step is never committed, so the previous checkpoint stays usable."""
         try:
@@ -129,9 +138,9 @@ class Checkpointer:
             else "no complete checkpoint was written yet"
         )
         return OSError(
-            e.errno,
+            code,
             f"checkpoint {step} could not be written to {self.directory}: the disk is full "
-            f"({os.strerror(e.errno)}); {left}. Free space there and rerun the same command.",
+            f"({os.strerror(code)}); {left}. Free space there and rerun the same command.",
         )
 
     def _failed_step(self, step: int | None) -> int | None:
@@ -180,10 +189,10 @@ class Checkpointer:
         )
         try:
             saved = self._manager.save(step, args=args, metrics=manager_metrics, force=force)
-        except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise self._disk_full(e, self._failed_step(step)) from e
-            raise
+        except Exception as e:
+            if (code := _disk_full_errno(e)) is None:
+                raise
+            raise self._disk_full(code, self._failed_step(step)) from e
         if saved:
             self._last_saved = step
         return saved
@@ -309,18 +318,18 @@ class Checkpointer:
         """Blocks until pending async saves (and the deletions they trigger) are finished."""
         try:
             self._manager.wait_until_finished()
-        except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise self._disk_full(e, self._failed_step(None)) from e
-            raise
+        except Exception as e:
+            if (code := _disk_full_errno(e)) is None:
+                raise
+            raise self._disk_full(code, self._failed_step(None)) from e
 
     def close(self) -> None:
         try:
             self._manager.close()  # waits for pending saves first
-        except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise self._disk_full(e, self._failed_step(None)) from e
-            raise
+        except Exception as e:
+            if (code := _disk_full_errno(e)) is None:
+                raise
+            raise self._disk_full(code, self._failed_step(None)) from e
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -197,9 +197,14 @@ def beam_search(
         logits, cache = step_fn(prev.reshape(B * K), cur - 1, state["cache"])
         logprobs = jax.nn.log_softmax(_float_logits(logits, eos_id, eos_allowed), axis=-1)
         V = logprobs.shape[-1]
-        cand = (alive_score[:, :, None] + logprobs.reshape(B, K, V)).reshape(B, K * V)
+        # Two-stage top-k: the best 2K of K x V candidates are among each beam's best 2K words,
+        # and a top-k over (B*K, V) then (B, K*2K) is far cheaper than one over (B, K*V).
+        beam_lp, beam_word = lax.top_k(logprobs, min(2 * K, V))  # (B*K, 2K)
+        n = beam_lp.shape[-1]
+        cand = (alive_score[:, :, None] + beam_lp.reshape(B, K, n)).reshape(B, K * n)
         top_score, top_idx = lax.top_k(cand, 2 * K)  # (B, 2K), best first
-        parent, word = top_idx // V, (top_idx % V).astype(jnp.int32)
+        parent = top_idx // n
+        word = jnp.take_along_axis(beam_word.reshape(B, K * n), top_idx, axis=1).astype(jnp.int32)
 
         # BeamHypotheses.is_done, checked before this step's candidates, as XLM.
         worst = jnp.min(state["fin_score"], axis=1)

@@ -110,7 +110,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.best_metric = "valid/bleu"  # mean sacreBLEU over the validation directions; "" = none
     c.best_mode = "max"
     c.patience = -1
-    c.max_nonfinite_steps = 20
+    c.max_nonfinite_steps = 20  # stop after this many consecutive skipped (NaN/inf) updates
+    c.debug_nonfinite_steps = ""  # test hook: "5,6" makes those steps' loss NaN
     return c
 
 
@@ -831,6 +832,7 @@ def train_and_evaluate(
         )
 
     base_rng = jax.random.key(config.seed)
+    poisoned = {int(x) for x in str(config.debug_nonfinite_steps).split(",") if x.strip()}
     window: dict[str, list[Sums]] = {}
     nonfinite: list[jax.Array] = []
     window_tokens = 0
@@ -840,6 +842,8 @@ def train_and_evaluate(
         while loop["step"] < config.max_steps and not stop:
             entry = entries[loop["step"] % len(entries)]
             lam = lambda_at(lambdas[entry.objective], loop["step"])
+            if loop["step"] in poisoned:
+                lam = float("nan")  # test hook: this step's loss and gradients are NaN
             if lam != 0:  # XLM skips an objective whose lambda is 0
                 it = data.train[entry.key]
                 batch = next(it)

@@ -331,9 +331,10 @@ def finetune(
         best_metric=best_metric,
         best_mode="max",
     )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        saved = ckpt.restore_meta(latest)
+    # A damaged newest checkpoint is skipped (with a warning) for the previous one, as pretraining.
+    newest = ckpt.newest_readable_meta()
+    latest, saved = newest if newest is not None else (None, None)
+    if saved is not None:
         if saved["config"]["init_checkpoint"] != config.init_checkpoint:
             raise ValueError(
                 f"{workdir} holds a fine-tuning of {saved['config']['init_checkpoint']!r}, not of "
@@ -436,7 +437,7 @@ def finetune(
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
-        state, saved_loop, _ = ckpt.restore(latest, abstract_state=abstract)
+        latest, state, saved_loop, _ = ckpt.restore_newest_readable(abstract)
         loop = {**loop, **saved_loop}  # checkpoints of older versions lack the mid-epoch keys
         if loop["epoch_rows"]:
             check_mid_epoch_resume(loop["order_inputs"], order_inputs, f"checkpoint {latest}")
