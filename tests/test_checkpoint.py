@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from xlm_jax.checkpoint import Checkpointer
@@ -128,6 +129,27 @@ def test_restore_onto_other_sharding(tmp_path):
 
 # Restoring onto other meshes (8 devices -> (2,2,2) and -> 1 device) is tested end to end in
 # tests/test_parallel.py, in processes that have the devices.
+
+
+def test_a_reader_leaves_a_running_writers_saves_alone(tmp_path):
+    """NMT/XNLI read a pretraining run's checkpoints, maybe while it still trains: the reader
+    must not remove its saves in flight (orbax's tmp clean-up) nor write anything."""
+    state = make_state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, data_state={"cursor": 1}, meta=META)
+    in_flight = tmp_path / "2.orbax-checkpoint-tmp"
+    shutil.copytree(tmp_path / "1", in_flight)
+    with Checkpointer(tmp_path, read_only=True) as reader:
+        assert reader.all_steps() == [1]
+        restored, ds, _ = reader.restore(abstract_state=abstract(state))
+        assert_trees_equal(restored, state)
+        with pytest.raises(PermissionError, match="opened read-only"):
+            reader.save(3, state, data_state={}, meta=META)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", in_flight.name]
+    assert not (tmp_path / "missing").exists()
+    with Checkpointer(tmp_path / "missing", read_only=True) as reader:
+        assert reader.latest_step() is None
+    assert not (tmp_path / "missing").exists()
 
 
 def test_interrupted_save_is_ignored(tmp_path):

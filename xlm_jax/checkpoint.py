@@ -18,7 +18,10 @@ barriers).
 Crash safety is orbax's: a step is written to `<step>.orbax-checkpoint-tmp*` and renamed
 (or, on GCS, marked with a commit file) only once every item is complete, so an interrupted save
 leaves the previous step usable. Leftover tmp directories are invisible to `latest_step` and are
-removed when the next `Checkpointer` on the directory saves (`cleanup_tmp_directories`).
+removed when the next writing `Checkpointer` on the directory saves (`cleanup_tmp_directories`).
+Readers of another run's checkpoints (initialising NMT or XNLI from a pretraining run, exports)
+open them with ``read_only=True``: they never create, delete or clean up anything, so they are
+safe next to a run that is still writing there.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: str = "min",
         async_save: bool = True,
+        read_only: bool = False,
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (resume needs the latest), got {keep_last}")
@@ -88,6 +92,7 @@ class Checkpointer:
         if "://" not in str(directory):  # orbax wants absolute local paths; keep gs:// as is
             path = path.resolve()
         self._best_metric = best_metric
+        self._read_only = read_only
 
         policies: list[ocm.PreservationPolicy] = [ocm.LatestN(n=keep_last)]
         best_fn = None
@@ -113,8 +118,11 @@ class Checkpointer:
             best_fn=best_fn,
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            # A writer removes the tmp directories of interrupted saves. A reader must not: they
+            # may be the saves in flight of a run still writing to this directory.
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         # Handlers named up front, so metadata of existing checkpoints is readable before a save.
         handlers = {
@@ -173,6 +181,8 @@ class Checkpointer:
         this returns, so the caller may donate/overwrite `state` right away; the write and the
         deletion of old steps finish in the background (see `wait`).
         """
+        if self._read_only:
+            raise PermissionError(f"{self.directory}: opened read-only, cannot save step {step}")
         manager_metrics = None
         if metrics is not None and self._best_metric is not None:
             value = metrics.get(self._best_metric)

@@ -110,7 +110,7 @@ def load_checkpoint(path: str | os.PathLike, step: int = -1) -> tuple[Path, int,
     else its latest.
     """
     directory = checkpoint_dir(path).resolve()
-    with Checkpointer(directory, async_save=False) as probe:
+    with Checkpointer(directory, read_only=True) as probe:
         latest = probe.latest_step()
         if latest is None:
             raise FileNotFoundError(f"{os.fspath(path)!r}: no checkpoint in it")
@@ -122,11 +122,11 @@ def load_checkpoint(path: str | os.PathLike, step: int = -1) -> tuple[Path, int,
             directory,
             best_metric=best_metric,
             best_mode=pre.get("best_mode", "min"),
-            async_save=False,
+            read_only=True,
         ) as ck:
             best = ck.best_step()
         step, chosen = (best, f"best by {best_metric}") if best is not None else (latest, "latest")
-    with Checkpointer(directory, async_save=False) as ck:
+    with Checkpointer(directory, read_only=True) as ck:
         if step not in ck.all_steps():
             raise FileNotFoundError(f"{directory}: no checkpoint {step} (has {ck.all_steps()})")
         meta = ck.restore_meta(step)
