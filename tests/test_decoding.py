@@ -421,7 +421,7 @@ def test_beam_is_exact_when_it_covers_the_space(case, length_penalty):
 def test_beam_without_cache_reordering_is_caught(monkeypatch):
     """The toy model's history lives in the cache: skipping its reordering changes the output."""
     expected = beam_run(4, 1.0, False)
-    monkeypatch.setattr(decoding, "_reorder_cache", lambda cache, rows: cache)
+    monkeypatch.setattr(decoding, "_reorder_cache", lambda cache, rows, shared=frozenset(): cache)
     tokens, _, scores = jax.device_get(
         beam_fn(MODEL, 8, 4)(MODEL.init_cache(BIAS), LIMITS, 1.0, False)
     )

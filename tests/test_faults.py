@@ -424,9 +424,29 @@ def test_write_atomic_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "fsync", no_space)  # the data never reaches the disk
     with pytest.raises(OSError) as e:
         files.write_atomic(path, b"new contents, half written")
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.errno == errno.ENOSPC and isinstance(e.value.__cause__, OSError)
+    assert str(e.value) == (
+        f"[Errno 28] writing {path} failed: No space left on device; the previous file, if any, "
+        "is unchanged"
+    )
     assert path.read_bytes() == b"old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model"]  # no temp file left
+
+
+def test_metrics_log_on_a_full_disk_names_the_file(tmp_path):
+    """A real ENOSPC: metrics.jsonl is a link to /dev/full, where every write fails so."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    path = tmp_path / "metrics.jsonl"
+    path.symlink_to("/dev/full")
+    writer = MetricWriter(tmp_path, total_steps=10, tensorboard=False)
+    with pytest.raises(OSError) as e:
+        writer.write(3, {"loss": 1.0})
+    assert e.value.errno == errno.ENOSPC and e.value.__cause__.errno == errno.ENOSPC
+    assert str(e.value) == (
+        f"[Errno 28] appending a record to {path} failed: No space left on device"
+    )
+    writer.close()  # nothing was left buffered to fail again
 
 
 # --- host memory stays flat ----------------------------------------------------------------------

@@ -336,3 +336,99 @@ def test_config_validation_and_dict_round_trip():
         ModelConfig(vocab_size=10, n_langs=1, dtype="int32")
     with pytest.raises(ValueError, match="unknown ModelConfig keys"):
         ModelConfig.from_dict({"vocab_size": 10, "n_langs": 1, "emb_size": 3})
+
+
+def test_dropout_rate_scale_and_determinism():
+    """16-bit dropout: the realised rate is the configured one (to 2^-16, within sampling
+    error), kept values carry the exact inverse keep probability, the mean is unbiased, and the
+    same key gives the same mask."""
+    from xlm_jax.model.layers import Dropout
+
+    x = jnp.ones((64, 257, 33), jnp.float32)  # odd size: one half of the last word is unused
+    drop = Dropout(0.1)
+    y = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    kept = np.asarray(y != 0)
+    n = kept.size
+    keep = round(0.9 * 65536) / 65536
+    # 5 standard deviations of a binomial proportion: fails on a wrong rate, not by chance
+    assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / n)
+    np.testing.assert_array_equal(np.asarray(y)[kept], np.float32(1 / keep))
+    assert abs(float(y.mean()) - 1.0) < 5 * np.sqrt((1 - keep) / keep / n)
+    again = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(y))
+    other = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
+    assert (np.asarray(other) != np.asarray(y)).any()
+    # both 16-bit halves of a draw are used: neighbours are not copies of each other
+    flat = kept.reshape(-1)
+    assert (flat[0::2] != flat[1::2]).mean() > 0.1
+    np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+
+
+def _loss_and_grads(config: ModelConfig, variables: dict, batch: dict, *, causal: bool = False):
+    """Mean logit of real tokens in training mode (dropout on) and its gradients."""
+    model = XLMEncoder(config)
+
+    def loss(params):
+        logits = model.apply(
+            {"params": params},
+            batch["tokens"],
+            batch["positions"],
+            batch["langs"],
+            causal=causal,
+            deterministic=False,
+            rngs={"dropout": jax.random.key(7)},
+        )
+        weights = (batch["tokens"] != PAD)[..., None]
+        return jnp.sum(jnp.where(weights, jnp.tanh(logits), 0.0))
+
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dot_product_attention_matches_the_explicit_one(causal):
+    """`attention_impl="xla"` (jax.nn.dot_product_attention, the cuDNN path's XLA twin) computes
+    the explicit attention: same parameters, same loss and gradients (padded rows included)."""
+    import dataclasses
+
+    explicit = dataclasses.replace(TINY, attention_dropout=0.0)
+    fused = dataclasses.replace(explicit, attention_impl="xla")
+    batch = make_batch()
+    variables = XLMEncoder(explicit).init(*init_args(batch))
+    assert jax.tree.structure(XLMEncoder(fused).init(*init_args(batch))) == jax.tree.structure(
+        variables
+    )
+    loss_a, grads_a = _loss_and_grads(explicit, variables, batch, causal=causal)
+    loss_b, grads_b = _loss_and_grads(fused, variables, batch, causal=causal)
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_changes_memory_not_results(policy):
+    """Recomputing blocks in the backward pass keeps parameter names, loss and gradients (with
+    dropout on: the recomputed masks are the same)."""
+    import dataclasses
+
+    rematted = dataclasses.replace(TINY, remat=policy)
+    batch = make_batch()
+    variables = XLMEncoder(TINY).init(*init_args(batch))
+    assert jax.tree.structure(XLMEncoder(rematted).init(*init_args(batch))) == jax.tree.structure(
+        variables
+    )
+    loss_a, grads_a = _loss_and_grads(TINY, variables, batch)
+    loss_b, grads_b = _loss_and_grads(rematted, variables, batch)
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_runtime_options_are_validated():
+    import dataclasses
+
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        dataclasses.replace(TINY, attention_impl="flash")
+    with pytest.raises(ValueError, match="has no attention dropout"):
+        dataclasses.replace(TINY, attention_impl="cudnn", attention_dropout=0.1)
+    with pytest.raises(ValueError, match="remat='some'"):
+        dataclasses.replace(TINY, remat="some")

@@ -1,6 +1,7 @@
 """Translation mode: step lists, input checks, learning, exact resume, init from pretraining, the
 translate command."""
 
+import shutil
 import subprocess
 import sys
 
@@ -10,12 +11,18 @@ import pytest
 from flax import traverse_util
 
 from tests.conftest import CPU_ENV, SHARED_DATA, tiny_nmt, write_lines
+from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind_down
 from xlm_jax import bleu, nmt
 from xlm_jax import pretrained as pretrained_lib
+from xlm_jax.checkpoint import Checkpointer
 from xlm_jax.data.sources import DataError
+from xlm_jax.tokenizer import train_tokenizer
 
 M30K = SHARED_DATA / "multi30k"
 needs_m30k = pytest.mark.skipif(not (M30K / "train.en").exists(), reason="no Multi30k data")
+# a failed orbax save (the disk-full test) leaves a coroutine unawaited; Python reports it in
+# whichever test runs next
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 
 
 def test_steps_follow_xlm_order_and_reject_bad_lists():
@@ -208,8 +215,115 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path):
     # loop index 2 is the third update (on_step step 3): skipped, so nothing changed in it
     assert all(np.array_equal(seen[3][k], seen[2][k]) for k in seen[3])
     assert not all(np.array_equal(seen[2][k], seen[1][k]) for k in seen[2])
-    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+    # raised at the log of step 4, before that step's checkpoint: there is none yet
+    with pytest.raises(FloatingPointError, match="3 consecutive steps.*No checkpoint was written"):
         nmt.train_and_evaluate(
             tiny_nmt(debug_nonfinite_steps="1,2,3", max_nonfinite_steps=3, log_every=4),
             tmp_path / "b",
         )
+
+
+# --- resuming: a damaged newest checkpoint, a changed config --------------------------------------
+
+
+def _checkpointed_config(**overrides):
+    """4 steps (AE en, AE fr, MT en-fr, AE en), checkpoints at 2 and 4."""
+    return tiny_nmt(bt_steps="", max_steps=4, checkpoint_every=2, **overrides)
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A finished random-init run (its own tokenizer in the workdir) and its parameters after
+    every step."""
+    if not (M30K / "train.en").exists():
+        pytest.skip("no Multi30k data")
+    workdir = tmp_path_factory.mktemp("nmt_run")
+    seen: dict[int, dict] = {}
+    nmt.train_and_evaluate(
+        _checkpointed_config(), workdir, on_step=lambda s, st: seen.__setitem__(s, _params(st))
+    )
+    return workdir, seen
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(checkpointed_run, tmp_path, caplog):
+    """Every array file of checkpoint 4 truncated: the rerun sets it aside with a warning naming
+    it and checkpoint 2, redoes steps 3 and 4 and ends with the same parameters. The workdir's
+    tokenizer is replaced as well: a resumed run takes the checkpoint's."""
+    original, seen = checkpointed_run
+    work = tmp_path / "work"
+    shutil.copytree(original, work)
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [2, 4]
+    damaged = [f for f in (work / "checkpoints" / "4" / "state").rglob("*") if f.is_file()]
+    assert damaged
+    for f in damaged:
+        f.write_bytes(b"")
+    train_tokenizer(
+        {"en": [f"word{i} other{i % 7}" for i in range(200)]},
+        work / "tokenizer.model",
+        vocab_size=40,
+    )
+    caplog.set_level("WARNING")
+    resumed: dict[int, dict] = {}
+    nmt.train_and_evaluate(
+        _checkpointed_config(), work, on_step=lambda s, st: resumed.__setitem__(s, _params(st))
+    )
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"checkpoint 4 in {(work / 'checkpoints').resolve()} cannot be restored" in warnings[0]
+    assert "falling back to checkpoint 2" in warnings[0]
+    assert sorted(resumed) == [3, 4]  # redone from step 2
+    for name, value in seen[4].items():
+        np.testing.assert_array_equal(resumed[4][name], value, err_msg=name)
+    assert (work / "checkpoints_unreadable" / "4" / "state").is_dir()  # kept for inspection
+    with Checkpointer(work / "checkpoints", read_only=True) as ck:
+        assert ck.all_steps() == [2, 4]
+
+
+def test_resuming_with_other_settings_is_refused(checkpointed_run):
+    """The model is rebuilt from the checkpoint: a changed setting that made it is refused,
+    naming each difference, before anything is built, and nothing in the workdir changes."""
+    workdir, _ = checkpointed_run
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    where = f"checkpoint 4 in {(workdir / 'checkpoints').resolve()} was written by a different"
+    cases = [
+        ({"model.emb_dim": 48}, ["model.emb_dim: checkpoint 32 vs config 48"]),
+        (
+            {"init_checkpoint": "/elsewhere", "dec_layers": 2},
+            [
+                "init_checkpoint: checkpoint '' vs config '/elsewhere'",
+                "dec_layers: checkpoint -1 vs config 2",
+            ],
+        ),
+        ({"tokenizer.vocab_size": 500}, ["tokenizer.vocab_size: checkpoint 300 vs config 500"]),
+    ]
+    for overrides, diffs in cases:
+        with pytest.raises(ValueError) as e:
+            nmt.train_and_evaluate(_checkpointed_config(**overrides), workdir)
+        lines = str(e.value).splitlines()
+        assert lines[0].startswith(where), lines
+        assert lines[1:] == [f"  {d}" for d in diffs] + [
+            "rerun with the checkpoint's values, or use another workdir"
+        ]
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+@orbax_threads_wind_down
+def test_disk_full_during_a_save_resumes_from_the_previous_checkpoint(checkpointed_run, tmp_path):
+    """Checkpoint 4 cannot be written: the error says so and that checkpoint 2 is untouched; the
+    rerun resumes from 2 and ends with the parameters of the run that had room."""
+    _, seen = checkpointed_run
+    work = tmp_path / "work"
+    with disk_full_for("/4.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
+        nmt.train_and_evaluate(_checkpointed_config(), work)
+    msg = str(e.value)
+    assert f"checkpoint 4 could not be written to {(work / 'checkpoints').resolve()}" in msg, msg
+    assert "the disk is full" in msg and "newest complete checkpoint, 2, is untouched" in msg, msg
+    assert committed_steps(work / "checkpoints") == [2]
+    resumed: dict[int, dict] = {}
+    nmt.train_and_evaluate(
+        _checkpointed_config(), work, on_step=lambda s, st: resumed.__setitem__(s, _params(st))
+    )
+    assert sorted(resumed) == [3, 4]
+    for name, value in seen[4].items():
+        np.testing.assert_array_equal(resumed[4][name], value, err_msg=name)
+    assert committed_steps(work / "checkpoints") == [2, 4]

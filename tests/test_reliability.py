@@ -1,8 +1,10 @@
 """Stopping and faults: preemption checkpoints and resumes exactly; NaN steps are skipped."""
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,3 +137,67 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
     )
     assert min(resumed) == 7  # redone from step 6
     jax.tree.map(np.testing.assert_array_equal, full[12], resumed[12])
+
+
+SIZE_CHECKS = """
+import json, os, sys
+from tests.conftest import override, tiny_config, tiny_nmt
+from tests.test_xnli import _finetune_config
+from xlm_jax import nmt, train, xnli
+
+root = sys.argv[1]
+modes = {
+    "pretrain": (train.train_and_evaluate, tiny_config),
+    "nmt": (nmt.train_and_evaluate, tiny_nmt),
+    "xnli": (xnli.finetune, lambda **kw: _finetune_config("/no/pretraining", **kw)),
+}
+cases = {
+    "mesh": {"mesh.shape": (3, 1, 1)},
+    "batch": {"mesh.shape": (2, 1, 1), "batch_size": 3},
+    "eval_batch": {"mesh.shape": (2, 1, 1), "eval_batch_size": 5},
+}
+out = {}
+for mode, (run, make) in modes.items():
+    for case, overrides in cases.items():
+        workdir = os.path.join(root, mode + "_" + case)
+        try:  # data that does not exist: the size check must come first
+            run(override(make(**overrides), **{"data.root": "/no/data"}), workdir)
+            out[mode + " " + case] = "ran"
+        except Exception as e:
+            out[mode + " " + case] = [type(e).__name__, str(e), sorted(os.listdir(workdir))]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_mesh_and_batch_sizes_that_do_not_divide_are_refused_first(tmp_path):
+    """On 2 devices, every mode refuses a mesh the devices do not fill and a batch the batch
+    split does not divide, with a message naming the setting, before reading any data (here
+    missing) and with nothing written to the workdir."""
+    env = {**CPU_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SIZE_CHECKS, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "RESULT" in proc.stdout, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    split = "2-way batch split of Mesh('data': 2, 'fsdp': 1, 'tensor': 1"
+    for mode in ("pretrain", "nmt", "xnli"):
+        assert out[f"{mode} mesh"] == [
+            "ValueError",
+            "mesh shape {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices, but there are 2",
+            [],
+        ]
+        kind, msg, written = out[f"{mode} batch"]
+        assert kind == "ValueError" and msg.startswith(
+            f"batch_size=3 is not divisible by the {split}"
+        )
+        assert written == []
+        kind, msg, written = out[f"{mode} eval_batch"]
+        assert kind == "ValueError" and msg.startswith(
+            f"eval_batch_size=5 is not divisible by the {split}"
+        )
+        assert written == []

@@ -83,17 +83,30 @@ def test_accumulated_micro_batches_give_the_large_batch_update(tmp_path):
 
 def test_alternation_compiles_each_step_once(tmp_path, caplog):
     caplog.set_level("INFO")
-    config = tiny_config(max_steps=20, clm_steps="en,fr", eval_every=10)
+    config = tiny_config(max_steps=20, clm_steps="en,fr", eval_every=10, log_every=5)
+    config.peak_flops_per_device = 1e9
     train.train_and_evaluate(config, tmp_path)
     lines = [r.getMessage() for r in caplog.records if "compiled programs" in r.getMessage()]
     # train: clm (4x32), masked MLM (4x32), masked TLM (4x48); eval: clm, masked (8x32, 8x48)
     assert lines == ["compiled programs: 6"]
+    # throughput and MFU from the second logging window on (the first one compiles)
+    logged = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/lr" in r]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20]
+    assert "train/mfu" not in logged[0] and "train/tokens_per_s" not in logged[0]
+    for r in logged[1:]:
+        assert r["train/tokens_per_s"] > 0
+        assert r["train/mfu"] == pytest.approx(r["train/tflops_per_device"] * 1e12 / 1e9)
 
 
-def test_checkpoint_from_another_config_is_refused(tmp_path):
+def test_checkpoint_from_another_config_is_refused(tmp_path, caplog):
+    caplog.set_level("INFO")
     train.train_and_evaluate(tiny_config(max_steps=6), tmp_path)
     with pytest.raises(ValueError, match=r"model.emb_dim: checkpoint 32 vs config 48"):
         train.train_and_evaluate(tiny_config(max_steps=12, **{"model.emb_dim": 48}), tmp_path)
+    # how the model runs is not part of it: the run resumes with activation checkpointing on
+    train.train_and_evaluate(tiny_config(max_steps=8, **{"model.remat": "full"}), tmp_path)
+    assert any("resumed from step 6" in r.getMessage() for r in caplog.records)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")][-1] == 8
 
 
 def test_objective_without_data_fails_before_compiling(tmp_path):

@@ -17,16 +17,21 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import CPU_ENV, SHARED_DATA, XNLI_DIR, needs_xnli, override
+from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind_down
 from xlm_jax import xnli
 from xlm_jax.checkpoint import Checkpointer
 from xlm_jax.data import nli, sources
 from xlm_jax.data.sources import DataError
+from xlm_jax.metrics import read_jsonl
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
 from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
 from xlm_jax.tokenizer import EOS_ID, PAD_ID
 
 REPO = Path(__file__).resolve().parents[1]
+# a failed orbax save (the disk-full test) leaves a coroutine unawaited; Python reports it in
+# whichever test runs next
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 
 
 def _tiny_model(**kw) -> ModelConfig:
@@ -263,6 +268,157 @@ def test_preempted_mid_epoch_resumes_exactly(pretrained, tmp_path):
     best = full["selected"]["en"]
     with Checkpointer(ckdir, best_metric="valid/en/acc", best_mode="max") as ck:
         assert ck.best_step() == best["step"] and best["step"] in (7, 14)
+
+
+# --- non-finite updates, a damaged checkpoint, changed settings -----------------------------------
+
+SHORT_EPOCH = {  # 4 updates of 32 pairs an epoch, validation on 64 English pairs
+    "data.train": "en: xnli/en.tsv@0:128",
+    "data.valid": "en: xnli/en.tsv@1990:2054",
+    "n_epochs": 1,
+    "eval_at_start": False,
+    "dropout": 0.1,
+    "encoder_dropout": 0.1,
+}
+
+
+@needs_xnli
+def test_nonfinite_updates_are_skipped_then_stop_the_run(pretrained, tmp_path):
+    """A NaN update changes nothing (parameters, Adam, update count), is counted, and stays out
+    of the epoch's loss; 3 in a row stop the run, counted across a preemption and resume."""
+    seen = {}
+    results = xnli.finetune(
+        _finetune_config(pretrained, **SHORT_EPOCH, debug_nonfinite_steps="1", log_every=1),
+        tmp_path / "a",
+        on_step=lambda s, st: seen.__setitem__(s, jax.device_get(st)),
+    )
+    # loop index 1 is update 2: skipped, so the state after it is the state after update 1
+    jax.tree.map(np.testing.assert_array_equal, seen[2], seen[1])
+    assert [int(seen[s].step) for s in (1, 2, 3, 4)] == [1, 1, 2, 3]
+    assert not np.array_equal(seen[3].params["head"]["kernel"], seen[2].params["head"]["kernel"])
+    logs = {
+        r["step"]: r
+        for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")
+        if "train/skipped_updates" in r
+    }
+    assert [logs[s]["train/skipped_updates"] for s in (1, 2, 3, 4)] == [0, 1, 0, 0]
+    assert "train/xnli/loss" not in logs[2]
+    # the epoch's loss: the 3 trained updates' (32 pairs each), not NaN
+    epoch_loss = results["history"][-1]["train/loss"]
+    assert epoch_loss == pytest.approx(
+        np.mean([logs[s]["train/xnli/loss"] for s in (1, 3, 4)]), rel=1e-6
+    )
+
+    # NaN at updates 2, 3, 4 with max_nonfinite_steps=3: a SIGTERM after update 3 checkpoints
+    # the run of 2 skips; the resumed run's third skip stops it.
+    stop = {
+        **SHORT_EPOCH,
+        "debug_nonfinite_steps": "1,2,3",
+        "max_nonfinite_steps": 3,
+        "log_every": 1,
+    }
+    with pytest.raises(Preempted, match="stopped at step 3"):
+        xnli.finetune(_finetune_config(pretrained, **stop), tmp_path / "b", on_step=_sigterm_at(3))
+    assert _loop_state(tmp_path / "b" / "checkpoints", 3)["nonfinite_run"] == 2
+    with pytest.raises(FloatingPointError) as e:
+        xnli.finetune(_finetune_config(pretrained, **stop), tmp_path / "b")
+    assert str(e.value) == (
+        "3 consecutive steps with a non-finite loss or gradient before step 4; their updates "
+        "were skipped. The last checkpoint (3) holds finite parameters."
+    )
+    with Checkpointer(tmp_path / "b" / "checkpoints") as ck:
+        assert ck.all_steps() == [3]
+        state = ck.restore_numpy()
+    # the state after update 1 (as in the first run: the same batches and dropout keys)
+    jax.tree.map(np.testing.assert_array_equal, state["params"], seen[1].params)
+    assert int(state["step"]) == 1
+
+
+@pytest.fixture(scope="module")
+def finished_run(pretrained, tmp_path_factory):
+    """One epoch of 4 updates with dropout, checkpoints after update 2 (mid-epoch) and 4."""
+    workdir = tmp_path_factory.mktemp("xnli_run")
+    config = _finetune_config(pretrained, **SHORT_EPOCH, checkpoint_every=2, keep_checkpoints=2)
+    return workdir, config, xnli.finetune(config, workdir)
+
+
+@needs_xnli
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(finished_run, tmp_path, caplog):
+    """Checkpoint 4's array files garbled: the rerun sets it aside with a warning naming it and
+    the mid-epoch checkpoint 2, redoes updates 3 and 4, and ends exactly as the first run."""
+    original, config, first = finished_run
+    work = tmp_path / "work"
+    shutil.copytree(original, work)
+    damaged = [f for f in (work / "checkpoints" / "4" / "state").rglob("*") if f.is_file()]
+    assert damaged
+    for f in damaged:
+        f.write_bytes(os.urandom(f.stat().st_size))
+    caplog.set_level("WARNING")
+    seen: list[int] = []
+    resumed = xnli.finetune(config, work, on_step=lambda s, st: seen.append(s))
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"checkpoint 4 in {(work / 'checkpoints').resolve()} cannot be restored" in warnings[0]
+    assert "falling back to checkpoint 2" in warnings[0]
+    assert seen == [3, 4]
+    assert resumed["history"] == first["history"]  # accuracies and the epoch's loss, exactly
+    _assert_same_final_state(original, work)
+    assert (work / "checkpoints_unreadable" / "4" / "state").is_dir()  # kept for inspection
+
+
+@needs_xnli
+def test_resuming_with_other_settings_is_refused(finished_run, tmp_path):
+    """The model is rebuilt from the checkpoint: a changed setting that made it is refused,
+    naming each difference, and nothing in the workdir changes."""
+    workdir, config, _ = finished_run
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    other = str(tmp_path / "other_pretraining")
+    cases = [
+        (
+            {"init_checkpoint": other},
+            [f"init_checkpoint: checkpoint {config.init_checkpoint!r} vs config {other!r}"],
+        ),
+        (
+            {"encoder_dropout": 0.3, "dropout": 0.0},
+            [
+                "dropout: checkpoint 0.1 vs config 0.0",
+                "encoder_dropout: checkpoint 0.1 vs config 0.3",
+            ],
+        ),
+    ]
+    for overrides, diffs in cases:
+        with pytest.raises(ValueError) as e:
+            xnli.finetune(override(config.copy_and_resolve_references(), **overrides), workdir)
+        lines = str(e.value).splitlines()
+        assert lines[0] == (
+            f"checkpoint 4 in {(workdir / 'checkpoints').resolve()} was written by a different "
+            "config:"
+        )
+        assert lines[1:] == [f"  {d}" for d in diffs] + [
+            "rerun with the checkpoint's values, or use another workdir"
+        ]
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+@needs_xnli
+@orbax_threads_wind_down
+def test_disk_full_during_a_save_resumes_from_the_previous_checkpoint(finished_run, tmp_path):
+    """The epoch's checkpoint (4) cannot be written: the error says so and that the mid-epoch
+    checkpoint 2 is untouched; the rerun resumes from 2 and ends as the run that had room."""
+    original, config, first = finished_run
+    work = tmp_path / "work"
+    with disk_full_for("/4.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
+        xnli.finetune(config, work)
+    msg = str(e.value)
+    assert f"checkpoint 4 could not be written to {(work / 'checkpoints').resolve()}" in msg, msg
+    assert "the disk is full" in msg and "newest complete checkpoint, 2, is untouched" in msg, msg
+    assert committed_steps(work / "checkpoints") == [2]
+    assert not (work / "results.json").exists()
+    seen: list[int] = []
+    resumed = xnli.finetune(config, work, on_step=lambda s, st: seen.append(s))
+    assert seen == [3, 4]
+    assert resumed["history"] == first["history"]
+    _assert_same_final_state(original, work)
 
 
 CLI_CONFIG = """

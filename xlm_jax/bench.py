@@ -1,15 +1,16 @@
-"""Benchmark the compiled training steps of a config: tokens/s, FLOPs/token, MFU, memory.
+"""Benchmark a config's training steps, decoding and data pipeline, against transformers' XLM.
 
-  python -m xlm_jax.bench --config=configs/multi30k_mlm_tlm.py --out=/tmp/bench.json
-  # and translation decoding (greedy / beam 4, KV cache or not) at the config's model sizes:
-  python -m xlm_jax.bench --config=configs/multi30k_mlm_tlm.py --decode --kinds=
+  python -m xlm_jax.bench --config=configs/bench.py --torch=eager,compile --decode --pipeline \
+      --out=docs/bench/cpu_6x512.json --markdown=docs/benchmarks.md
 
-In one process: the machine's float32 matmul peak measured with JAX, then for each step kind
-(MLM, TLM, CLM) the compile time, the median step time over ``--steps`` steps after warm-up, tokens
-per second (rows are full, so every position is a token), model FLOPs per token
-(``model.encoder.xlm_flops_per_token``), MFU against the measured peak, and the compiled step's
-memory. Batches are random token ids of the config's shapes: the step's cost does not depend on
-the text.
+In one process, on one machine: the matmul peak measured with JAX (float32 and bfloat16), then for
+each step kind (MLM, TLM, CLM) the compile time, the median step time over ``--steps`` steps after
+warm-up, tokens per second (rows are full, so every position is a token), model FLOPs per token
+(``model.encoder.xlm_flops_per_token``), MFU against the measured peak of the compute dtype, and
+the compiled step's memory. ``--torch`` times transformers' ``XLMWithLMHeadModel`` on the same
+MLM batch (``xlm_jax.bench_torch``) and reports ours / theirs; ``--decode`` times greedy and beam
+decoding with and without the KV cache; ``--pipeline`` times the host iterators. Batches are
+random token ids of the config's shapes: the cost does not depend on the text.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 
@@ -29,24 +31,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from xlm_jax import nmt, parallel, train
+from xlm_jax import files, nmt, parallel, train
+from xlm_jax.data import batches as batches_lib
 from xlm_jax.model.encoder import XLMEncoder, xlm_flops_per_token
 from xlm_jax.model.seq2seq import EncoderDecoder
 from xlm_jax.tokenizer import EOS_ID, N_SPECIAL
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per kind (after 2 warm-up steps).")
-_OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
-_KINDS = flags.DEFINE_list("kinds", ["mlm", "tlm", "clm"], "Step kinds to compile (and time).")
-_MEMORY_ONLY = flags.DEFINE_bool(
-    "memory_only", False, "Only compile against abstract state: per-device memory, no timing."
-)
-_DECODE = flags.DEFINE_bool(
-    "decode", False, "Also time translation decoding (greedy / beam 4, with / without KV cache)."
-)
-_DECODE_SHAPE = flags.DEFINE_list(
-    "decode_shape", ["32", "20", "50"], "Decoding: sentences, source tokens, output tokens."
-)
 
 
 def _median_seconds(fn: Callable[[], object], n: int, warmup: int = 2) -> float:
@@ -166,7 +155,8 @@ def bench_decoding(
 
     An encoder-decoder of the config's model sizes with random weights; end-of-sentence is
     disabled so every sentence has exactly ``out_tokens`` tokens after the start token and all
-    variants do the same work. Median of ``n_runs`` after one warm-up (compile time separately).
+    variants do the same work. Median of ``n_runs`` after one warm-up (compile time separately);
+    the slow variants without the cache are timed once, after the run that checks the lengths.
     """
     mcfg = train.model_config(config, config.tokenizer.vocab_size)
     mcfg = dataclasses.replace(mcfg, dropout=0.0, attention_dropout=0.0)
@@ -202,7 +192,12 @@ def bench_decoding(
             compile_s = time.perf_counter() - t
             tokens, lengths = compiled(params, inputs, np.int32(1))
             assert int(np.min(lengths)) == out_tokens + 1, "every sentence must be full length"
-            seconds = _median_seconds(lambda c=compiled: c(params, inputs, np.int32(1)), n_runs, 1)
+            # Without the cache a run takes minutes at real sizes: one timed run after the
+            # (already compiled) first one is enough to show the ratio.
+            runs, warmup = (n_runs, 1) if kv else (1, 0)
+            seconds = _median_seconds(
+                lambda c=compiled: c(params, inputs, np.int32(1)), runs, warmup
+            )
             results.append(
                 {
                     "search": "greedy" if beam == 1 else f"beam {beam}",
@@ -216,64 +211,279 @@ def bench_decoding(
     return results
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    config = _CONFIG.value
-    peak = None if _MEMORY_ONLY.value else matmul_peak()
-    results = bench_steps(config, _STEPS.value, _MEMORY_ONLY.value, tuple(_KINDS.value))
-    report = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "devices": [str(d) for d in jax.devices()],
-            "jax": jax.__version__,
-        },
-        "model": config.model.to_dict(),
-        "matmul_peak_flops_float32": peak,
-        "steps": results,
+def bench_pipeline(config, n_batches: int = 200, n_sentences: int = 20_000) -> dict[str, dict]:
+    """Tokens/s the host pipeline delivers to the device: the training iterators (MLM windows of
+    a stream, TLM pairs packed per row) plus the transfer into the step's batch sharding.
+
+    Sentences are random token ids of 5 to 40 tokens: iteration cost does not depend on the text
+    (reading and tokenizing happen once, before the first step).
+    """
+    rng = np.random.default_rng(0)
+    vocab = config.tokenizer.vocab_size
+    sents = [
+        rng.integers(N_SPECIAL, vocab, rng.integers(5, 41)).astype(np.int32)
+        for _ in range(n_sentences)
+    ]
+    rules = parallel.rules_from_config(config.mesh.rules)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    sharding = parallel.batch_sharding(mesh, rules)
+    iterators = {
+        "mlm": batches_lib.StreamBatches(
+            batches_lib.make_stream(sents),
+            lang_id=0,
+            batch_size=config.batch_size,
+            length=config.bptt,
+            seed=0,
+            name="bench_mlm",
+            rows=parallel.process_rows(sharding, config.batch_size),
+        ),
+        "tlm": batches_lib.PairBatches(
+            sents,
+            sents[1:] + sents[:1],
+            src_lang=0,
+            tgt_lang=1,
+            batch_size=config.tlm_batch_size,
+            length=config.tlm_length,
+            seed=0,
+            name="bench_tlm",
+            rows=parallel.process_rows(sharding, config.tlm_batch_size),
+        ),
     }
-    if peak:
-        print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    if results:  # --kinds= (empty) times decoding only
-        print(f"mesh {dict(next(iter(results.values()))['mesh'])}, {jax.device_count()} devices")
-        print("| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device |")
-        print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        mem = r["memory_bytes_per_device"]
-        mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"
-        if "step_s" in r:
+    results = {}
+    for name, it in iterators.items():
+        with parallel.mesh_context(mesh, rules):
+            batch = parallel.global_batch(next(it), sharding, it.batch_size)
+            jax.block_until_ready(batch)
+            t = time.perf_counter()
+            for _ in range(n_batches):
+                batch = parallel.global_batch(next(it), sharding, it.batch_size)
+            jax.block_until_ready(batch)
+            seconds = (time.perf_counter() - t) / n_batches
+        rows, length = batch["tokens"].shape
+        results[name] = {
+            "batch": [rows, length],
+            "batch_s": seconds,
+            "tokens_per_s": rows * length / seconds,
+        }
+    return results
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def run(
+    config,
+    *,
+    n_steps: int = 10,
+    kinds: tuple[str, ...] = ("mlm", "tlm", "clm"),
+    memory_only: bool = False,
+    torch_modes: tuple[str, ...] = (),
+    decode_shape: tuple[int, int, int] | None = None,
+    pipeline: bool = False,
+    peak_size: int = 2048,
+) -> dict:
+    """Everything the benchmark measures, in one process: the report `main` prints and saves.
+
+    ``torch_modes`` ("eager", "compile") times transformers' XLM on the MLM batch
+    (``xlm_jax.bench_torch``); the ratios ours/theirs come from this same run.
+    """
+    report: dict = {"machine": machine(), "model": config.model.to_dict()}
+    report["vocab_size"] = config.tokenizer.vocab_size
+    if not memory_only:
+        report["peak_size"] = peak_size
+        report["matmul_peak_flops"] = {
+            "jax float32": matmul_peak(jnp.float32, peak_size),
+            "jax bfloat16": matmul_peak(jnp.bfloat16, peak_size),
+        }
+    steps = bench_steps(config, n_steps, memory_only, kinds)
+    peak = None if memory_only else report["matmul_peak_flops"][f"jax {config.model.dtype}"]
+    for r in steps.values():
+        if "achieved_flops" in r:
             r["mfu"] = r["achieved_flops"] / peak
-            timing = f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f}"
-            mfu = f"{r['mfu']:.1%}"
-        else:
-            timing, mfu = "- | -", "-"
-        print(
-            f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | {timing} | "
-            f"{r['flops_per_token'] / 1e9:.4f} | {mfu} | {mem} |"
-        )
-    if _DECODE.value:
-        batch, src_len, out_tokens = (int(x) for x in _DECODE_SHAPE.value)
+    report["steps"] = steps
+    if torch_modes:
+        from xlm_jax import bench_torch
+
+        if (why := bench_torch.available()) is not None:
+            raise RuntimeError(f"--torch needs torch and transformers ({why}); see README")
+        report["matmul_peak_flops"]["torch float32"] = bench_torch.torch_matmul_peak(peak_size)
+        report["reference"] = [
+            bench_torch.bench_hf_step(
+                config,
+                rows=config.batch_size,
+                length=config.bptt,
+                n_steps=n_steps,
+                compile=mode == "compile",
+            )
+            for mode in torch_modes
+        ]
+        if "mlm" in steps and "tokens_per_s" in steps["mlm"]:
+            for ref in report["reference"]:
+                ref["ours_over_theirs"] = steps["mlm"]["tokens_per_s"] / ref["tokens_per_s"]
+    if decode_shape is not None:
+        batch, src_len, out_tokens = decode_shape
+        runs = bench_decoding(config, batch, src_len, out_tokens)
         report["decoding"] = {
             "batch": batch,
             "source_tokens": src_len,
             "output_tokens": out_tokens,
-            "runs": bench_decoding(config, batch, src_len, out_tokens),
+            "runs": runs,
         }
-        print(
-            f"decoding {batch} sentences, {src_len} source tokens, {out_tokens} output tokens "
-            "(end-of-sentence disabled):"
+    if pipeline:
+        report["pipeline"] = bench_pipeline(config)
+        for kind, r in report["pipeline"].items():
+            if kind in steps and "tokens_per_s" in steps[kind]:
+                r["over_step"] = r["tokens_per_s"] / steps[kind]["tokens_per_s"]
+    return report
+
+
+def markdown(report: dict, command: str = "") -> str:
+    """The report as the markdown of docs/benchmarks.md."""
+    m = report["machine"]
+    model = report["model"]
+    lines = [
+        f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}; "
+        f"devices {', '.join(m['devices'])}; JAX {m['jax']}.",
+        f"Model: {model['n_layers']} layers x {model['emb_dim']}, {model['n_heads']} heads, "
+        f"vocabulary {report['vocab_size']}, compute {model['dtype']}.",
+    ]
+    if command:
+        lines += ["", "```sh", command, "```"]
+    if peaks := report.get("matmul_peak_flops"):
+        lines += [
+            "",
+            f"Measured matmul peak ({report['peak_size']} x {report['peak_size']}): "
+            + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+            + ".",
+        ]
+    lines += [
+        "",
+        "| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["steps"].items():
+        mem = r["memory_bytes_per_device"]
+        mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"
+        timed = "step_s" in r
+        lines.append(
+            f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | "
+            + (f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f}" if timed else "- | -")
+            + f" | {r['flops_per_token'] / 1e9:.4f} | "
+            + (f"{r['mfu']:.1%}" if timed else "-")
+            + f" | {mem} |"
         )
-        print("| search | KV cache | compile s | sentences/s | tokens/s |")
-        print("|---|---|---|---|---|")
-        for r in report["decoding"]["runs"]:
-            print(
+    if refs := report.get("reference"):
+        lines += [
+            "",
+            "Reference, same model and MLM batch: transformers' `XLMWithLMHeadModel` training "
+            "step (output layer at every position):",
+            "",
+            "| framework | mode | threads | compile s | step ms | tokens/s | ours / theirs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in refs:
+            compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+            ratio = f"{r['ours_over_theirs']:.2f}x" if "ours_over_theirs" in r else "-"
+            lines.append(
+                f"| {r['framework']} | {r['mode']} | {r['threads']} | {compile_s} | "
+                f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {ratio} |"
+            )
+    if dec := report.get("decoding"):
+        lines += [
+            "",
+            f"Decoding {dec['batch']} sentences of {dec['source_tokens']} source tokens into "
+            f"{dec['output_tokens']} tokens each (end-of-sentence disabled, so every variant "
+            "does the same work):",
+            "",
+            "| search | KV cache | compile s | sentences/s | tokens/s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in dec["runs"]:
+            lines.append(
                 f"| {r['search']} | {'yes' if r['kv_cache'] else 'no'} | {r['compile_s']:.1f} | "
                 f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} |"
             )
+    if pipe := report.get("pipeline"):
+        lines += [
+            "",
+            "Host data pipeline (iterator + transfer to the batch sharding):",
+            "",
+            "| batches | batch | ms/batch | tokens/s | x the step's consumption |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in pipe.items():
+            over = f"{r['over_step']:.0f}x" if "over_step" in r else "-"
+            lines.append(
+                f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['batch_s'] * 1e3:.2f} | "
+                f"{r['tokens_per_s']:.0f} | {over} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per kind (after 2 warm-up steps).")
+_OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_MARKDOWN = flags.DEFINE_string("markdown", "", "Write the results as a markdown table here.")
+_KINDS = flags.DEFINE_list("kinds", ["mlm", "tlm", "clm"], "Step kinds to compile (and time).")
+_MEMORY_ONLY = flags.DEFINE_bool(
+    "memory_only", False, "Only compile against abstract state: per-device memory, no timing."
+)
+_TORCH = flags.DEFINE_list(
+    "torch",
+    [],
+    "Also time transformers' XLM on the MLM batch: 'eager' and/or 'compile' (torch.compile).",
+)
+_DECODE = flags.DEFINE_bool(
+    "decode", False, "Also time translation decoding (greedy / beam 4, with / without KV cache)."
+)
+_DECODE_SHAPE = flags.DEFINE_list(
+    "decode_shape", ["32", "20", "50"], "Decoding: sentences, source tokens, output tokens."
+)
+_PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the host data pipeline.")
+_PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048, "Square matmul size of the peak measurement.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    for mode in _TORCH.value:
+        if mode not in ("eager", "compile"):
+            raise app.UsageError(f"--torch={mode}: expected eager and/or compile")
+    report = run(
+        _CONFIG.value,
+        n_steps=_STEPS.value,
+        kinds=tuple(_KINDS.value),
+        memory_only=_MEMORY_ONLY.value,
+        torch_modes=tuple(_TORCH.value),
+        decode_shape=tuple(int(x) for x in _DECODE_SHAPE.value) if _DECODE.value else None,
+        pipeline=_PIPELINE.value,
+        peak_size=_PEAK_SIZE.value,
+    )
+    command = "python -m xlm_jax.bench " + " ".join(sys.argv[1:])
+    text = markdown(report, command)
+    print(text)
+    report["command"] = command
     if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(report, f, indent=2)
+        files.write_atomic(_OUT.value, (json.dumps(report, indent=2) + "\n").encode())
+    if _MARKDOWN.value:
+        files.write_atomic(_MARKDOWN.value, text.encode())
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.use_lang_emb = True  # the 17/100-language XLM models have none
     c.model.dtype = "float32"  # compute; "bfloat16" on accelerators
     c.model.param_dtype = "float32"
+    # How it runs (a checkpoint resumes under other values): "explicit" attention (dropout on the
+    # weights, as XLM), or "xla" / "cudnn" = jax.nn.dot_product_attention (needs
+    # attention_dropout=0; "cudnn" is the fused kernel on NVIDIA GPUs).
+    c.model.attention_impl = "explicit"
+    c.model.remat = "none"  # encoder blocks recomputed in the backward pass: "full" or "dots"
 
     # --- objectives and their alternation (XLM's clm_steps / mlm_steps) ---
     c.clm_steps = ""  # e.g. "en,fr": CLM on each
@@ -71,6 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
     # --- loop ---
     c.max_steps = 100_000  # loop steps (each one objective's update)
     c.log_every = 100
+    # Peak FLOP/s of one device for train/mfu; 0 = a known accelerator's bfloat16 peak
+    # (xlm_jax/mfu.py), or no MFU (a CPU: `python -m xlm_jax.bench` measures its peak)
+    c.peak_flops_per_device = 0.0
     c.eval_every = 2_000  # 0 = never
     c.checkpoint_every = 2_000
     c.keep_checkpoints = 3  # the last N, plus the best by best_metric

@@ -75,14 +75,23 @@ def _float_logits(logits: Array, eos_id: int, eos_allowed: bool) -> Array:
     return logits
 
 
-def _reorder_cache(cache: Cache, rows: Array) -> Cache:
-    """Gathers every cache leaf along axis 0 (the parent beam of each new beam)."""
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+def _reorder_cache(cache: Cache, rows: Array, shared: frozenset[str] = frozenset()) -> Cache:
+    """Gathers every cache entry along axis 0 (the parent beam of each new beam), except the
+    `shared` ones, whose rows are equal within a sentence (a parent is always a beam of the same
+    sentence). Indices are in bounds by construction: "clip" spares the out-of-bounds fill that
+    `take` would otherwise apply to every gathered element."""
+
+    def take(tree: Cache) -> Cache:
+        return jax.tree.map(lambda x: jnp.take(x, rows, axis=0, mode="clip"), tree)
+
+    if not isinstance(cache, dict):
+        return take(cache)
+    return {k: v if k in shared else take(v) for k, v in cache.items()}
 
 
 def _gather_beams(x: Array, idx: Array) -> Array:
     """x (batch, m, ...), idx (batch, k) -> (batch, k, ...): per-sentence selection."""
-    return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0))(x, idx)
+    return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(x, idx)
 
 
 def greedy_decode(
@@ -149,12 +158,15 @@ def beam_search(
     early_stopping: bool | Array = False,
     max_lengths: Array | None = None,
     eos_allowed: bool = True,
+    shared: frozenset[str] = frozenset(),
 ) -> tuple[Array, Array, Array]:
     """XLM's `generate_beam`; returns the best hypothesis per sentence `(tokens, lengths, scores)`.
 
-    `cache` has batch_size * beam_size rows (see `tile_beams`); its leaves are gathered along
-    axis 0 by the parent beams at every step. `tokens` (int32 `(batch_size, max_len + 1)`) and
-    `lengths` are laid out as in `greedy_decode`, including `max_lengths` and `eos_allowed`.
+    `cache` (a dict) has batch_size * beam_size rows (see `tile_beams`); its entries are gathered
+    along axis 0 by the parent beams at every step, except those named in `shared`: entries equal
+    for all beams of a sentence (e.g. the source's keys and values), which need no reordering.
+    `tokens` (int32 `(batch_size, max_len + 1)`) and `lengths` are laid out as in
+    `greedy_decode`, including `max_lengths` and `eos_allowed`.
 
     Rules, as XLM (ties aside): at each step the top 2 * beam_size (beam, word) extensions are
     visited in order of log-probability; one ending in eos (or reaching the row's length limit)
@@ -255,7 +267,7 @@ def beam_search(
             "fin_score": fin_score,
             "fin_count": fin_count,
             "done": done | at_limit,
-            "cache": _reorder_cache(cache, rows),
+            "cache": _reorder_cache(cache, rows, shared),
         }
 
     state = {

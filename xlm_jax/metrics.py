@@ -17,6 +17,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from xlm_jax import files
+
 # exp() of larger losses would overflow float32 (TensorBoard stores float32 scalars).
 _MAX_LOG_PPL = 80.0
 
@@ -134,18 +136,21 @@ class MetricWriter:
         if not is_primary:
             return
         os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
+        self._path = os.path.join(workdir, "metrics.jsonl")
         # Append so a resumed run continues the file; terminate a line cut short by a crash,
         # or the first new record would be glued onto it.
-        if os.path.exists(path) and os.path.getsize(path) > 0:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                needs_newline = f.read(1) != b"\n"
-        else:
-            needs_newline = False
-        self._jsonl = open(path, "a")  # noqa: SIM115 (lives until close())
+        with files.errors_name(self._path, "opening"):
+            if os.path.exists(self._path) and os.path.getsize(self._path) > 0:
+                with open(self._path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    needs_newline = f.read(1) != b"\n"
+            else:
+                needs_newline = False
+            # Unbuffered: each record reaches the file (or fails, naming it) in its write() call,
+            # and a failed one leaves no buffered bytes for close() to fail on again.
+            self._jsonl = open(self._path, "ab", buffering=0)  # noqa: SIM115 (until close())
         if needs_newline:
-            self._jsonl.write("\n")
+            self._append("\n")
         if tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only where used
 
@@ -158,13 +163,20 @@ class MetricWriter:
         head = prefix.rstrip("/") + "/" if prefix else ""
         values = {f"{head}{k}": _scalar(v) for k, v in scalars.items()}
         record = {"step": int(step), "time": time.time(), **values}
-        assert self._jsonl is not None
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._append(json.dumps(record) + "\n")
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, int(step))
             self._tb.flush()
+
+    def _append(self, text: str) -> None:
+        """Appends to the JSONL file; an error (a full disk, say) names it. A line it cuts
+        short is skipped by ``read_jsonl`` and terminated by the next writer."""
+        assert self._jsonl is not None
+        data = text.encode()
+        with files.errors_name(self._path, "appending a record to"):
+            while data:  # an unbuffered write may take only part of the data
+                data = data[self._jsonl.write(data) :]
 
     def progress(self, step: int, scalars: Mapping[str, Any], *, tokens: int) -> None:
         """Prints one line: step, grouped scalars, steps/s and tokens/s since the last call, ETA.

@@ -110,8 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.best_metric = "valid/bleu"  # mean sacreBLEU over the validation directions; "" = none
     c.best_mode = "max"
     c.patience = -1
-    c.max_nonfinite_steps = 20  # stop after this many consecutive skipped (NaN/inf) updates
-    c.debug_nonfinite_steps = ""  # test hook: "5,6" makes those steps' loss NaN
+    train.nonfinite_settings(c)
     return c
 
 
@@ -263,9 +262,12 @@ def generate(
         return decoding.greedy_decode(
             step_fn, cache, batch_size=n, max_lengths=limit, eos_allowed=eos_allowed, **kw
         )
+    # What depends on the source only is the same for every beam of a sentence.
+    shared = frozenset(k for k in cache if k.startswith(("cross_", "memory")) or k == "langs")
     tokens, lengths, _ = decoding.beam_search(
         step_fn,
         decoding.tile_beams(cache, beam_size),
+        shared=shared,
         batch_size=n,
         beam_size=beam_size,
         length_penalty=length_penalty,
@@ -734,6 +736,14 @@ def train_and_evaluate(
     newest = ckpt.newest_readable_meta()
     latest, saved_meta = newest if newest is not None else (None, None)
     if saved_meta is not None:
+        train.check_same_source(
+            saved_meta["config"],
+            config,
+            f"checkpoint {latest} in {ckpt.directory}",
+            "dropout",
+            "attention_dropout",
+            "dec_layers",
+        )
         # A resumed run rebuilds its model from its own metadata, never from the source again.
         source = pretrained.EncoderSource(
             Tokenizer.from_bytes(base64.b64decode(saved_meta["tokenizer"])),
@@ -742,11 +752,6 @@ def train_and_evaluate(
             None,
             saved_meta["init"],
         )
-        if saved_meta["config"]["init_checkpoint"] != config.init_checkpoint:
-            raise ValueError(
-                f"{workdir} holds a run initialised from "
-                f"{saved_meta['config']['init_checkpoint']!r}, not {config.init_checkpoint!r}"
-            )
     else:
         source = load_source(config, workdir, train_split)
     tokenizer = source.tokenizer
@@ -832,7 +837,7 @@ def train_and_evaluate(
         )
 
     base_rng = jax.random.key(config.seed)
-    poisoned = {int(x) for x in str(config.debug_nonfinite_steps).split(",") if x.strip()}
+    poisoned = train.poisoned_steps(config)
     window: dict[str, list[Sums]] = {}
     nonfinite: list[jax.Array] = []
     window_tokens = 0

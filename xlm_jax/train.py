@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,13 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from xlm_jax import objectives, parallel
+from xlm_jax import mfu, objectives, parallel
 from xlm_jax.checkpoint import Checkpointer
 from xlm_jax.data import batches as batches_lib
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data.toy import write_toy_corpus
 from xlm_jax.metrics import MetricWriter, summarize
-from xlm_jax.model.encoder import ModelConfig, XLMEncoder
+from xlm_jax.model.encoder import RUNTIME_FIELDS, ModelConfig, XLMEncoder, xlm_flops_per_token
 from xlm_jax.preemption import Preempted, PreemptionGuard
 from xlm_jax.tokenizer import PAD_ID, Tokenizer, load_or_train
 
@@ -404,16 +405,57 @@ def config_fingerprint(config: ml_collections.ConfigDict, tokenizer: Tokenizer) 
     }
 
 
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+def _plain(x: Any) -> Any:
+    """Tuples as lists, as they come back from a checkpoint's JSON."""
+    return [_plain(v) for v in x] if isinstance(x, list | tuple) else x
+
+
+def setting_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str], prefix: str = ""
+) -> list[str]:
+    """``"KEY: checkpoint A vs config B"`` for each of ``keys`` whose values differ; a group
+    (a dict, e.g. ``model``) is compared entry by entry. A key one side lacks counts as None."""
     diffs = []
-    for key in sorted(set(saved["model"]) | set(current["model"])):
-        a, b = saved["model"].get(key), current["model"].get(key)
-        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
-            diffs.append(f"model.{key}: checkpoint {a!r} vs config {b!r}")
+    for key in keys:
+        if prefix == "model." and key in RUNTIME_FIELDS:
+            continue  # how the model runs (attention kernel, remat), not what it computes
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, Mapping) or isinstance(b, Mapping):
+            a, b = a or {}, b or {}
+            diffs += setting_differences(a, b, sorted(set(a) | set(b)), f"{prefix}{key}.")
+        elif _plain(a) != _plain(b):
+            diffs.append(f"{prefix}{key}: checkpoint {a!r} vs config {b!r}")
+    return diffs
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    diffs = setting_differences(saved, current, ["model"])
     if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:
         diffs.append("the tokenizer differs from the one the checkpoint was trained with")
     if diffs:
         raise ValueError(f"{where} was written by a different config:\n  " + "\n  ".join(diffs))
+
+
+def check_same_source(
+    saved_config: Mapping[str, Any], config: ml_collections.ConfigDict, where: str, *keys: str
+) -> None:
+    """Refuses to resume a fine-tuning or translation checkpoint made with other values of the
+    settings that shaped its model, listing each difference. Such a run rebuilds its model from
+    the checkpoint's metadata, so a changed setting would otherwise be ignored without a word.
+
+    Compared: the encoder's source (``init_checkpoint``, ``init_step``, and for a random init
+    ``langs``, ``model`` and ``tokenizer``) and the mode's own ``keys``.
+    """
+    names = ["init_checkpoint", "init_step", *keys]
+    if not saved_config.get("init_checkpoint"):
+        names += ["langs", "model", "tokenizer"]
+    diffs = setting_differences(saved_config, config.to_dict(), names)
+    if diffs:
+        raise ValueError(
+            f"{where} was written by a different config:\n  "
+            + "\n  ".join(diffs)
+            + "\nrerun with the checkpoint's values, or use another workdir"
+        )
 
 
 class Steps:
@@ -553,6 +595,43 @@ def evaluate(steps: Steps, params, data: Data, seed: int, n_rows: int) -> dict[s
 # --- the loop -----------------------------------------------------------------------------------
 
 
+def nonfinite_settings(c: ml_collections.ConfigDict) -> None:
+    """The settings of the non-finite step guard (``apply_gradients``, ``count_nonfinite``)."""
+    c.max_nonfinite_steps = 20  # stop after this many consecutive skipped (NaN/inf) updates
+    c.debug_nonfinite_steps = ""  # test hook: "5,6" makes those steps' loss NaN
+
+
+def poisoned_steps(config: ml_collections.ConfigDict) -> set[int]:
+    """The loop steps whose loss ``debug_nonfinite_steps`` makes NaN (a test hook)."""
+    return {int(x) for x in str(config.debug_nonfinite_steps).split(",") if x.strip()}
+
+
+def count_nonfinite(
+    flags: Iterable[float],
+    loop: dict[str, Any],
+    config: ml_collections.ConfigDict,
+    step: int,
+    ckpt: Checkpointer,
+) -> None:
+    """Follows the steps' ``nonfinite`` flags, in order, in ``loop["nonfinite_run"]`` (the current
+    run of skipped updates, saved with the loop state so a resume counts on); raises
+    ``FloatingPointError`` after ``max_nonfinite_steps`` skips in a row."""
+    for flag in flags:
+        loop["nonfinite_run"] = loop["nonfinite_run"] + 1 if flag else 0
+        if loop["nonfinite_run"] >= config.max_nonfinite_steps:
+            ckpt.wait()  # the checkpoint named below is complete, not a save still in flight
+            latest = ckpt.latest_step()
+            raise FloatingPointError(
+                f"{loop['nonfinite_run']} consecutive steps with a non-finite loss or gradient "
+                f"before step {step}; their updates were skipped. "
+                + (
+                    f"The last checkpoint ({latest}) holds finite parameters."
+                    if latest is not None
+                    else "No checkpoint was written yet."
+                )
+            )
+
+
 def log_window(
     writer: MetricWriter,
     step: int,
@@ -563,18 +642,19 @@ def log_window(
     config: ml_collections.ConfigDict,
     ckpt: Checkpointer,
     state: TrainState,
+    *,
+    flops: float = 0.0,
+    since: float | None = None,
+    peak: float | None = None,
 ) -> dict[str, float]:
     """Pulls a logging window's sums to the host (the only regular host sync), stops the run after
-    ``max_nonfinite_steps`` consecutive skipped updates, logs, and returns ``train/*`` scalars."""
+    ``max_nonfinite_steps`` consecutive skipped updates, logs, and returns ``train/*`` scalars.
+
+    With ``since`` (the ``time.perf_counter()`` at which the window started; None for a window
+    that includes compilation) it also logs tokens/s and, given the window's model ``flops``,
+    TFLOP/s per device and MFU against ``peak`` (`xlm_jax.mfu`)."""
     totals, flags = jax.device_get((dict(window), nonfinite))
-    for flag in flags:
-        loop["nonfinite_run"] = loop["nonfinite_run"] + 1 if flag else 0
-        if loop["nonfinite_run"] >= config.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{loop['nonfinite_run']} consecutive steps with a non-finite loss or gradient "
-                f"before step {step}; their updates were skipped. The last checkpoint "
-                f"({ckpt.latest_step()}) holds finite parameters."
-            )
+    count_nonfinite(flags, loop, config, step, ckpt)
     keys = ("loss_sum", "n_pred", "n_correct")
     scalars = summarize(
         {k: {n: float(sum(s[n] for s in v)) for n in keys} for k, v in totals.items()}
@@ -583,6 +663,9 @@ def log_window(
         scalars[f"{k}/grad_norm"] = float(np.mean([s["grad_norm"] for s in v]))
     scalars["skipped_updates"] = float(sum(flags))
     scalars["lr"] = learning_rate(config, int(state.step))
+    if since is not None and flops > 0:  # the device_get above waited for the window's steps
+        seconds = time.perf_counter() - since
+        scalars.update(mfu.throughput(tokens, flops, seconds, jax.device_count(), peak))
     writer.progress(step, scalars, tokens=tokens)
     writer.write(step, scalars, prefix="train/")
     return {f"train/{k}": v for k, v in scalars.items()}
@@ -751,10 +834,18 @@ def train_and_evaluate(
         )
 
     base_rng = jax.random.key(config.seed)
-    poisoned = {int(x) for x in str(config.debug_nonfinite_steps).split(",") if x.strip()}
+    poisoned = poisoned_steps(config)
     window: dict[str, list[Sums]] = {}
     nonfinite: list[jax.Array] = []  # per step, in order: runs of skipped updates are counted
     window_tokens = 0
+    # MFU: model FLOPs of the tokens each objective processes (padding counts as waste)
+    flops_per_token = {
+        "clm": xlm_flops_per_token(mcfg, config.bptt, 1.0),
+        "mlm": xlm_flops_per_token(mcfg, config.bptt, config.word_pred),
+        "tlm": xlm_flops_per_token(mcfg, config.tlm_length, config.word_pred),
+    }
+    peak = mfu.peak_flops_per_device(config.peak_flops_per_device)
+    window_flops, window_start = 0.0, None  # the first window includes compilation: no rates
     last: dict[str, float] = {}
     stop = False
     with parallel.mesh_context(mesh, rules), PreemptionGuard() as guard:
@@ -767,7 +858,9 @@ def train_and_evaluate(
                 it = data.train[spec.key]
                 batch = next(it)
                 # this process's rows, scaled to the global batch (an estimate for the log)
-                window_tokens += _tokens(batch) * it.batch_size // len(batch["tokens"])
+                tokens = _tokens(batch) * it.batch_size // len(batch["tokens"])
+                window_tokens += tokens
+                window_flops += tokens * flops_per_token[spec.objective]
                 state, sums = steps.train[Steps.kind(spec)](
                     state,
                     parallel.global_batch(batch, steps.batch_sharding, it.batch_size),
@@ -784,10 +877,22 @@ def train_and_evaluate(
             if step % config.log_every == 0 or step == config.max_steps:
                 last.update(
                     log_window(
-                        writer, step, window, nonfinite, window_tokens, loop, config, ckpt, state
+                        writer,
+                        step,
+                        window,
+                        nonfinite,
+                        window_tokens,
+                        loop,
+                        config,
+                        ckpt,
+                        state,
+                        flops=window_flops,
+                        since=window_start,
+                        peak=peak,
                     )
                 )
                 window, window_tokens, nonfinite = {}, 0, []
+                window_flops, window_start = 0.0, time.perf_counter()
 
             metrics = None
             if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):

@@ -160,6 +160,19 @@ def read_codes(text: str) -> list[Code]:
     return codes
 
 
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """``symbols`` with every occurrence of ``pair`` (left to right) joined into one symbol."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 class FastBPE:
     """fastBPE's `applybpe` on one word: split into characters (the last one marked `</w>`),
     then merge the best-ranked adjacent pair, all its non-overlapping occurrences left to right,
@@ -185,15 +198,7 @@ class FastBPE:
                     best, best_rank = pair, rank
             if best is None:
                 break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         out = [s + CONTINUATION for s in symbols[:-1]] + [symbols[-1][: -len(END_OF_WORD)]]
         if len(self._cache) < 1_000_000:  # bounded: the cache of a long run's rare words
             self._cache[word] = out

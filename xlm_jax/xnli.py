@@ -120,6 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Also checkpoint every N updates inside an epoch (0 = only at epoch ends and on SIGTERM /
     # SIGINT); resuming from one is exact. Only epoch checkpoints are ranked for the best one.
     c.checkpoint_every = 0
+    train.nonfinite_settings(c)  # a NaN/inf update is skipped; too many in a row stop the run
 
     c.sweep = ml_collections.ConfigDict()  # --mode=xnli_sweep: every (lr, batch size) pair
     c.sweep.lrs = "5e-6,2.5e-5,1.25e-4"  # sets optimizer_e.lr and optimizer_p.lr
@@ -167,8 +168,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return tx
 
 
-def train_step(state: train.TrainState, batch, rng, *, model, tx, mesh, batch_axes):
-    """One update on the mean cross-entropy of the batch's real rows (weight 1).
+def train_step(state: train.TrainState, batch, rng, lam, *, model, tx, mesh, batch_axes):
+    """One update on ``lam`` (1, or NaN from the ``debug_nonfinite_steps`` test hook) times the
+    mean cross-entropy of the batch's real rows (weight 1); a non-finite loss or gradient skips
+    it (``train.apply_gradients``, as pretraining and translation).
 
     Sums and counts come from ``objectives.sharded_token_loss_sums`` (rows split over the batch
     axes, a psum of the per-shard sums), so they are exact whatever the mesh.
@@ -194,11 +197,7 @@ def train_step(state: train.TrainState, batch, rng, *, model, tx, mesh, batch_ax
         return sums["loss_sum"], sums
 
     grads, sums = jax.grad(loss_sums, has_aux=True)(state.params)
-    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["n_pred"], 1.0), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    sums["grad_norm"] = optax.tree.norm(grads)
-    return train.TrainState(step=state.step + 1, params=params, opt_state=opt_state), sums
+    return train.apply_gradients(state, grads, sums, lam, tx)
 
 
 def predict(params, batch, *, model) -> jax.Array:
@@ -298,7 +297,9 @@ def finetune(
 
     On SIGTERM/SIGINT (``PreemptionGuard``) it checkpoints at the next update and raises
     ``Preempted``; rerunning resumes inside the epoch with the same batches, dropout keys and
-    updates as an uninterrupted run. ``on_step(step, state)`` runs after every update (tests).
+    updates as an uninterrupted run. A non-finite loss or gradient skips its update (counted in
+    ``train/skipped_updates``); ``max_nonfinite_steps`` skips in a row stop the run with
+    ``FloatingPointError``. ``on_step(step, state)`` runs after every update (tests).
     """
     _check_config(config)
     workdir = Path(workdir)
@@ -335,11 +336,14 @@ def finetune(
     newest = ckpt.newest_readable_meta()
     latest, saved = newest if newest is not None else (None, None)
     if saved is not None:
-        if saved["config"]["init_checkpoint"] != config.init_checkpoint:
-            raise ValueError(
-                f"{workdir} holds a fine-tuning of {saved['config']['init_checkpoint']!r}, not of "
-                f"{config.init_checkpoint!r}; use another workdir"
-            )
+        train.check_same_source(
+            saved["config"],
+            config,
+            f"checkpoint {latest} in {ckpt.directory}",
+            "dropout",
+            "encoder_dropout",
+            "encoder_attention_dropout",
+        )
         source = pretrained.EncoderSource(
             Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
             ModelConfig.from_dict(saved["model"]),
@@ -416,7 +420,7 @@ def finetune(
     batch_axes = parallel.mesh_axes_of("batch", runner.rules)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, mesh=runner.mesh, batch_axes=batch_axes),
-        in_shardings=(shardings, runner.batch_sharding, runner.replicated),
+        in_shardings=(shardings, runner.batch_sharding, runner.replicated, runner.replicated),
         out_shardings=(shardings, runner.replicated),
         donate_argnums=0,
     )
@@ -501,8 +505,12 @@ def finetune(
         writer.close()
         raise Preempted(loop["step"])
 
-    window = _Window(loop["epoch_sums"])
+    window = _Window(
+        loop["epoch_sums"],
+        lambda flags: train.count_nonfinite(flags, loop, config, loop["step"], ckpt),
+    )
     base_rng = jax.random.key(config.seed)
+    poisoned = train.poisoned_steps(config)
     with runner.context(), PreemptionGuard() as guard:
         while loop["epoch"] < config.n_epochs and not loop["stopped"]:
             epoch = loop["epoch"] + 1
@@ -511,7 +519,10 @@ def finetune(
                 batch = train_rows.batch(order[i : i + config.batch_size], config.batch_size)
                 # The dropout key is a function of the update count alone, so it survives resumes.
                 state, sums = step_fn(
-                    state, runner.put(batch), jax.random.fold_in(base_rng, loop["step"])
+                    state,
+                    runner.put(batch),
+                    jax.random.fold_in(base_rng, loop["step"]),
+                    np.float32("nan" if loop["step"] in poisoned else 1.0),
                 )
                 loop["step"] += 1
                 loop["epoch_rows"] = min(i + config.batch_size, len(order))
@@ -597,11 +608,16 @@ class _Window:
 
     Device values are fetched (the loop's only regular host sync) when a log line is due or a
     checkpoint needs the epoch's sums; every step is added to those sums once and in order, so a
-    run resumed from a mid-epoch checkpoint reports bitwise the same epoch loss.
+    run resumed from a mid-epoch checkpoint reports bitwise the same epoch loss. A skipped
+    (non-finite) update is left out of the sums, which it would make NaN; each step's skip flag
+    goes to ``on_counted`` once, in order.
     """
 
-    def __init__(self, epoch_sums: dict[str, float]) -> None:
+    def __init__(
+        self, epoch_sums: dict[str, float], on_counted: Callable[[list[float]], None]
+    ) -> None:
         self.epoch_sums = epoch_sums  # the loop state's dict, updated in place
+        self.on_counted = on_counted
         self.steps: list[Any] = []  # device sums, or host dicts once fetched
         self.counted = 0  # the first `counted` steps are already in epoch_sums
 
@@ -611,10 +627,13 @@ class _Window:
     def count(self) -> list[dict[str, float]]:
         """Fetches the window and adds its uncounted steps to the epoch's sums."""
         got = [{k: float(v) for k, v in s.items()} for s in jax.device_get(self.steps)]
-        for s in got[self.counted :]:
-            for k in SUM_KEYS:
-                self.epoch_sums[k] += s[k]
+        new = got[self.counted :]
+        for s in new:
+            if not s["nonfinite"]:
+                for k in SUM_KEYS:
+                    self.epoch_sums[k] += s[k]
         self.steps, self.counted = got, len(got)
+        self.on_counted([s["nonfinite"] for s in new])
         return got
 
     def log(self, writer: MetricWriter, step: int, batch_tokens: Batch | None) -> None:
@@ -622,12 +641,16 @@ class _Window:
         if not self.steps:
             return
         got = self.count()
-        n = sum(s["n_pred"] for s in got)
-        scalars = {
-            "xnli/loss": sum(s["loss_sum"] for s in got) / max(n, 1.0),
-            "xnli/acc": 100.0 * sum(s["n_correct"] for s in got) / max(n, 1.0),
-            "xnli/grad_norm": float(np.mean([s["grad_norm"] for s in got])),
-        }
+        done = [s for s in got if not s["nonfinite"]]
+        scalars = {"skipped_updates": float(len(got) - len(done))}
+        if done:
+            n = sum(s["n_pred"] for s in done)
+            scalars = {
+                "xnli/loss": sum(s["loss_sum"] for s in done) / max(n, 1.0),
+                "xnli/acc": 100.0 * sum(s["n_correct"] for s in done) / max(n, 1.0),
+                "xnli/grad_norm": float(np.mean([s["grad_norm"] for s in done])),
+                **scalars,
+            }
         if batch_tokens is not None:
             n_tok = int(np.count_nonzero(batch_tokens["tokens"] != PAD_ID)) * len(got)
             writer.progress(step, scalars, tokens=n_tok)
@@ -657,6 +680,7 @@ def new_loop_state(order_inputs: Mapping[str, int]) -> dict[str, Any]:
         "epoch_rows": 0,
         "epoch_sums": {k: 0.0 for k in SUM_KEYS},
         "order_inputs": dict(order_inputs),
+        "nonfinite_run": 0,  # skipped updates in a row so far (train.count_nonfinite)
     }
 
 

@@ -36,7 +36,7 @@ class DecoderLayer(nn.Module):
 
         def attention() -> layers.MultiHeadAttention:
             return layers.MultiHeadAttention(
-                cfg.n_heads, cfg.emb_dim, cfg.attention_dropout, dtype, pdt
+                cfg.n_heads, cfg.emb_dim, cfg.attention_dropout, dtype, pdt, cfg.attention_impl
             )
 
         def norm() -> nn.LayerNorm:
@@ -48,7 +48,7 @@ class DecoderLayer(nn.Module):
         self.cross_attention, self.layer_norm15 = attention(), norm()
         self.ffn = layers.FeedForward(cfg.ffn_dim, cfg.dropout, dtype, pdt)
         self.layer_norm2 = norm()
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = layers.Dropout(cfg.dropout)
 
     def __call__(
         self,
@@ -60,11 +60,14 @@ class DecoderLayer(nn.Module):
         valid: Array,
         *,
         deterministic: bool,
+        cache_layout: bool = False,
     ) -> Array:
-        """One block given the keys/values to attend to (fresh projections or a cache)."""
-        a = self.attention.attend(x, *self_kv, self_mask, deterministic=deterministic)
+        """One block given the keys/values to attend to (fresh projections, or a cache in
+        `MultiHeadAttention.to_cache_layout`'s layout)."""
+        kw = {"deterministic": deterministic, "cache_layout": cache_layout}
+        a = self.attention.attend(x, *self_kv, self_mask, **kw)
         x = self.layer_norm1(x + self.dropout(a, deterministic=deterministic))
-        a = self.cross_attention.attend(x, *cross_kv, cross_mask, deterministic=deterministic)
+        a = self.cross_attention.attend(x, *cross_kv, cross_mask, **kw)
         x = self.layer_norm15(x + self.dropout(a, deterministic=deterministic))
         x = self.layer_norm2(x + self.ffn(x, deterministic=deterministic))
         x = x * valid[..., None].astype(x.dtype)
@@ -81,6 +84,10 @@ class XLMDecoder(XLMEncoder):
     """
 
     def make_layers(self) -> list[nn.Module]:
+        if self.config.remat != "none":
+            # The decoder reaches into its layers (projecting keys/values for the cache), which
+            # a lifted `nn.remat` module does not allow; not needed for translation sizes so far.
+            raise ValueError(f"remat={self.config.remat!r} is implemented for the encoder only")
         return [DecoderLayer(self.config, name=f"layer_{i}") for i in range(self.config.n_layers)]
 
     def decode(
@@ -133,12 +140,15 @@ class XLMDecoder(XLMEncoder):
         """
         cfg = self.config
         n = memory.shape[0]
-        shape = (n, max_len, cfg.n_heads, cfg.head_dim)
+        to_cache = layers.MultiHeadAttention.to_cache_layout
         cache: Cache = {"memory_valid": memory_valid, "langs": langs.astype(jnp.int32)}
         for i, layer in enumerate(self.layers):
-            cache[f"cross_k_{i}"], cache[f"cross_v_{i}"] = layer.cross_attention.project_kv(memory)
-            cache[f"self_k_{i}"] = jnp.zeros(shape, cfg.compute_dtype)
-            cache[f"self_v_{i}"] = jnp.zeros(shape, cfg.compute_dtype)
+            cache[f"cross_k_{i}"], cache[f"cross_v_{i}"] = to_cache(
+                *layer.cross_attention.project_kv(memory)
+            )
+            dt = cfg.compute_dtype
+            cache[f"self_k_{i}"] = jnp.zeros((n, cfg.n_heads, cfg.head_dim, max_len), dt)
+            cache[f"self_v_{i}"] = jnp.zeros((n, cfg.n_heads, max_len, cfg.head_dim), dt)
         return cache
 
     def step(self, tokens: Array, index: Array, cache: Cache) -> tuple[Array, Cache]:
@@ -149,16 +159,17 @@ class XLMDecoder(XLMEncoder):
         x, valid = self.embed(
             tokens[:, None], positions, cache["langs"][:, None], deterministic=True
         )
-        max_len = cache["self_k_0"].shape[1]
+        max_len = cache["self_k_0"].shape[-1]
         # Row-independent: positions <= index are filled (earlier steps, or this one).
         self_mask = (jnp.arange(max_len) <= index)[None, None, :]
         cross_mask = cache["memory_valid"][:, None, :]
         cache = dict(cache)
         for i, layer in enumerate(self.layers):
-            k, v = layer.attention.project_kv(x)
-            for name, new in ((f"self_k_{i}", k), (f"self_v_{i}", v)):
+            k, v = layers.MultiHeadAttention.to_cache_layout(*layer.attention.project_kv(x))
+            # the position axis: last for keys, third for values
+            for name, new, axis in ((f"self_k_{i}", k, 3), (f"self_v_{i}", v, 2)):
                 cache[name] = jax.lax.dynamic_update_slice_in_dim(
-                    cache[name], new.astype(cache[name].dtype), index, axis=1
+                    cache[name], new.astype(cache[name].dtype), index, axis=axis
                 )
             x = layer(
                 x,
@@ -168,5 +179,6 @@ class XLMDecoder(XLMEncoder):
                 cross_mask,
                 valid,
                 deterministic=True,
+                cache_layout=True,
             )
         return self.logits(x[:, 0]), cache

@@ -45,6 +45,9 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # How the model runs, not what it computes (left out of checkpoint compatibility checks):
+    attention_impl: str = "explicit"  # or "xla" / "cudnn": jax.nn.dot_product_attention
+    remat: str = "none"  # recompute blocks in the backward pass: "full", or "dots" (keep matmuls)
 
     def __post_init__(self) -> None:
         if self.ffn_dim is None:
@@ -72,6 +75,20 @@ class ModelConfig:
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(
                 f"ModelConfig.pad_id={self.pad_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if self.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r}: expected one of "
+                f"{layers.ATTENTION_IMPLS}"
+            )
+        if self.attention_impl != "explicit" and self.attention_dropout:
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r} has no attention dropout; "
+                f"set attention_dropout=0 (got {self.attention_dropout})"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"ModelConfig.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}"
             )
         if not self.layer_norm_eps > 0:
             raise ValueError(f"ModelConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
@@ -116,19 +133,38 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# ModelConfig fields that change how the model runs, not its function or parameters: a checkpoint
+# written with other values resumes.
+RUNTIME_FIELDS = ("attention_impl", "remat")
+
+# Activation checkpointing: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class EncoderLayer(nn.Module):
     """One post-LN block: x = LN1(x + drop(attn(x))); x = LN2(x + ffn(x)); zero padded rows."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, valid: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, mask: Array, valid: Array, deterministic: bool = True) -> Array:
+        # `deterministic` is positional so `nn.remat` can treat it as static (argnum 4).
         cfg = self.config
         dtype, param_dtype = cfg.compute_dtype, cfg.params_dtype
         attn = layers.MultiHeadAttention(
-            cfg.n_heads, cfg.emb_dim, cfg.attention_dropout, dtype, param_dtype, name="attention"
+            cfg.n_heads,
+            cfg.emb_dim,
+            cfg.attention_dropout,
+            dtype,
+            param_dtype,
+            cfg.attention_impl,
+            name="attention",
         )(x, x, mask, deterministic=deterministic)
-        attn = nn.Dropout(cfg.dropout)(attn, deterministic=deterministic)
+        attn = layers.Dropout(cfg.dropout)(attn, deterministic=deterministic)
         x = layers.layer_norm(
             cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name="layer_norm1"
         )(x + attn)
@@ -170,7 +206,7 @@ class XLMEncoder(nn.Module):
         self.layer_norm_emb = layers.layer_norm(
             cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=pdt
         )
-        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.emb_dropout = layers.Dropout(cfg.dropout)
         self.layers = self.make_layers()
         self.pred_bias = self.param(
             "pred_bias",
@@ -181,7 +217,13 @@ class XLMEncoder(nn.Module):
 
     def make_layers(self) -> list[nn.Module]:
         # The decoder subclass overrides this (and only this) part of the setup.
-        return [EncoderLayer(self.config, name=f"layer_{i}") for i in range(self.config.n_layers)]
+        layer = EncoderLayer
+        if self.config.remat != "none":
+            # Same parameter names, so checkpoints do not depend on the setting.
+            layer = nn.remat(
+                EncoderLayer, policy=REMAT_POLICIES[self.config.remat], static_argnums=(4,)
+            )
+        return [layer(self.config, name=f"layer_{i}") for i in range(self.config.n_layers)]
 
     def encode(
         self,
@@ -206,7 +248,7 @@ class XLMEncoder(nn.Module):
         x, valid = self.embed(tokens, positions, langs, deterministic=deterministic)
         mask = layers.make_attention_mask(valid, causal=causal)
         for layer in self.layers:
-            x = layer(x, mask, valid, deterministic=deterministic)
+            x = layer(x, mask, valid, deterministic)
         return x
 
     def embed(

@@ -31,6 +31,8 @@ ACT_HEADS = (BATCH, LENGTH, HEADS, KV)
 ACT_MLP = (BATCH, LENGTH, MLP)
 ACT_VOCAB = (BATCH, LENGTH, VOCAB)
 
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
+
 
 # --------------------------------------------------------------------------- initializers
 
@@ -188,6 +190,31 @@ def projection(
     )
 
 
+class Dropout(nn.Module):
+    """Inverted dropout drawing 16 random bits per element instead of flax's 32.
+
+    Random bits are the main cost of dropout on CPU (threefry is arithmetic-heavy); one 32-bit
+    draw serves two elements, which made the 6x512 MLM training step 7% faster here (see
+    docs/benchmarks.md). The keep probability is rounded to a multiple of 2^-16 (0.9 becomes
+    0.899994) and the kept values are scaled by its exact inverse, so the output stays unbiased.
+    Rng stream 'dropout', as ``nn.Dropout``.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        threshold = round((1.0 - self.rate) * 65536)
+        n = math.prod(x.shape)
+        bits = jax.random.bits(self.make_rng("dropout"), ((n + 1) // 2,), jnp.uint32)
+        halves = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(-1)[:n]
+        keep = (halves < threshold).reshape(x.shape)
+        scale = jnp.asarray(65536 / threshold, x.dtype)
+        return jnp.where(keep, x * scale, jnp.zeros_like(x))
+
+
 def padding_mask(tokens: Array, pad_id: int) -> Array:
     """(batch, length) bool, True at real tokens."""
     return tokens != pad_id
@@ -221,8 +248,18 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    # "explicit": the einsums below (attention dropout, weights kept for inspection);
+    # "xla" / "cudnn": jax.nn.dot_product_attention (cuDNN's fused kernel on GPU), no dropout.
+    impl: str = "explicit"
 
     def setup(self) -> None:
+        if self.impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl {self.impl!r}: expected one of {ATTENTION_IMPLS}")
+        if self.impl != "explicit" and self.dropout_rate:
+            raise ValueError(
+                f"attention impl {self.impl!r} has no attention dropout; set attention_dropout=0 "
+                "or use the 'explicit' implementation"
+            )
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of n_heads={self.n_heads}")
         head_dim = self.dim // self.n_heads
@@ -247,13 +284,21 @@ class MultiHeadAttention(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
 
     def __call__(
         self, query_input: Array, kv_input: Array, mask: Array, *, deterministic: bool = True
     ) -> Array:
         keys, values = self.project_kv(kv_input)
         return self.attend(query_input, keys, values, mask, deterministic=deterministic)
+
+    @staticmethod
+    def to_cache_layout(keys: Array, values: Array) -> tuple[Array, Array]:
+        """`(batch, len, heads, head_dim)` keys/values → the layouts the decoding step's products
+        read without copying: keys `(batch, heads, head_dim, len)`, values
+        `(batch, heads, len, head_dim)`. In the projection's layout XLA:CPU transposed every
+        layer's whole cache at every step: a third of greedy decoding's time."""
+        return keys.transpose(0, 2, 3, 1), values.transpose(0, 2, 1, 3)
 
     def project_kv(self, kv_input: Array) -> tuple[Array, Array]:
         """Keys and values `(batch, kv_len, heads, head_dim)` of `kv_input`."""
@@ -263,12 +308,43 @@ class MultiHeadAttention(nn.Module):
         )
 
     def attend(
-        self, query_input: Array, keys: Array, values: Array, mask: Array, *, deterministic: bool
+        self,
+        query_input: Array,
+        keys: Array,
+        values: Array,
+        mask: Array,
+        *,
+        deterministic: bool,
+        cache_layout: bool = False,
     ) -> Array:
-        """Attention of `query_input` over projected `keys`/`values` (e.g. from a cache)."""
+        """Attention of `query_input` over projected `keys`/`values` (e.g. from a cache).
+
+        `cache_layout=True`: `keys` `(batch, heads, head_dim, kv_len)` and `values`
+        `(batch, heads, kv_len, head_dim)`, as `to_cache_layout` makes them (see there).
+        """
         q = nn.with_logical_constraint(self.query(query_input), ACT_HEADS)
         # XLM scales q (not the scores) before the product.
         q = q * jnp.asarray((self.dim // self.n_heads) ** -0.5, q.dtype)
+        if cache_layout:
+            scores = jnp.einsum("bqhd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
+            mask = jnp.broadcast_to(mask, scores.shape[:1] + scores.shape[2:])
+            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            context = jnp.einsum("bhqk,bhkd->bqhd", weights, values.astype(self.dtype))
+            context = nn.with_logical_constraint(context, ACT_HEADS)
+            return nn.with_logical_constraint(self.out(context), ACT_EMBED)
+        if self.impl != "explicit":
+            mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], keys.shape[1]))
+            context = jax.nn.dot_product_attention(
+                q,
+                keys.astype(q.dtype),
+                values.astype(q.dtype),
+                mask=mask[:, None],
+                scale=1.0,
+                implementation=None if self.impl == "xla" else "cudnn",
+            )
+            context = nn.with_logical_constraint(context, ACT_HEADS)
+            return nn.with_logical_constraint(self.out(context), ACT_EMBED)
         # Scores accumulate in float32 and the softmax runs in float32 (as XLM's .float()).
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
         # A finite floor instead of -inf: a fully padded row then softmaxes to uniform (finite)
@@ -276,6 +352,8 @@ class MultiHeadAttention(nn.Module):
         mask = jnp.broadcast_to(mask, scores.shape[:1] + scores.shape[2:])
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        # For inspection (attention maps): kept only when applied with mutable=["intermediates"].
+        self.sow("intermediates", "attention_weights", weights)
         weights = self.dropout(weights, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, values.astype(self.dtype))
         context = nn.with_logical_constraint(context, ACT_HEADS)
@@ -314,5 +392,5 @@ class FeedForward(nn.Module):
             param_dtype=self.param_dtype,
             name="lin2",
         )(h)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = Dropout(self.dropout_rate)(y, deterministic=deterministic)
         return nn.with_logical_constraint(y, ACT_EMBED)
