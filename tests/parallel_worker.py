@@ -58,11 +58,6 @@ def run(job: dict) -> None:
 
 
 if __name__ == "__main__":
-    # 8 emulated devices share one small thread pool. A single-device computation dispatched
-    # asynchronously (the loop's eager `fold_in` of a key) can hold a pool thread while it waits
-    # for the sharded step before it, whose collective then waits for a thread: a deadlock seen
-    # once under heavy load (all threads idle in AllReduce). Run such computations inline.
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
     with open(sys.argv[1]) as f:
         jobs = json.load(f)
     for job in jobs:

@@ -519,7 +519,13 @@ class Steps:
         repl = parallel.replicated(mesh)
         self.train = {
             kind: jax.jit(
-                functools.partial(train_step, kind=kind, objectives_=objs, tx=tx, loss_kw=loss_kw),
+                train.keyed_by_step(
+                    functools.partial(
+                        train_step, kind=kind, objectives_=objs, tx=tx, loss_kw=loss_kw
+                    ),
+                    config.seed,
+                    argnum=2,
+                ),
                 in_shardings=(state_shardings, self.batch_sharding, repl, repl, repl),
                 out_shardings=(state_shardings, repl),
                 donate_argnums=0,
@@ -836,7 +842,6 @@ def train_and_evaluate(
             loop["step"], state, data_state=data_state, meta=meta, metrics=metrics, force=force
         )
 
-    base_rng = jax.random.key(config.seed)
     poisoned = train.poisoned_steps(config)
     window: dict[str, list[Sums]] = {}
     nonfinite: list[jax.Array] = []
@@ -864,7 +869,7 @@ def train_and_evaluate(
                 state, sums = steps.train[entry.objective](
                     state,
                     parallel.global_batch(batch, steps.batch_sharding, it.batch_size),
-                    jax.random.fold_in(base_rng, loop["step"]),
+                    np.int32(loop["step"]),  # the dropout/noise key's step
                     np.float32(lam),
                     np.int32(lang_id(entry.lang2)),
                 )

@@ -240,6 +240,23 @@ def apply_gradients(
     return TrainState(step=step, params=params, opt_state=opt_state), sums
 
 
+def keyed_by_step(fn: Callable, seed: int, argnum: int) -> Callable:
+    """``fn`` with its key argument (position ``argnum``) replaced by a step number (a host
+    int32): the key ``fold_in(key(seed), step)`` is computed inside the compiled program.
+
+    Why: the loops used to call ``fold_in`` eagerly between steps, a small device computation of
+    its own. Besides the dispatch, with 8 emulated CPU devices it could deadlock XLA:CPU (the
+    eager op held a pool thread waiting for a sharded step whose collective waited for a thread).
+    The keys are the same as before, so runs and checkpoints are unchanged."""
+
+    def with_key(*args):
+        args = list(args)
+        args[argnum] = jax.random.fold_in(jax.random.key(seed), args[argnum])
+        return fn(*args)
+
+    return with_key
+
+
 def eval_step(params, batch, rng, *, model, objective: Objective) -> Sums:
     k_mask, k_drop = jax.random.split(rng)
     return objective.loss_sums(
@@ -491,8 +508,16 @@ class Steps:
         repl = parallel.replicated(mesh)
         self.train = {
             kind: jax.jit(
-                functools.partial(
-                    train_step, model=model, objective=obj, tx=tx, accum_steps=config.accum_steps
+                keyed_by_step(
+                    functools.partial(
+                        train_step,
+                        model=model,
+                        objective=obj,
+                        tx=tx,
+                        accum_steps=config.accum_steps,
+                    ),
+                    config.seed,
+                    argnum=2,
                 ),
                 in_shardings=(state_shardings, batch_sh, repl, repl),
                 out_shardings=(state_shardings, repl),
@@ -502,7 +527,12 @@ class Steps:
         }
         self.eval = {
             kind: jax.jit(
-                functools.partial(eval_step, model=model, objective=obj),
+                # the same masks at every evaluation: keys from the batch index, not the step
+                keyed_by_step(
+                    functools.partial(eval_step, model=model, objective=obj),
+                    config.seed + 1,
+                    argnum=2,
+                ),
                 in_shardings=(state_shardings.params, batch_sh, repl),
                 out_shardings=repl,
             )
@@ -567,10 +597,9 @@ def eval_metric_names(data: Data) -> list[str]:
     return sorted(names + [f"valid/{kind}_ppl" for kind in kinds])
 
 
-def evaluate(steps: Steps, params, data: Data, seed: int, n_rows: int) -> dict[str, float]:
+def evaluate(steps: Steps, params, data: Data, n_rows: int) -> dict[str, float]:
     """Validation loss/accuracy/perplexity per step key, with the same masks at every evaluation."""
     sums: dict[str, dict[str, float]] = {}
-    base = jax.random.key(seed + 1)
     with parallel.mesh_context(steps.mesh, steps.rules):
         for key, batches in data.valid.items():
             kind = "clm" if key.startswith("clm_") else "masked"
@@ -578,7 +607,7 @@ def evaluate(steps: Steps, params, data: Data, seed: int, n_rows: int) -> dict[s
                 steps.eval[kind](
                     params,
                     parallel.global_batch(b, steps.batch_sharding, n_rows),
-                    jax.random.fold_in(base, i),
+                    np.int32(i),
                 )
                 for i, b in enumerate(batches)
             ]
@@ -833,7 +862,6 @@ def train_and_evaluate(
             loop["step"], state, data_state=data_state, meta=meta, metrics=metrics, force=force
         )
 
-    base_rng = jax.random.key(config.seed)
     poisoned = poisoned_steps(config)
     window: dict[str, list[Sums]] = {}
     nonfinite: list[jax.Array] = []  # per step, in order: runs of skipped updates are counted
@@ -864,7 +892,7 @@ def train_and_evaluate(
                 state, sums = steps.train[Steps.kind(spec)](
                     state,
                     parallel.global_batch(batch, steps.batch_sharding, it.batch_size),
-                    jax.random.fold_in(base_rng, loop["step"]),
+                    np.int32(loop["step"]),  # the dropout/masking key's step
                     np.float32(lam),
                 )
                 window.setdefault(spec.key, []).append(sums)
@@ -896,7 +924,7 @@ def train_and_evaluate(
 
             metrics = None
             if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-                metrics = evaluate(steps, state.params, data, config.seed, config.eval_batch_size)
+                metrics = evaluate(steps, state.params, data, config.eval_batch_size)
                 writer.write(step, metrics)
                 logging.info(
                     "eval step %d: %s",

@@ -419,7 +419,13 @@ def finetune(
     )
     batch_axes = parallel.mesh_axes_of("batch", runner.rules)
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, mesh=runner.mesh, batch_axes=batch_axes),
+        train.keyed_by_step(
+            functools.partial(
+                train_step, model=model, tx=tx, mesh=runner.mesh, batch_axes=batch_axes
+            ),
+            config.seed,
+            argnum=2,
+        ),
         in_shardings=(shardings, runner.batch_sharding, runner.replicated, runner.replicated),
         out_shardings=(shardings, runner.replicated),
         donate_argnums=0,
@@ -509,7 +515,6 @@ def finetune(
         loop["epoch_sums"],
         lambda flags: train.count_nonfinite(flags, loop, config, loop["step"], ckpt),
     )
-    base_rng = jax.random.key(config.seed)
     poisoned = train.poisoned_steps(config)
     with runner.context(), PreemptionGuard() as guard:
         while loop["epoch"] < config.n_epochs and not loop["stopped"]:
@@ -521,7 +526,7 @@ def finetune(
                 state, sums = step_fn(
                     state,
                     runner.put(batch),
-                    jax.random.fold_in(base_rng, loop["step"]),
+                    np.int32(loop["step"]),
                     np.float32("nan" if loop["step"] in poisoned else 1.0),
                 )
                 loop["step"] += 1
