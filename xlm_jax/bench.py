@@ -102,9 +102,9 @@ def bench_steps(
                 k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=steps.batch_sharding)
                 for k, v in host_batch.items()
             }
-            key, lam = np.int32(1), np.float32(1.0)  # the step number the key derives from
+            step, lam = np.int32(1), np.float32(1.0)  # the step number the key derives from
             t = time.perf_counter()
-            compiled = steps.train[kind].lower(abstract, abstract_batch, key, lam).compile()
+            compiled = steps.train[kind].lower(abstract, abstract_batch, step, lam).compile()
             compile_s = time.perf_counter() - t
             mem = compiled.memory_analysis()
             flops = xlm_flops_per_token(model.config, length, pred_fraction)
@@ -133,8 +133,8 @@ def bench_steps(
             batch = parallel.global_batch(host_batch, steps.batch_sharding, rows)
             box = {"state": state}
 
-            def run(compiled=compiled, batch=batch, key=key, lam=lam, box=box):
-                box["state"], sums = compiled(box["state"], batch, key, lam)
+            def run(compiled=compiled, batch=batch, step=step, lam=lam, box=box):
+                box["state"], sums = compiled(box["state"], batch, step, lam)
                 return sums
 
             seconds = _median_seconds(run, n_steps)

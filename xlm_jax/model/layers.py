@@ -325,15 +325,7 @@ class MultiHeadAttention(nn.Module):
         q = nn.with_logical_constraint(self.query(query_input), ACT_HEADS)
         # XLM scales q (not the scores) before the product.
         q = q * jnp.asarray((self.dim // self.n_heads) ** -0.5, q.dtype)
-        if cache_layout:
-            scores = jnp.einsum("bqhd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32)
-            mask = jnp.broadcast_to(mask, scores.shape[:1] + scores.shape[2:])
-            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-            context = jnp.einsum("bhqk,bhkd->bqhd", weights, values.astype(self.dtype))
-            context = nn.with_logical_constraint(context, ACT_HEADS)
-            return nn.with_logical_constraint(self.out(context), ACT_EMBED)
-        if self.impl != "explicit":
+        if self.impl != "explicit" and not cache_layout:
             mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], keys.shape[1]))
             context = jax.nn.dot_product_attention(
                 q,
@@ -343,19 +335,25 @@ class MultiHeadAttention(nn.Module):
                 scale=1.0,
                 implementation=None if self.impl == "xla" else "cudnn",
             )
-            context = nn.with_logical_constraint(context, ACT_HEADS)
-            return nn.with_logical_constraint(self.out(context), ACT_EMBED)
-        # Scores accumulate in float32 and the softmax runs in float32 (as XLM's .float()).
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
-        # A finite floor instead of -inf: a fully padded row then softmaxes to uniform (finite)
-        # weights rather than NaN, and masked entries still get exactly zero weight.
-        mask = jnp.broadcast_to(mask, scores.shape[:1] + scores.shape[2:])
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        # For inspection (attention maps): kept only when applied with mutable=["intermediates"].
-        self.sow("intermediates", "attention_weights", weights)
-        weights = self.dropout(weights, deterministic=deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", weights, values.astype(self.dtype))
+        else:
+            # the products' operand layouts: projections' (batch, len, heads, head_dim), or the
+            # decoding cache's (see `to_cache_layout`)
+            score_eq, context_eq = (
+                ("bqhd,bhdk->bhqk", "bhqk,bhkd->bqhd")
+                if cache_layout
+                else ("bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
+            )
+            # Scores accumulate in float32 and the softmax runs in float32 (as XLM's .float()).
+            scores = jnp.einsum(score_eq, q, keys, preferred_element_type=jnp.float32)
+            # A finite floor instead of -inf: a fully padded row then softmaxes to uniform
+            # (finite) weights rather than NaN, and masked entries still get exactly zero weight.
+            mask = jnp.broadcast_to(mask, scores.shape[:1] + scores.shape[2:])
+            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            # For inspection (attention maps): kept only under mutable=["intermediates"].
+            self.sow("intermediates", "attention_weights", weights)
+            weights = self.dropout(weights, deterministic=deterministic)
+            context = jnp.einsum(context_eq, weights, values.astype(self.dtype))
         context = nn.with_logical_constraint(context, ACT_HEADS)
         return nn.with_logical_constraint(self.out(context), ACT_EMBED)
 
