@@ -1,5 +1,7 @@
 """The benchmark runs on a tiny config and reports consistent numbers (not timed here)."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from tests.conftest import tiny_config
@@ -10,7 +12,7 @@ from xlm_jax.model.encoder import ModelConfig, xlm_flops_per_token
 def test_bench_steps_reports_every_kind():
     config = tiny_config()
     config.tokenizer.vocab_size = 256
-    out = bench.bench_steps(config, n_steps=1)
+    out = bench.bench_steps(config, n_steps=1, floor=False)  # the floor: tested below
     assert set(out) == {"mlm", "tlm", "clm"}
     for kind, r in out.items():
         rows, length = r["batch"]
@@ -36,7 +38,7 @@ def test_memory_only_compiles_without_running():
 def test_bench_decoding_runs_every_variant_at_full_length():
     config = tiny_config()
     config.tokenizer.vocab_size = 256
-    runs = bench.bench_decoding(config, batch=4, src_len=6, out_tokens=5, n_runs=1)
+    runs = bench.bench_decoding(config, batch=4, src_len=6, out_tokens=5, n_runs=1, floor=False)
     assert [(r["search"], r["kv_cache"]) for r in runs] == [
         ("greedy", True),
         ("greedy", False),
@@ -69,6 +71,9 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
     (ref,) = report["reference"]
     assert ref["mode"] == "eager" and ref["batch"] == mlm["batch"]
     assert ref["ours_over_theirs"] == pytest.approx(mlm["tokens_per_s"] / ref["tokens_per_s"])
+    assert ref["floor_over_theirs"] == pytest.approx(
+        mlm["floor_tokens_per_s"] / ref["tokens_per_s"]
+    )
     pipe = report["pipeline"]
     assert pipe["mlm"]["batch"] == [config.batch_size, config.bptt]
     assert pipe["tlm"]["batch"] == [config.tlm_batch_size, config.tlm_length]
@@ -78,6 +83,7 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
     assert "over_step" not in pipe["tlm"]  # TLM's step was not timed
     text = bench.markdown(report, "python -m xlm_jax.bench ...")
     assert f"{ref['ours_over_theirs']:.2f}x" in text
+    assert f"{ref['floor_over_theirs']:.2f}x" in text
     assert text.count("| greedy |") == 2 and text.count("| beam 4 |") == 2
     assert "(128 x 128)" in text
 
@@ -97,3 +103,77 @@ def test_peak_lookup_and_throughput():
     out = mfu.throughput(tokens=4096, flops=4096 * 1e9, seconds=2.0, n_devices=4, peak=1e12)
     assert out == {"tokens_per_s": 2048.0, "tflops_per_device": 0.512, "mfu": 0.512}
     assert "mfu" not in mfu.throughput(1, 1, 1, 1, None)
+
+
+def test_dot_products_counts_nested_jits_loops_and_branches():
+    from jax import lax
+
+    from xlm_jax import roofline
+
+    def f(x, w):
+        y = jax.jit(lambda a: a @ w)(x)  # 1
+        y = lax.fori_loop(0, 3, lambda i, a: a @ w, y)  # static trip count: a scan of 3
+        y = lax.while_loop(lambda c: c[0] < 5, lambda c: (c[0] + 1, c[1] @ w), (0, y))[1]
+        return lax.cond(x.sum() > 0, lambda a: a @ w @ w, lambda a: a, y)  # the larger branch: 2
+
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    counts = roofline.program_dot_products(f, x, w, loop_trips=7)
+    ((dot, n),) = counts.items()
+    assert (dot.lhs, dot.rhs, n) == ((4, 8), (8, 8), 1 + 3 + 7 + 2)
+    assert dot.flops == 2 * 4 * 8 * 8
+    batched = roofline.DotProduct(
+        (2, 3, 5), (2, 5, 7), "float32", (((2,), (1,)), ((0,), (0,))), None
+    )
+    assert batched.flops == 2 * 2 * 3 * 5 * 7
+    timed = roofline.time_dot_products(counts)
+    assert timed["flops"] == 13 * dot.flops and timed["seconds"] > 0
+    assert timed["products"][0]["calls"] == 13
+
+
+def test_the_flop_formula_counts_the_training_steps_own_products():
+    """``xlm_flops_per_token`` (MFU's numerator) equals the FLOPs of the matrix products in the
+    traced MLM and CLM training steps, forward and backward, with the step's predicted slots."""
+    import numpy as np
+
+    from xlm_jax import parallel, roofline, train
+    from xlm_jax.model.encoder import XLMEncoder
+    from xlm_jax.objectives import n_pred_slots
+
+    config = tiny_config()
+    config.tokenizer.vocab_size = 256
+    config.model.n_layers = 2
+    model = XLMEncoder(train.model_config(config, 256))
+    tx = train.make_optimizer(config.optimizer)
+    rules = parallel.rules_from_config(config.mesh.rules)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    abstract, shardings, _ = train.abstract_state(model, tx, mesh, rules, 1)
+    steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(256))
+    rows, length = config.batch_size, config.bptt
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        for k in bench._batch(np.random.default_rng(0), rows, length, 256, False)
+    }
+    slots = n_pred_slots(length, config.word_pred)
+    with parallel.mesh_context(mesh, rules):
+        for kind, fraction in (("masked", slots / length), ("clm", 1.0)):
+            counts = roofline.program_dot_products(
+                steps.train[kind], abstract, batch, np.int32(1), np.float32(1.0)
+            )
+            traced = sum(d.flops * n for d, n in counts.items()) / (rows * length)
+            assert traced == pytest.approx(xlm_flops_per_token(model.config, length, fraction))
+
+
+def test_bench_reports_the_matmul_floor():
+    config = tiny_config()
+    config.tokenizer.vocab_size = 256
+    out = bench.bench_steps(config, n_steps=1, only=("mlm",))["mlm"]
+    rows, length = out["batch"]
+    assert out["floor_tokens_per_s"] == pytest.approx(rows * length / out["matmul_floor_s"])
+    assert out["matmul_flops_per_token"] > 0
+    runs = bench.bench_decoding(config, batch=2, src_len=4, out_tokens=3, n_runs=1)
+    cached = [r for r in runs if r["kv_cache"]]
+    assert all(r["floor_sentences_per_s"] == pytest.approx(2 / r["matmul_floor_s"]) for r in cached)
+    assert not any("matmul_floor_s" in r for r in runs if not r["kv_cache"])
+    # beam 4 runs 4 hypotheses per sentence through the decoder's products (the encoder's once)
+    greedy, beam = cached
+    assert 2 * greedy["matmul_flops"] < beam["matmul_flops"] < 4 * greedy["matmul_flops"]

@@ -9,8 +9,10 @@ warm-up, tokens per second (rows are full, so every position is a token), model 
 (``model.encoder.xlm_flops_per_token``), MFU against the measured peak of the compute dtype, and
 the compiled step's memory. ``--torch`` times transformers' ``XLMWithLMHeadModel`` on the same
 MLM batch (``xlm_jax.bench_torch``) and reports ours / theirs; ``--decode`` times greedy and beam
-decoding with and without the KV cache; ``--pipeline`` times the host iterators. Batches are
-random token ids of the config's shapes: the cost does not depend on the text.
+decoding with and without the KV cache; ``--pipeline`` times the host iterators. Beside each
+step and decoder, its matrix products timed alone (``xlm_jax.roofline``, ``--nofloor`` to skip):
+the ceiling no change other than faster matmul kernels could pass. Batches are random token ids
+of the config's shapes: the cost does not depend on the text.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from xlm_jax import files, nmt, parallel, train
+from xlm_jax import files, nmt, parallel, roofline, train
 from xlm_jax.data import batches as batches_lib
 from xlm_jax.model.encoder import XLMEncoder, xlm_flops_per_token
 from xlm_jax.model.seq2seq import EncoderDecoder
@@ -67,13 +69,26 @@ def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: b
     return {"tokens": tokens, "positions": positions, "langs": langs}
 
 
+def _matmul_floor(fn: Callable, *args, loop_trips: int = 1) -> dict:
+    """The program's matrix products timed alone (``xlm_jax.roofline``): seconds and FLOPs."""
+    floor = roofline.time_dot_products(
+        roofline.program_dot_products(fn, *args, loop_trips=loop_trips)
+    )
+    return {"seconds": floor["seconds"], "flops": floor["flops"]}
+
+
 def bench_steps(
-    config, n_steps: int, memory_only: bool = False, only: tuple[str, ...] = ("mlm", "tlm", "clm")
+    config,
+    n_steps: int,
+    memory_only: bool = False,
+    only: tuple[str, ...] = ("mlm", "tlm", "clm"),
+    floor: bool = True,
 ) -> dict:
     """Compiles each step kind for the config's mesh; times it unless ``memory_only``.
 
     Memory is the compiled program's, per device: arguments + outputs + temporaries - aliased
-    (donated) buffers.
+    (donated) buffers. ``floor`` (one device only) also times the step's matrix products alone:
+    the step time no other change could go below, as tokens/s (``floor_tokens_per_s``).
     """
     rules = parallel.rules_from_config(config.mesh.rules)
     mesh = parallel.make_mesh(config.mesh.shape)
@@ -145,11 +160,18 @@ def bench_steps(
                 tokens_per_s=tokens / seconds,
                 achieved_flops=flops * tokens / seconds,
             )
+            if floor and mesh.size == 1:  # the traced shapes are the global ones
+                f = _matmul_floor(steps.train[kind], abstract, abstract_batch, step, lam)
+                results[name].update(
+                    matmul_floor_s=f["seconds"],
+                    matmul_flops_per_token=f["flops"] / tokens,
+                    floor_tokens_per_s=tokens / f["seconds"],
+                )
     return results
 
 
 def bench_decoding(
-    config, batch: int, src_len: int, out_tokens: int, n_runs: int = 3
+    config, batch: int, src_len: int, out_tokens: int, n_runs: int = 3, floor: bool = True
 ) -> list[dict]:
     """Sentences/s of greedy and beam-4 decoding with and without the KV cache.
 
@@ -157,6 +179,8 @@ def bench_decoding(
     disabled so every sentence has exactly ``out_tokens`` tokens after the start token and all
     variants do the same work. Median of ``n_runs`` after one warm-up (compile time separately);
     the slow variants without the cache are timed once, after the run that checks the lengths.
+    ``floor``: the decoder's matrix products timed alone (the loop body's ``out_tokens`` times),
+    as the sentences/s no other change could exceed.
     """
     mcfg = train.model_config(config, config.tokenizer.vocab_size)
     mcfg = dataclasses.replace(mcfg, dropout=0.0, attention_dropout=0.0)
@@ -208,6 +232,14 @@ def bench_decoding(
                     "tokens_per_s": batch * out_tokens / seconds,
                 }
             )
+            if floor and kv:  # without the cache the floor says nothing new
+                # the loop body runs once per output token (the last one a forced </s>)
+                f = _matmul_floor(fn, params, inputs, np.int32(1), loop_trips=out_tokens)
+                results[-1].update(
+                    matmul_floor_s=f["seconds"],
+                    matmul_flops=f["flops"],
+                    floor_sentences_per_s=batch / f["seconds"],
+                )
     return results
 
 
@@ -299,11 +331,13 @@ def run(
     decode_shape: tuple[int, int, int] | None = None,
     pipeline: bool = False,
     peak_size: int = 2048,
+    floor: bool = True,
 ) -> dict:
     """Everything the benchmark measures, in one process: the report `main` prints and saves.
 
     ``torch_modes`` ("eager", "compile") times transformers' XLM on the MLM batch
-    (``xlm_jax.bench_torch``); the ratios ours/theirs come from this same run.
+    (``xlm_jax.bench_torch``); the ratios ours/theirs come from this same run. ``floor``: the
+    matrix products of each step and decoder timed alone (``xlm_jax.roofline``).
     """
     report: dict = {"machine": machine(), "model": config.model.to_dict()}
     report["vocab_size"] = config.tokenizer.vocab_size
@@ -313,7 +347,7 @@ def run(
             "jax float32": matmul_peak(jnp.float32, peak_size),
             "jax bfloat16": matmul_peak(jnp.bfloat16, peak_size),
         }
-    steps = bench_steps(config, n_steps, memory_only, kinds)
+    steps = bench_steps(config, n_steps, memory_only, kinds, floor)
     peak = None if memory_only else report["matmul_peak_flops"][f"jax {config.model.dtype}"]
     for r in steps.values():
         if "achieved_flops" in r:
@@ -338,9 +372,13 @@ def run(
         if "mlm" in steps and "tokens_per_s" in steps["mlm"]:
             for ref in report["reference"]:
                 ref["ours_over_theirs"] = steps["mlm"]["tokens_per_s"] / ref["tokens_per_s"]
+                if "floor_tokens_per_s" in steps["mlm"]:  # the best ratio these matmuls allow
+                    ref["floor_over_theirs"] = (
+                        steps["mlm"]["floor_tokens_per_s"] / ref["tokens_per_s"]
+                    )
     if decode_shape is not None:
         batch, src_len, out_tokens = decode_shape
-        runs = bench_decoding(config, batch, src_len, out_tokens)
+        runs = bench_decoding(config, batch, src_len, out_tokens, floor=floor)
         report["decoding"] = {
             "batch": batch,
             "source_tokens": src_len,
@@ -376,19 +414,28 @@ def markdown(report: dict, command: str = "") -> str:
         ]
     lines += [
         "",
-        "| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device |",
-        "|---|---|---|---|---|---|---|---|",
+        "Ceiling: the rate the program's matrix products allow, timed alone with the same "
+        "backend (as if every other operation were free).",
+        "",
+        "| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device "
+        "| matmuls alone ms | ceiling tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["steps"].items():
         mem = r["memory_bytes_per_device"]
         mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"
         timed = "step_s" in r
+        floor = (
+            f"{r['matmul_floor_s'] * 1e3:.0f} | {r['floor_tokens_per_s']:.0f}"
+            if "matmul_floor_s" in r
+            else "- | -"
+        )
         lines.append(
             f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | "
             + (f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f}" if timed else "- | -")
             + f" | {r['flops_per_token'] / 1e9:.4f} | "
             + (f"{r['mfu']:.1%}" if timed else "-")
-            + f" | {mem} |"
+            + f" | {mem} | {floor} |"
         )
     if refs := report.get("reference"):
         lines += [
@@ -396,15 +443,17 @@ def markdown(report: dict, command: str = "") -> str:
             "Reference, same model and MLM batch: transformers' `XLMWithLMHeadModel` training "
             "step (output layer at every position):",
             "",
-            "| framework | mode | threads | compile s | step ms | tokens/s | ours / theirs |",
-            "|---|---|---|---|---|---|---|",
+            "| framework | mode | threads | compile s | step ms | tokens/s | ours / theirs "
+            "| ceiling / theirs |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in refs:
             compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
             ratio = f"{r['ours_over_theirs']:.2f}x" if "ours_over_theirs" in r else "-"
+            bound = f"{r['floor_over_theirs']:.2f}x" if "floor_over_theirs" in r else "-"
             lines.append(
                 f"| {r['framework']} | {r['mode']} | {r['threads']} | {compile_s} | "
-                f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {ratio} |"
+                f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {ratio} | {bound} |"
             )
     if dec := report.get("decoding"):
         lines += [
@@ -413,13 +462,19 @@ def markdown(report: dict, command: str = "") -> str:
             f"{dec['output_tokens']} tokens each (end-of-sentence disabled, so every variant "
             "does the same work):",
             "",
-            "| search | KV cache | compile s | sentences/s | tokens/s |",
-            "|---|---|---|---|---|",
+            "| search | KV cache | compile s | sentences/s | tokens/s | matmuls alone s "
+            "| ceiling sentences/s |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in dec["runs"]:
+            floor = (
+                f"{r['matmul_floor_s']:.2f} | {r['floor_sentences_per_s']:.1f}"
+                if "matmul_floor_s" in r
+                else "- | -"
+            )
             lines.append(
                 f"| {r['search']} | {'yes' if r['kv_cache'] else 'no'} | {r['compile_s']:.1f} | "
-                f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} |"
+                f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {floor} |"
             )
     if pipe := report.get("pipeline"):
         lines += [
@@ -459,6 +514,9 @@ _DECODE_SHAPE = flags.DEFINE_list(
 )
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the host data pipeline.")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048, "Square matmul size of the peak measurement.")
+_FLOOR = flags.DEFINE_bool(
+    "floor", True, "Also time each step's and decoder's matrix products alone (one device)."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -475,6 +533,7 @@ def main(argv: list[str]) -> None:
         decode_shape=tuple(int(x) for x in _DECODE_SHAPE.value) if _DECODE.value else None,
         pipeline=_PIPELINE.value,
         peak_size=_PEAK_SIZE.value,
+        floor=_FLOOR.value,
     )
     command = "python -m xlm_jax.bench " + " ".join(sys.argv[1:])
     text = markdown(report, command)

@@ -1,0 +1,151 @@
+"""The matrix products of a compiled program, timed alone: a floor under its run time.
+
+A training step or a decoder is mostly matmuls; everything else (dropout, softmax, LayerNorm,
+optimizer, gathers) comes on top. Timing the program's own ``dot_general`` operations one shape at
+a time, with the same XLA backend, gives the time the program could not go below even if every
+other operation were free, and so the best tokens/s (or sentences/s) it could reach on this
+machine. ``python -m xlm_jax.bench`` reports it beside each measurement, so a target can be
+checked against what the hardware allows in the same run.
+
+The products are read from the program's jaxpr (nested jits, remat, scans and loops included;
+the body of a ``while`` loop counts ``loop_trips`` times, as its trip count is only known at run
+time). The traced program is the global one: on a mesh of several devices the shapes are not the
+per-device ones, so the floor is only meaningful for one device.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jex_core
+
+
+@dataclasses.dataclass(frozen=True)
+class DotProduct:
+    """One ``lax.dot_general`` as the program calls it."""
+
+    lhs: tuple[int, ...]
+    rhs: tuple[int, ...]
+    dtype: str
+    dimension_numbers: tuple  # ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
+    preferred_element_type: str | None
+
+    @property
+    def flops(self) -> int:
+        """2 x the multiply-adds: the product of every lhs dimension and rhs's free ones."""
+        (_, rhs_contract), (_, rhs_batch) = self.dimension_numbers
+        rhs_free = [n for i, n in enumerate(self.rhs) if i not in (*rhs_contract, *rhs_batch)]
+        return 2 * math.prod(self.lhs) * math.prod(rhs_free)
+
+
+def _sub_jaxprs(eqn: Any) -> Iterator[tuple[jex_core.Jaxpr, str]]:
+    """The jaxprs an equation runs: (jaxpr, the parameter's name)."""
+    for name, value in eqn.params.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, jex_core.ClosedJaxpr):
+                yield v.jaxpr, name
+            elif isinstance(v, jex_core.Jaxpr):
+                yield v, name
+
+
+def dot_products(jaxpr: jex_core.Jaxpr, loop_trips: int = 1) -> collections.Counter:
+    """{DotProduct: how many times the program runs it}.
+
+    A ``scan`` body counts its length times, a ``while`` body ``loop_trips`` times (its
+    condition is not counted); of a ``cond``'s branches, the one with the most FLOPs.
+    """
+    counts: collections.Counter = collections.Counter()
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval for v in eqn.invars)
+            pet = eqn.params.get("preferred_element_type")
+            counts[
+                DotProduct(
+                    tuple(lhs.shape),
+                    tuple(rhs.shape),
+                    str(lhs.dtype),
+                    eqn.params["dimension_numbers"],
+                    None if pet is None else str(np.dtype(pet)),
+                )
+            ] += 1
+        elif name == "cond":
+            branches = [dot_products(j, loop_trips) for j, _ in _sub_jaxprs(eqn)]
+            counts += max(branches, key=lambda c: sum(d.flops * n for d, n in c.items()))
+        else:
+            times = {"scan": eqn.params.get("length", 1), "while": loop_trips}.get(name, 1)
+            for sub, param in _sub_jaxprs(eqn):
+                if name == "while" and param == "cond_jaxpr":
+                    continue
+                for dot, n in dot_products(sub, loop_trips).items():
+                    counts[dot] += n * times
+    return counts
+
+
+def program_dot_products(
+    fn: Callable[..., Any], *args: Any, loop_trips: int = 1
+) -> collections.Counter:
+    """The dot products of ``fn(*args)`` (arrays or ``jax.ShapeDtypeStruct``s)."""
+    return dot_products(jax.make_jaxpr(fn)(*args).jaxpr, loop_trips)
+
+
+def _seconds_per_call(f: Callable[..., Any], args: tuple, min_seconds: float = 0.05) -> float:
+    """Median time of one call; calls are issued back to back (JAX dispatches asynchronously),
+    enough of them per sample that dispatch overhead is spread out."""
+    jax.block_until_ready(f(*args))  # compile
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    one = max(time.perf_counter() - t, 1e-6)
+    calls = max(1, math.ceil(min_seconds / one))
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) / calls)
+    return float(np.median(samples))
+
+
+def time_dot_products(counts: collections.Counter) -> dict[str, Any]:
+    """Seconds the program's products take alone, each shape timed once on random operands.
+
+    Returns ``{"seconds", "flops", "products"}``: the total over all calls, its FLOPs, and one
+    row per distinct product (shapes, calls, seconds per call, GFLOP/s).
+    """
+    rows, total_s, total_flops = [], 0.0, 0
+    key = jax.random.key(0)
+    for i, (dot, n) in enumerate(sorted(counts.items(), key=lambda kv: -kv[0].flops * kv[1])):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        lhs = jax.random.normal(k1, dot.lhs, jnp.dtype(dot.dtype))
+        rhs = jax.random.normal(k2, dot.rhs, jnp.dtype(dot.dtype))
+        f = jax.jit(
+            lambda a, b, dot=dot: lax.dot_general(
+                a, b, dot.dimension_numbers, preferred_element_type=dot.preferred_element_type
+            )
+        )
+        s = _seconds_per_call(f, (lhs, rhs))
+        total_s += s * n
+        total_flops += dot.flops * n
+        rows.append(
+            {
+                "lhs": list(dot.lhs),
+                "rhs": list(dot.rhs),
+                "dimension_numbers": repr(dot.dimension_numbers),
+                "calls": n,
+                "seconds_per_call": s,
+                "gflops_per_s": dot.flops / s / 1e9,
+            }
+        )
+    return {"seconds": total_s, "flops": total_flops, "products": rows}
