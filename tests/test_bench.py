@@ -51,8 +51,8 @@ def test_bench_decoding_runs_every_variant_at_full_length():
 
 
 def test_run_reports_ratios_from_one_run_and_writes_markdown():
-    """The whole benchmark in its tiny mode (what CI runs so it cannot rot): every section, and
-    ratios computed from the numbers of the same report."""
+    """The whole benchmark in its tiny mode (what CI runs so it cannot rot): every section, the
+    ceilings, and ratios computed from the numbers of the same report."""
     config = tiny_config()
     config.tokenizer.vocab_size = 256
     report = bench.run(
@@ -71,9 +71,20 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
     (ref,) = report["reference"]
     assert ref["mode"] == "eager" and ref["batch"] == mlm["batch"]
     assert ref["ours_over_theirs"] == pytest.approx(mlm["tokens_per_s"] / ref["tokens_per_s"])
+    # the ceiling: the step's and the decoders' matrix products timed alone
+    rows, length = mlm["batch"]
+    assert mlm["floor_tokens_per_s"] == pytest.approx(rows * length / mlm["matmul_floor_s"])
+    assert mlm["matmul_flops_per_token"] > 0
     assert ref["floor_over_theirs"] == pytest.approx(
         mlm["floor_tokens_per_s"] / ref["tokens_per_s"]
     )
+    runs = report["decoding"]["runs"]
+    cached = [r for r in runs if r["kv_cache"]]
+    assert all(r["floor_sentences_per_s"] == pytest.approx(2 / r["matmul_floor_s"]) for r in cached)
+    assert not any("matmul_floor_s" in r for r in runs if not r["kv_cache"])
+    # beam 4 runs 4 hypotheses per sentence through the decoder's products (the encoder's once)
+    greedy, beam = cached
+    assert 2 * greedy["matmul_flops"] < beam["matmul_flops"] < 4 * greedy["matmul_flops"]
     pipe = report["pipeline"]
     assert pipe["mlm"]["batch"] == [config.batch_size, config.bptt]
     assert pipe["tlm"]["batch"] == [config.tlm_batch_size, config.tlm_length]
@@ -161,19 +172,3 @@ def test_the_flop_formula_counts_the_training_steps_own_products():
             )
             traced = sum(d.flops * n for d, n in counts.items()) / (rows * length)
             assert traced == pytest.approx(xlm_flops_per_token(model.config, length, fraction))
-
-
-def test_bench_reports_the_matmul_floor():
-    config = tiny_config()
-    config.tokenizer.vocab_size = 256
-    out = bench.bench_steps(config, n_steps=1, only=("mlm",))["mlm"]
-    rows, length = out["batch"]
-    assert out["floor_tokens_per_s"] == pytest.approx(rows * length / out["matmul_floor_s"])
-    assert out["matmul_flops_per_token"] > 0
-    runs = bench.bench_decoding(config, batch=2, src_len=4, out_tokens=3, n_runs=1)
-    cached = [r for r in runs if r["kv_cache"]]
-    assert all(r["floor_sentences_per_s"] == pytest.approx(2 / r["matmul_floor_s"]) for r in cached)
-    assert not any("matmul_floor_s" in r for r in runs if not r["kv_cache"])
-    # beam 4 runs 4 hypotheses per sentence through the decoder's products (the encoder's once)
-    greedy, beam = cached
-    assert 2 * greedy["matmul_flops"] < beam["matmul_flops"] < 4 * greedy["matmul_flops"]

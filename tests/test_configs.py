@@ -1,14 +1,13 @@
-"""Every config builds; the paper-size model has the paper's size; the CLI runs a config."""
+"""Every config builds; the paper-size model has the paper's size. (The command line runs each
+config of the docs in tests/test_docs_run.py.)"""
 
 import importlib.util
-import subprocess
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from tests.conftest import CPU_ENV, demo_command
 from xlm_jax import train
 from xlm_jax.model.encoder import XLMEncoder, count_params
 
@@ -66,13 +65,3 @@ def test_real_data_configs_read_their_sources(name, shared_data):
         assert set(split.mono) == set(langs)
         for src, tgt in split.para.values():
             assert len(src) == len(tgt) > 0
-
-
-def test_cli_runs_the_demo_config(tmp_path):
-    cmd = demo_command(
-        tmp_path, "--config.max_steps=3", "--config.log_every=1", "--config.eval_every=3"
-    )
-    out = subprocess.run(cmd, cwd=REPO, env=CPU_ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "step 3/3" in out.stdout
-    assert (tmp_path / "checkpoints" / "3").is_dir() and (tmp_path / "tokenizer.model").is_file()

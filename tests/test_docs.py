@@ -15,7 +15,7 @@ every command of this project is validated without running anything heavy:
 
 Also: docs/configuration.md is exactly ``python -m xlm_jax.config_doc``'s output, and the
 generator reads comments as documented. tests/test_docs_run.py then runs the commands of README.md
-and the how-tos (docs/{pretrain,xnli,nmt,interop,launch,results}.md) with tiny overrides.
+and the how-tos (docs/{pretrain,xnli,nmt,interop,launch}.md) with tiny overrides.
 """
 
 from __future__ import annotations
