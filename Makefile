@@ -6,6 +6,11 @@ WORKDIR ?= /tmp/xlm_demo
 # Empty DATA = the toy corpus the demo generates; DATA=../shared/data/multi30k = real text.
 DATA ?=
 ARGS ?=
+# The demo and the tests run on the CPU (the test extras bring libtpu, to *compile* for TPU slices
+# in tests/test_aot.py; JAX would otherwise try to open a TPU). `make demo JAX_PLATFORMS=` lets
+# JAX pick an accelerator.
+JAX_PLATFORMS ?= cpu
+export JAX_PLATFORMS
 
 .PHONY: demo test lint clean-venv
 

@@ -30,8 +30,17 @@
 #                    to REMOTE_LOG (default xlm_jax_train.log in the login home) on every worker.
 #                    Without it the run lives as long as this ssh session (Ctrl-C stops it).
 #   DRY_RUN=1        only print the gcloud commands, run nothing
+#   AOT_TOPOLOGY     the slice type for the compile check below, e.g. v5e-256, v4-128 or gcloud's
+#                    v5litepod-256; default: asked from gcloud (tpus tpu-vm describe)
+#   AOT_CHECK=0      skip that check; AOT_PYTHON: the local interpreter for it (default python3)
 #
-# Exit status: gcloud's (non-zero if the command failed on any worker); 2 for a usage error.
+# Before anything runs on the workers, this machine compiles every program of the run for the
+# slice (`python -m xlm_jax.aot --topology=... <the --config and --mode arguments>`: the real TPU
+# compiler from libtpu, no TPU needed) and stops if one does not compile or fit in HBM. It needs
+# xlm_jax and libtpu here: pip install -e . 'jax[tpu]==<the pinned jax>' (or AOT_CHECK=0).
+#
+# Exit status: gcloud's (non-zero if the command failed on any worker); 2 for a usage error;
+# 3 when the compile check fails (nothing was started).
 
 set -euo pipefail
 
@@ -81,6 +90,9 @@ REMOTE_LOG="${REMOTE_LOG:-xlm_jax_train.log}"
 DETACH="${DETACH:-0}"
 DRY_RUN="${DRY_RUN:-0}"
 read -r -a EXTRA_SSH_FLAGS <<<"${GCLOUD_SSH_FLAGS:-}"
+AOT_CHECK="${AOT_CHECK:-1}"
+AOT_TOPOLOGY="${AOT_TOPOLOGY:-}"
+AOT_PYTHON="${AOT_PYTHON:-python3}"
 
 # The interpreter the workers run: the venv's, if one is used.
 if [[ -n "$REMOTE_VENV" ]]; then
@@ -145,6 +157,43 @@ fi
 echo "tpu_pod.sh: run on every worker: $RUN_CMD"
 STEPS+=("$RUN_CMD")
 
+# --- the compile check, on this machine -------------------------------------------------------
+
+# What the run compiles is set by its config and mode; other arguments (workdir, ...) do not matter.
+AOT_ARGS=()
+AOT_MODE=pretrain
+for arg in ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}; do
+  case "$arg" in
+    --mode=*) AOT_MODE="${arg#--mode=}" ;;
+    --config=* | --config.*) AOT_ARGS+=("$arg") ;;
+  esac
+done
+case "$AOT_MODE" in
+  xnli_sweep) AOT_MODE=xnli ;; # the grid's runs share the fine-tuning programs
+  pretrain | nmt | xnli) ;;
+  *) AOT_CHECK=0 && echo "tpu_pod.sh: --mode=$AOT_MODE trains nothing: no compile check" ;;
+esac
+if [[ "$AOT_CHECK" != 0 ]]; then
+  if [[ -z "$AOT_TOPOLOGY" ]]; then
+    DESCRIBE=(gcloud compute tpus tpu-vm describe "$TPU_NAME" "--zone=$ZONE")
+    [[ -z "$PROJECT" ]] || DESCRIBE+=("--project=$PROJECT")
+    DESCRIBE+=("--format=value(acceleratorType)")
+    show "${DESCRIBE[@]}"
+    if [[ "$DRY_RUN" == 1 ]]; then
+      AOT_TOPOLOGY='<acceleratorType>'
+    else
+      AOT_TOPOLOGY=$("${DESCRIBE[@]}") || {
+        echo "tpu_pod.sh: error: could not ask gcloud for the slice type; set AOT_TOPOLOGY" >&2
+        exit 2
+      }
+    fi
+  fi
+  AOT_CMD=("$AOT_PYTHON" -m xlm_jax.aot "--topology=$AOT_TOPOLOGY" "--mode=$AOT_MODE")
+  AOT_CMD+=(${AOT_ARGS[@]+"${AOT_ARGS[@]}"})
+  echo "tpu_pod.sh: compile check for $AOT_TOPOLOGY on this machine:"
+  show "${AOT_CMD[@]}"
+fi
+
 for step in "${STEPS[@]}"; do
   show "${GCLOUD[@]}" "--command=$step"
 done
@@ -157,6 +206,13 @@ command -v gcloud >/dev/null 2>&1 || {
   exit 2
 }
 
+if [[ "$AOT_CHECK" != 0 ]]; then
+  "${AOT_CMD[@]}" || {
+    echo "tpu_pod.sh: the compile check failed (above): nothing was started on $TPU_NAME." \
+      "Fix the config or mesh, or skip the check with AOT_CHECK=0." >&2
+    exit 3
+  }
+fi
 for step in "${STEPS[@]}"; do
   "${GCLOUD[@]}" "--command=$step" || {
     rc=$?

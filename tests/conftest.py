@@ -4,11 +4,15 @@ import os
 import sys
 from pathlib import Path
 
-import jax
-import pytest
+# The suite runs on the CPU (meshes are emulated). libtpu, in the test extras for ahead-of-time
+# compilation (test_aot.py), must not make JAX look for a TPU: set before jax is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from xlm_jax import nmt, train
-from xlm_jax.config import default_config
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from xlm_jax import nmt, train  # noqa: E402
+from xlm_jax.config import default_config  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

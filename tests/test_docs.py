@@ -293,7 +293,7 @@ def validate(cmd: list[str], where: str, monkeypatch) -> str:
             return "skipped"  # python -m pip, ...
         module = args[1].removeprefix("xlm_jax.")
         rest = args[2:]
-        if module in ("main", "bench"):
+        if module in ("main", "bench", "aot"):
             check_main_args(rest, where, module)
         elif module in ABSL_MODULES:
             check_absl_module(module, rest, where)

@@ -95,6 +95,12 @@ SKIPPED: list[tuple[str, str]] = [
     ),
     (r"^sbatch ", "submits to a SLURM cluster (its DRY_RUN=1 form runs)"),
     (
+        r"^python -m xlm_jax\.aot --config=configs/xnli15_mlm_tlm\.py --topology=v5e-256$",
+        "compiles the paper's model for 256 TPU chips: minutes of CPU per program; "
+        "tests/test_aot.py runs python -m xlm_jax.aot on a tiny model for a v5e:2x2 slice "
+        "(test_cli_fails_clearly_when_a_program_does_not_fit) and the same checks in-process",
+    ),
+    (
         r"^launch/local\.sh 2 --devices-per-process 2 -- --config=configs/demo\.py ",
         "two processes cost ~60 CPU-seconds of this test's budget, and "
         "tests/test_parallel.py::test_two_processes_equal_one runs this very launcher (2 "

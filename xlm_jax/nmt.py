@@ -472,14 +472,15 @@ def build_iterators(
 
 
 def seq2seq_configs(
-    source: pretrained.EncoderSource, config: ml_collections.ConfigDict
+    encoder: ModelConfig, config: ml_collections.ConfigDict
 ) -> tuple[ModelConfig, ModelConfig]:
+    """The encoder's and the decoder's configs, from the source encoder's and the settings."""
     changes = {}
     if config.dropout >= 0:
         changes["dropout"] = float(config.dropout)
     if config.attention_dropout >= 0:
         changes["attention_dropout"] = float(config.attention_dropout)
-    enc = dataclasses.replace(source.model, **changes)
+    enc = dataclasses.replace(encoder, **changes)
     dec = enc if config.dec_layers < 0 else dataclasses.replace(enc, n_layers=config.dec_layers)
     return enc, dec
 
@@ -761,7 +762,7 @@ def train_and_evaluate(
     else:
         source = load_source(config, workdir, train_split)
     tokenizer = source.tokenizer
-    enc_cfg, dec_cfg = seq2seq_configs(source, config)
+    enc_cfg, dec_cfg = seq2seq_configs(source.model, config)
     if saved_meta is not None:
         dec_cfg = ModelConfig.from_dict(saved_meta["decoder"])
     check_lengths(config, dec_cfg.max_positions)

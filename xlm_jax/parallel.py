@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -58,12 +59,28 @@ def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh with Auto axes, so linen's logical rules apply."""
+    """A ``(data, fsdp, tensor)`` mesh with Auto axes, so linen's logical rules apply.
+
+    Devices of several TPU slices (``slice_index``, joined by the slower data-center network)
+    are laid out so that only the ``data`` axis crosses slices, its outer part: with the default
+    rules only the gradient reduction goes over DCN, FSDP's and tensor parallelism's collectives
+    stay on each slice's ICI (as maxtext's ``dcn_data_parallelism``).
+    """
     devices = list(devices) if devices is not None else jax.devices()
     sizes = resolve_mesh_shape(shape, len(devices))
-    return jax.make_mesh(
-        sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    n_slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if n_slices == 1:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    if sizes[0] % n_slices:
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} over {n_slices} slices: the "
+            f"data axis must be a multiple of {n_slices}, as only data parallelism crosses slices"
+        )
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (sizes[0] // n_slices, *sizes[1:]), (n_slices, 1, 1), devices
     )
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules: Sequence[Sequence] | None) -> Rules:

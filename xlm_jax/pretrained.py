@@ -139,10 +139,7 @@ def load_pretrained(path: str | os.PathLike, step: int = -1) -> EncoderSource:
     (its best checkpoint by default, see ``load_checkpoint``)."""
     directory, step, chosen, meta, state = load_checkpoint(path, step)
     tokenizer = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]))
-    langs = train.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
-    model = ModelConfig.from_dict(
-        {**meta["config"]["model"], "vocab_size": tokenizer.vocab_size, "n_langs": len(langs)}
-    )
+    model, langs = _saved_model(meta, tokenizer.vocab_size)
     logging.info(
         "encoder from %s step %d (%s): %s, langs %s", directory, step, chosen, model, langs
     )
@@ -175,12 +172,47 @@ def random_source(
             seed=config.seed,
             character_coverage=t.character_coverage,
         )
+    model, langs = _configured_model(config, tokenizer.vocab_size)
+    return EncoderSource(tokenizer, model, langs, None, {})
+
+
+def _configured_model(config: ml_collections.ConfigDict, vocab_size: int):
     langs = train.lang_list(config)
     corpus_lib.check_langs(langs)
     model = ModelConfig.from_dict(
-        {**config.model.to_dict(), "vocab_size": tokenizer.vocab_size, "n_langs": len(langs)}
+        {**config.model.to_dict(), "vocab_size": vocab_size, "n_langs": len(langs)}
     )
-    return EncoderSource(tokenizer, model, langs, None, {})
+    return model, langs
+
+
+def _saved_model(meta: Mapping[str, Any], vocab_size: int) -> tuple[ModelConfig, list[str]]:
+    langs = train.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
+    model = ModelConfig.from_dict(
+        {**meta["config"]["model"], "vocab_size": vocab_size, "n_langs": len(langs)}
+    )
+    return model, langs
+
+
+def source_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, list[str]]:
+    """The encoder's config and languages as a run of ``config`` will have them, without reading
+    parameters or text (for ahead-of-time compilation): the checkpoint's metadata, or for a random
+    init ``model`` with the vocabulary of ``tokenizer.path`` or else ``tokenizer.vocab_size``."""
+    if config.init_checkpoint is None:
+        raise ValueError(
+            "init_checkpoint is required by this config: set --config.init_checkpoint to the "
+            "pretraining workdir (or '' for a random encoder sized by the config)"
+        )
+    if not config.init_checkpoint:
+        t = config.tokenizer
+        return _configured_model(
+            config, Tokenizer.load(t.path).vocab_size if t.path else t.vocab_size
+        )
+    with Checkpointer(checkpoint_dir(config.init_checkpoint).resolve(), read_only=True) as ck:
+        step = ck.latest_step() if config.init_step < 0 else config.init_step
+        if step is None:
+            raise FileNotFoundError(f"{config.init_checkpoint!r}: no checkpoint in it")
+        meta = ck.restore_meta(step)
+    return _saved_model(meta, Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"])).vocab_size)
 
 
 def with_dropout(model: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:

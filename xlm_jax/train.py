@@ -566,8 +566,9 @@ def abstract_state(
         params = model.init({"params": rng}, *args)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+    key = jax.random.key(0)  # made outside the mesh: it may hold devices that cannot run it
     with parallel.mesh_context(mesh, rules):
-        boxed = jax.eval_shape(boxed_init, jax.random.key(0))
+        boxed = jax.eval_shape(boxed_init, key)
         shardings = parallel.logical_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -207,6 +207,34 @@ def predict(params, batch, *, model) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+def make_steps(config, model, tx, mesh: Mesh, rules, shardings) -> tuple[Callable, Callable]:
+    """The compiled update ``(state, batch, step, lam)`` and prediction ``(params, batch)``."""
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    repl = parallel.replicated(mesh)
+    step_fn = jax.jit(
+        train.keyed_by_step(
+            functools.partial(
+                train_step,
+                model=model,
+                tx=tx,
+                mesh=mesh,
+                batch_axes=parallel.mesh_axes_of("batch", rules),
+            ),
+            config.seed,
+            argnum=2,
+        ),
+        in_shardings=(shardings, batch_sharding, repl, repl),
+        out_shardings=(shardings, repl),
+        donate_argnums=0,
+    )
+    predict_fn = jax.jit(
+        functools.partial(predict, model=model),
+        in_shardings=(shardings.params, batch_sharding),
+        out_shardings=repl,
+    )
+    return step_fn, predict_fn
+
+
 class Runner:
     """Mesh, rules, batch sharding and the placement of host batches (this process's rows)."""
 
@@ -417,24 +445,7 @@ def finetune(
     state, shardings = train.init_state(
         model, tx, jax.random.key(config.seed), runner.mesh, runner.rules, runner.dp
     )
-    batch_axes = parallel.mesh_axes_of("batch", runner.rules)
-    step_fn = jax.jit(
-        train.keyed_by_step(
-            functools.partial(
-                train_step, model=model, tx=tx, mesh=runner.mesh, batch_axes=batch_axes
-            ),
-            config.seed,
-            argnum=2,
-        ),
-        in_shardings=(shardings, runner.batch_sharding, runner.replicated, runner.replicated),
-        out_shardings=(shardings, runner.replicated),
-        donate_argnums=0,
-    )
-    predict_fn = jax.jit(
-        functools.partial(predict, model=model),
-        in_shardings=(shardings.params, runner.batch_sharding),
-        out_shardings=runner.replicated,
-    )
+    step_fn, predict_fn = make_steps(config, model, tx, runner.mesh, runner.rules, shardings)
 
     order_inputs = {
         "seed": config.seed,

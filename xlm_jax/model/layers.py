@@ -104,14 +104,33 @@ def embedding(
     is the tied output layer whose logits must be float32 for the loss.
     """
     init = nn.with_logical_partitioning(xlm_embedding_init(padding_idx), axes)
-    return nn.Embed(
+    return Embed(
         num_embeddings,
         features,
         dtype=jnp.float32,
         param_dtype=param_dtype,
         embedding_init=init,
+        row_axis=axes[0],
         name=name,
     )
+
+
+class Embed(nn.Embed):
+    """``nn.Embed`` whose lookups read the table whole along ``embed`` (FSDP gathers weights, not
+    activations). Left to itself, the partitioner looked rows up in the ``embed``-sharded table and
+    then gathered the result over the data axis: over DCN between TPU slices, as
+    ``python -m xlm_jax.aot --num_slices=2`` showed. Same parameters and values as ``nn.Embed``."""
+
+    row_axis: str = "vocab"
+
+    def __call__(self, inputs: Array) -> Array:
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        table = nn.with_logical_constraint(self.embedding, (self.row_axis, None))
+        (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype, inexact=False)
+        if self.num_embeddings == 1:
+            return jnp.broadcast_to(table, inputs.shape + (self.features,))
+        return jnp.take(table, inputs, axis=0)
 
 
 def layer_norm(
