@@ -592,79 +592,86 @@ def pod_markdown(table: dict) -> str:
 
 # --- command line -------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_MODE = flags.DEFINE_enum("mode", "pretrain", programs.MODES, "Whose programs to compile.")
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "TPU slice: v5e-256, v4-128, v5p-128, v6e-256 (gcloud names) or v5e:16x16."
-)
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (data parallel).")
-_PROGRAMS = flags.DEFINE_list("programs", [], "Only these programs (default: all of the run's).")
-_ALL_SHAPES = flags.DEFINE_bool(
-    "all_shapes", False, "Every bucket of NMT's steps, not only the largest (the peak)."
-)
-_HBM_FRACTION = flags.DEFINE_float(
-    "hbm_fraction", 0.95, "Share of the chip's HBM a run may plan for (the rest: runtime)."
-)
-_MAX_BATCH = flags.DEFINE_string(
-    "max_batch", "", "A program (e.g. mlm): also find the largest global batch that fits."
-)
-_OUT = flags.DEFINE_string("out", "", "Write the reports as JSON here.")
-_POD_TABLE = flags.DEFINE_string(
-    "pod_table", "", "Make docs/benchmarks.md's pod table in this folder (resumable), print it."
-)
-_POD_MODELS = flags.DEFINE_list("pod_models", list(POD_MODELS), "The pod table's models.")
+
+def define_flags() -> None:
+    """The command's flags; defined only when it runs, as tests import this module beside others
+    (bench, main) that define --config too."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+    flags.DEFINE_enum("mode", "pretrain", programs.MODES, "Whose programs to compile.")
+    flags.DEFINE_string(
+        "topology",
+        None,
+        "TPU slice: v5e-256, v4-128, v5p-128, v6e-256 (gcloud names) or v5e:16x16.",
+    )
+    flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (data parallel).")
+    flags.DEFINE_list("programs", [], "Only these programs (default: all of the run's).")
+    flags.DEFINE_bool(
+        "all_shapes", False, "Every bucket of NMT's steps, not only the largest (the peak)."
+    )
+    flags.DEFINE_float(
+        "hbm_fraction", 0.95, "Share of the chip's HBM a run may plan for (the rest: runtime)."
+    )
+    flags.DEFINE_string(
+        "max_batch", "", "A program (e.g. mlm): also find the largest global batch that fits."
+    )
+    flags.DEFINE_string("out", "", "Write the reports as JSON here.")
+    flags.DEFINE_string(
+        "pod_table", "", "Make docs/benchmarks.md's pod table in this folder (resumable), print it."
+    )
+    flags.DEFINE_list("pod_models", list(POD_MODELS), "The pod table's models.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _POD_TABLE.value:
-        print(pod_markdown(pod_table(_POD_TABLE.value, _POD_MODELS.value)))
+    f = flags.FLAGS
+    if f.pod_table:
+        print(pod_markdown(pod_table(f.pod_table, f.pod_models)))
         return
-    if _CONFIG.value is None or not _TOPOLOGY.value:
+    if f.config is None or not f.topology:
         raise app.UsageError("--config and --topology are required")
-    tpu = tpu_slice(_TOPOLOGY.value, _NUM_SLICES.value)
+    tpu = tpu_slice(f.topology, f.num_slices)
     print(
         f"{tpu.name} ({tpu.topology}) x {tpu.n_slices} slice(s): {len(tpu.devices)} devices of "
         f"{tpu.chip.name}, {tpu.chip.hbm_bytes / GiB:.0f} GiB HBM each"
     )
-    config = _CONFIG.value
+    config = f.config
     reports = check(
         config,
-        _MODE.value,
+        f.mode,
         tpu,
-        only=_PROGRAMS.value,
-        all_shapes=_ALL_SHAPES.value,
-        hbm_fraction=_HBM_FRACTION.value,
+        only=f.programs,
+        all_shapes=f.all_shapes,
+        hbm_fraction=f.hbm_fraction,
     )
     result: dict[str, Any] = {"slice": tpu.name, "topology": tpu.topology, "programs": reports}
-    if _MAX_BATCH.value:
+    if f.max_batch:
         unit = parallel.data_parallel_size(
             parallel.make_mesh(config.mesh.shape, tpu.devices),
             parallel.rules_from_config(config.mesh.rules),
         )
-        known = {r["batch"][0] // unit: r for r in reports if r["program"] == _MAX_BATCH.value}
+        known = {r["batch"][0] // unit: r for r in reports if r["program"] == f.max_batch}
         result["max_batch"] = largest_batch(
             config,
-            _MODE.value,
+            f.mode,
             tpu,
-            _MAX_BATCH.value,
+            f.max_batch,
             known=known,
-            hbm_fraction=_HBM_FRACTION.value,
+            hbm_fraction=f.hbm_fraction,
         )
         best = result["max_batch"]
         print(
-            f"largest {_MAX_BATCH.value} batch that fits: {best['global']} "
+            f"largest {f.max_batch} batch that fits: {best['global']} "
             f"({best['per_unit']} per batch shard of {best['unit']})"
         )
-    if _OUT.value:
-        files.write_atomic(_OUT.value, json.dumps(result, indent=1).encode())
+    if f.out:
+        files.write_atomic(f.out, json.dumps(result, indent=1).encode())
     too_big = [r for r in reports if not r["fits"]]
     for r in too_big:
         print(
             f"error: {r['program']} does not fit on {tpu.chip.name}: needs "
             f"{need_text(r)} per device, the budget is "
-            f"{r['budget_bytes'] / GiB:.2f} GiB ({_HBM_FRACTION.value:.0%} of "
+            f"{r['budget_bytes'] / GiB:.2f} GiB ({f.hbm_fraction:.0%} of "
             f"{tpu.chip.hbm_bytes / GiB:.0f} GiB). Shard more (--config.mesh.shape), lower the "
             "batch, or set --config.model.remat=full.",
             file=sys.stderr,
@@ -674,4 +681,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
