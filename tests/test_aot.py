@@ -39,6 +39,17 @@ def test_collectives_counts_each_kind_and_dcn_transfers():
     assert got["reduce-scatter"]["count"] == 1 and got["reduce-scatter"]["bytes"] == 8
 
 
+def test_what_a_refused_program_needs_is_read_from_the_compilers_message():
+    two = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of "
+        "memory in memory space hbm. Used 15.81G of 15.75G hbm. Total hbm usage >= 16.07G: ...",
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (24.35G) exceeds available HBM (15.75G).",
+    )
+    assert [aot.oom_need(m) for m in two] == [int(16.07 * 2**30), int(24.35 * 2**30)]
+    assert aot.oom_need("some other failure") is None
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [

@@ -219,13 +219,11 @@ def compile_program(program: programs.Program, tpu: Slice, hbm_fraction: float) 
     except Exception as e:  # the TPU compiler refuses a program that cannot fit
         if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
             raise
-        # "... HLO temporaries (24.35G) exceeds available HBM (15.75G)": a lower bound of the need
-        temp = re.search(r"temporaries \(([\d.]+)([GMK])\)", str(e))
         report.update(
             compile_s=time.perf_counter() - t,
             fits=False,
             error=" ".join(str(e).split())[:400],
-            memory={"total": None, "temp": _to_bytes(*temp.groups()) if temp else None},
+            memory={"total": None, "at_least": oom_need(str(e))},
         )
         return report
     report["compile_s"] = time.perf_counter() - t
@@ -237,6 +235,15 @@ def compile_program(program: programs.Program, tpu: Slice, hbm_fraction: float) 
     report["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
     report["collectives"] = collectives(compiled.as_text())
     return report
+
+
+def oom_need(message: str) -> int | None:
+    """A lower bound of what a program the TPU compiler refused needs, from its message: "Total hbm
+    usage >= 16.07G", or "the total memory required for HLO temporaries (24.35G) exceeds ..."."""
+    m = re.search(r"Total hbm usage >= ([\d.]+)([GMK])", message) or re.search(
+        r"temporaries \(([\d.]+)([GMK])\)", message
+    )
+    return _to_bytes(*m.groups()) if m else None
 
 
 def _to_bytes(value: str, unit: str | None) -> int:
@@ -276,10 +283,10 @@ def check(
 
 def need_text(r: dict) -> str:
     """A report's memory per chip; for a program the compiler refused, what it said it needs."""
-    need, temp = r["memory"].get("total"), r["memory"].get("temp")
+    need, at_least = r["memory"].get("total"), r["memory"].get("at_least")
     if need is not None:
         return f"{need / GiB:.2f} GiB"
-    return f"> {temp / GiB:.2f} GiB (temporaries alone)" if temp else "?"
+    return f"more than {at_least / GiB:.2f} GiB" if at_least else "?"
 
 
 def summary_line(r: dict, tpu: Slice) -> str:
@@ -560,12 +567,11 @@ def pod_markdown(table: dict) -> str:
         model, name, mesh_name = key.split("|")
         r = row["report"]
         chip = CHIPS[parse_slice(name)[0]]
-        mem = r["memory"].get("total")
         comm = _comm_bytes(r)
         share = f" ({comm / r['bytes_accessed']:.1%})" if r.get("bytes_accessed") else ""
         lines.append(
             f"| {model} | {name} ({row['chips']}, {chip.hbm_bytes / GiB:.0f} GiB) | {mesh_name} "
-            f"{tuple(r['mesh'].values())} | {'?' if mem is None else f'{mem / GiB:.1f} GiB'} | "
+            f"{tuple(r['mesh'].values())} | {need_text(r)} | "
             f"{'yes' if r['fits'] else '**no**'} | "
             f"{r.get('flops', 0) / 1e12:.1f} | {comm / GiB:.2f} GiB{share} | "
             f"{r['compile_s']:.0f} s |"
