@@ -176,7 +176,9 @@ def random_source(
     return EncoderSource(tokenizer, model, langs, None, {})
 
 
-def _configured_model(config: ml_collections.ConfigDict, vocab_size: int):
+def _configured_model(
+    config: ml_collections.ConfigDict, vocab_size: int
+) -> tuple[ModelConfig, list[str]]:
     langs = train.lang_list(config)
     corpus_lib.check_langs(langs)
     model = ModelConfig.from_dict(
@@ -208,6 +210,7 @@ def source_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, list[s
             config, Tokenizer.load(t.path).vocab_size if t.path else t.vocab_size
         )
     with Checkpointer(checkpoint_dir(config.init_checkpoint).resolve(), read_only=True) as ck:
+        # any of the run's checkpoints has the model's shape (the best one is picked at run time)
         step = ck.latest_step() if config.init_step < 0 else config.init_step
         if step is None:
             raise FileNotFoundError(f"{config.init_checkpoint!r}: no checkpoint in it")
