@@ -30,7 +30,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -44,7 +43,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from xlm_jax import files, parallel, programs  # noqa: E402
+from xlm_jax import files, parallel, programs, tutorial  # noqa: E402
 
 GiB = 1024**3
 
@@ -405,23 +404,13 @@ PAPER_BATCH = 4096  # 64 GPUs x 64 streams of 256 tokens (XLM README's XNLI-15 c
 
 
 def _pod_config(model: str, mesh: tuple[int, ...]) -> tuple[ml_collections.ConfigDict, list[str]]:
-    spec = importlib.util.spec_from_file_location("pod_config", POD_CONFIG)
-    if spec is None or spec.loader is None or not os.path.exists(POD_CONFIG):
-        raise FileNotFoundError(f"{POD_CONFIG}: run the pod table from the repository's root")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    """The pod table's config for ``model`` on ``mesh``, and the same as command-line flags."""
     overrides = {**POD_MODELS[model], "batch_size": PAPER_BATCH, "bptt": 256, "mesh.shape": mesh}
-    flags_ = []
-    for key, value in overrides.items():
-        *path, leaf = key.split(".")
-        node = c
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-        text = f"'{tuple(value)}'".replace(" ", "") if isinstance(value, tuple) else value
-        flags_.append(f"--config.{key}={text}")
-    return c, flags_
+    flags_ = [
+        f"--config.{key}=" + (f"'{tuple(v)}'".replace(" ", "") if isinstance(v, tuple) else f"{v}")
+        for key, v in overrides.items()
+    ]
+    return tutorial.load_config(POD_CONFIG, overrides), flags_
 
 
 def pod_table(
