@@ -152,6 +152,15 @@ def test_two_slices_only_reductions_cross_the_data_center_network():
 
 
 @needs_libtpu
+def test_a_mesh_axis_may_split_a_physical_axis():
+    """4-way tensor parallelism on a 16x16 v6e torus: 4 is no product of the physical axes, so one
+    is split (jax.make_mesh alone refused it: the pod table's v6e-256 FSDP+TP4 row)."""
+    mesh = parallel.make_mesh((1, -1, 4), aot.tpu_slice("v6e-256").devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 64, "tensor": 4}
+    assert len({d.id for d in mesh.devices.flat}) == 256
+
+
+@needs_libtpu
 def test_nmt_and_xnli_programs_compile(tmp_path):
     tpu = aot.tpu_slice("v5e:2x2")
     nmt_config = tiny_nmt(batch_size=4, eval_batch_size=4, length_buckets="16,32")

@@ -71,7 +71,13 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     auto = (AxisType.Auto,) * len(MESH_AXES)
     n_slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
     if n_slices == 1:
-        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+        try:
+            return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+        except NotImplementedError:
+            # An axis that is no product of the slice's physical axes (4-way tensor parallelism
+            # on a 16x16 v6e torus, found by xlm_jax.aot): split a physical axis between two.
+            grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES, axis_types=auto)
     if sizes[0] % n_slices:
         raise ValueError(
             f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} over {n_slices} slices: the "
