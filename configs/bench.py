@@ -16,7 +16,7 @@ overrides it). No data or tokenizer is read: batches are random token ids of the
 
 import jax
 
-from xlm_jax.config import default_config
+from xlm_jax.tasks.pretrain_config import default_config
 
 
 def get_config(arg: str = "6x512"):

@@ -9,7 +9,7 @@ point it at real text with --config.data.root (files train.{en,fr,de} and val.{e
       --config.data.root=../shared/data/multi30k
 """
 
-from xlm_jax.config import default_config
+from xlm_jax.tasks.pretrain_config import default_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ language and pair on Multi30k val. Results and their command: docs/results.md.
   python -m xlm_jax.main --config=configs/multi30k_mlm_tlm.py:unmt_enfr --workdir=/tmp/mlm_enfr
 """
 
-from xlm_jax.config import default_config
+from xlm_jax.tasks.pretrain_config import default_config
 
 
 def get_config(objectives: str = "mlm_tlm"):

@@ -11,7 +11,7 @@ validation BLEU. Results and their command: docs/results.md.
       < ../shared/data/multi30k/test_2016_flickr.en > /tmp/test.de
 """
 
-from xlm_jax import nmt
+from xlm_jax.tasks import nmt
 
 
 def get_config():

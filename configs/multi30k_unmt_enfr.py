@@ -18,7 +18,7 @@ Validation BLEU (model selection, as XLM) on `val` in both directions; test BLEU
 
 from ml_collections import config_dict
 
-from xlm_jax import nmt
+from xlm_jax.tasks import nmt
 
 
 def get_config(init: str = "mlm"):

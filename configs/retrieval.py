@@ -11,8 +11,8 @@ of the 1,000-line ones), so the probe reads the rest. The argument lists the XX 
       --config.init_checkpoint=/tmp/xlm_m30k --workdir=/tmp/retrieval_m30k
 """
 
-from xlm_jax import retrieval
 from xlm_jax.data import nli
+from xlm_jax.tasks import retrieval
 
 
 def get_config(langs: str = "all"):

@@ -11,7 +11,7 @@ on the same languages (e.g. configs/xnli15_mlm_tlm.py sizes, or an imported mlm_
 
 from ml_collections import config_dict
 
-from xlm_jax import nmt
+from xlm_jax.tasks import nmt
 
 
 def get_config():

@@ -13,8 +13,8 @@ argument lists the languages to evaluate (a model pretrained on fewer languages 
   python -m xlm_jax.main --mode=xnli --config=configs/xnli.py --workdir=/tmp/xnli_random
 """
 
-from xlm_jax import xnli
 from xlm_jax.data import nli
+from xlm_jax.tasks import xnli
 
 
 def get_config(langs: str = "all"):

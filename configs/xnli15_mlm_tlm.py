@@ -9,8 +9,8 @@ Multi30k for en/de/fr (see ../shared/data/README.md and xlm_jax/data/presets.py)
   # (the workdir must be a filesystem path every host sees: NFS, or a bucket mounted with gcsfuse)
 """
 
-from xlm_jax.config import default_config
 from xlm_jax.data import presets
+from xlm_jax.tasks.pretrain_config import default_config
 
 
 def get_config():

@@ -8,8 +8,8 @@ MLM + TLM are compared at equal steps (the paper's claim: TLM helps cross-lingua
   python -m xlm_jax.main --config=configs/xnli15_small.py:mlm --workdir=/tmp/xlm15_mlm
 """
 
-from xlm_jax.config import default_config
 from xlm_jax.data import presets
+from xlm_jax.tasks.pretrain_config import default_config
 
 
 def get_config(objectives: str = "mlm_tlm"):

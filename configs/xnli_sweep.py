@@ -10,8 +10,8 @@ its epoch selected by the English validation accuracy.
       --config.init_checkpoint=/tmp/xlm_m30k --workdir=/tmp/xnli_sweep_m30k
 """
 
-from xlm_jax import xnli
 from xlm_jax.data import nli
+from xlm_jax.tasks import xnli
 
 
 def get_config(langs: str = "all"):

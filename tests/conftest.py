@@ -11,8 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from xlm_jax import nmt, train  # noqa: E402
-from xlm_jax.config import default_config  # noqa: E402
+from xlm_jax.tasks import nmt  # noqa: E402
+from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks.pretrain_config import default_config  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from tests.conftest import tiny_config, tiny_nmt
-from xlm_jax import nmt, train
+from xlm_jax.tasks import nmt
+from xlm_jax.tasks import pretrain as train
 
 
 def _flat(tree, prefix=""):

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU slices (xlm_jax.aot): the real TPU compiler from libtpu
+"""Ahead-of-time compilation for TPU slices (xlm_jax.tools.aot): the real TPU compiler from libtpu
 (requirements-dev.txt), no TPU. The parsing and the batch search are checked without it."""
 
 import importlib.util
@@ -9,7 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.conftest import CPU_ENV, tiny_config, tiny_nmt
-from xlm_jax import aot, parallel, programs, xnli
+from xlm_jax.core import parallel
+from xlm_jax.tasks import xnli
+from xlm_jax.tools import aot, programs
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -181,7 +183,7 @@ def test_cli_fails_clearly_when_a_program_does_not_fit():
         [
             sys.executable,
             "-m",
-            "xlm_jax.aot",
+            "xlm_jax.tools.aot",
             "--config=configs/demo.py",
             "--topology=v5e:2x2",
             "--programs=mlm",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xlm_jax.data import batches
-from xlm_jax.tokenizer import EOS_ID, PAD_ID
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 
 def _sentences(n: int, seed: int = 0) -> list[np.ndarray]:

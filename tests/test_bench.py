@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import pytest
 
 from tests.conftest import tiny_config
-from xlm_jax import bench
 from xlm_jax.model.encoder import ModelConfig, xlm_flops_per_token
+from xlm_jax.tools import bench
 
 
 def test_bench_steps_reports_every_kind():
@@ -102,7 +102,7 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
 def test_peak_lookup_and_throughput():
     from types import SimpleNamespace
 
-    from xlm_jax import mfu
+    from xlm_jax.core import mfu
 
     def device(kind):
         return SimpleNamespace(device_kind=kind)
@@ -119,7 +119,7 @@ def test_peak_lookup_and_throughput():
 def test_dot_products_counts_nested_jits_loops_and_branches():
     from jax import lax
 
-    from xlm_jax import roofline
+    from xlm_jax.tools import roofline
 
     def f(x, w):
         y = jax.jit(lambda a: a @ w)(x)  # 1
@@ -146,9 +146,11 @@ def test_the_flop_formula_counts_the_training_steps_own_products():
     traced MLM and CLM training steps, forward and backward, with the step's predicted slots."""
     import numpy as np
 
-    from xlm_jax import parallel, roofline, train
+    from xlm_jax.core import parallel
     from xlm_jax.model.encoder import XLMEncoder
-    from xlm_jax.objectives import n_pred_slots
+    from xlm_jax.model.objectives import n_pred_slots
+    from xlm_jax.tasks import pretrain as train
+    from xlm_jax.tools import roofline
 
     config = tiny_config()
     config.tokenizer.vocab_size = 256

@@ -9,7 +9,7 @@ import sacrebleu
 from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from xlm_jax.bleu import BleuScore, multi_bleu, sacre_bleu, tokenized_bleu
+from xlm_jax.text.bleu import BleuScore, multi_bleu, sacre_bleu, tokenized_bleu
 
 # Detokenized pairs of mixed quality: exact, near, reordered, short, unrelated, empty.
 HYPS = [

@@ -9,7 +9,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core.checkpoint import Checkpointer
 
 DATA_STATE = {"mlm_en": {"epoch": 1, "cursor": 1234}, "tlm_en-fr": {"epoch": 0, "cursor": 7}}
 META = {"config": {"model": {"dim": 8}, "langs": ["en", "fr"]}, "tokenizer": "c3BtIG1vZGVs"}

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from xlm_jax import train
 from xlm_jax.model.encoder import XLMEncoder, count_params
+from xlm_jax.tasks import pretrain as train
 
 REPO = Path(__file__).resolve().parents[1]
 

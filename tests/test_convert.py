@@ -26,13 +26,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tests.conftest import SHARED_DATA, needs_xnli, tiny_config, tiny_nmt  # noqa: E402
-from xlm_jax import convert, nmt, pretrained, train, xnli  # noqa: E402
-from xlm_jax.checkpoint import Checkpointer  # noqa: E402
+from xlm_jax.core.checkpoint import Checkpointer  # noqa: E402
+from xlm_jax.model import pretrained  # noqa: E402
 from xlm_jax.model.classifier import XNLIClassifier  # noqa: E402
 from xlm_jax.model.encoder import XLMEncoder  # noqa: E402
 from xlm_jax.model.seq2seq import EncoderDecoder, init_from_pretrained  # noqa: E402
-from xlm_jax.tokenizer import MASK_ID, PAD_ID, Tokenizer  # noqa: E402
-from xlm_jax.xlm_bpe import XLMBPETokenizer, read_codes, read_vocab  # noqa: E402
+from xlm_jax.tasks import nmt, xnli  # noqa: E402
+from xlm_jax.tasks import pretrain as train  # noqa: E402
+from xlm_jax.text.tokenizer import MASK_ID, PAD_ID, Tokenizer  # noqa: E402
+from xlm_jax.text.xlm_bpe import XLMBPETokenizer, read_codes, read_vocab  # noqa: E402
+from xlm_jax.tools import convert  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # float32 logits, as the issue asks
@@ -378,7 +381,7 @@ def torch_decoder_logits(state, tgt, pos, langs, memory, src_valid, n_heads=4):
 
 
 def test_encoder_decoder_pth_imports_a_translation_model(tmp_path):
-    from xlm_jax.nmt import Translator
+    from xlm_jax.tasks.nmt import Translator
 
     encoder = hf_model(seed=7, n_langs=2)
     dec_state = decoder_state(seed=8, n_layers=2)
@@ -599,7 +602,8 @@ def test_params_only_export_restores_onto_an_8_device_mesh(imported_workdir, tmp
     expected = jax_logits(source, tokens, positions, langs, causal=False)
     script = """
 import sys, jax, numpy as np, flax.linen as nn
-from xlm_jax import parallel, pretrained
+from xlm_jax.core import parallel
+from xlm_jax.model import pretrained
 from xlm_jax.model.encoder import XLMEncoder
 src = pretrained.load_pretrained(sys.argv[1])
 x = np.load(sys.argv[2])

@@ -1,4 +1,4 @@
-"""Greedy and beam search (xlm_jax.decoding) against plain-Python references on a toy model.
+"""Greedy and beam search (xlm_jax.model.decoding) against plain-Python references on a toy model.
 
 The toy model's logits depend on the whole history, which it reads from a fixed
 `(n, max_len + 1)` buffer in its cache (written at `index`), so decoding that forgets to reorder
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlm_jax import decoding
+from xlm_jax.model import decoding
 
 BOS = EOS = 1  # XLM starts sentences with </s>
 PAD = 2

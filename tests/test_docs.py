@@ -33,7 +33,7 @@ import ml_collections
 import pytest
 
 from tests.conftest import SHARED_DATA
-from xlm_jax import config_doc, tutorial
+from xlm_jax.tools import config_doc, tutorial
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -51,9 +51,9 @@ MODE_FAMILY = {
 }
 ABSL_MODULES = {"main", "bench", "translate"}
 ARGPARSE_MODULES = {
-    "convert": "xlm_jax.convert",
-    "plots": "xlm_jax.plots",
-    "fetch": "xlm_jax.fetch",
+    "convert": "xlm_jax.tools.convert",
+    "plots": "xlm_jax.tools.plots",
+    "fetch": "xlm_jax.tools.fetch",
 }
 SKIPPED_PROGRAMS = {"wget", "mkdir", "cd", "pip", "hf", "tensorboard", "gcloud", "export", "cat"}
 
@@ -135,7 +135,11 @@ def doc_text(path: Path) -> str:
 def absl_flags(module: str) -> dict[str, str]:
     """{flag name: DEFINE kind} of an absl module, read from its source (importing several such
     modules in one process would define --config twice)."""
-    tree = ast.parse((REPO / "xlm_jax" / f"{module}.py").read_text(encoding="utf-8"))
+    text = (REPO / "xlm_jax" / f"{module}.py").read_text(encoding="utf-8")
+    runs = re.search(r'run_module\("([\w.]+)"', text)  # a short entry point: the module it runs
+    if runs:
+        text = (REPO / (runs.group(1).replace(".", "/") + ".py")).read_text(encoding="utf-8")
+    tree = ast.parse(text)
     out = {}
     for node in ast.walk(tree):
         if (

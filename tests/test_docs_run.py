@@ -50,8 +50,8 @@ from tests.test_docs import (
     parse_override,
     shell_blocks,
 )
-from xlm_jax import tutorial
 from xlm_jax.data import sources
+from xlm_jax.tools import tutorial
 
 REPO = Path(__file__).resolve().parents[1]
 # Dependency order: the how-tos make the workdirs the README reuses.

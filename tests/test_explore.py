@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlm_jax import convert, explore, plots
 from xlm_jax.data.toy import generate_toy_sentences
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
-from xlm_jax.tokenizer import MASK_ID, N_SPECIAL, PAD_ID, train_tokenizer
+from xlm_jax.text.tokenizer import MASK_ID, N_SPECIAL, PAD_ID, train_tokenizer
+from xlm_jax.tools import convert, explore, plots
 
 LANGS = ["en", "fr"]
 

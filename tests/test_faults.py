@@ -28,13 +28,14 @@ import pytest
 from etils import epath
 
 from tests.conftest import CPU_ENV, SHARED_DATA, demo_command, tiny_config
-from xlm_jax import files, train
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core import files
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.metrics import MetricWriter, read_jsonl
+from xlm_jax.core.preemption import EXIT_PREEMPTED
 from xlm_jax.data import batches, corpus, nli, sentences
 from xlm_jax.data.sources import DataError
-from xlm_jax.metrics import MetricWriter, read_jsonl
-from xlm_jax.preemption import EXIT_PREEMPTED
-from xlm_jax.tokenizer import train_tokenizer
+from xlm_jax.tasks import pretrain as train
+from xlm_jax.text.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # a failed orbax save leaves a coroutine unawaited; Python reports it in whichever test runs next
@@ -341,7 +342,7 @@ def test_disk_full_in_training_resumes_from_the_previous_checkpoint(tmp_path):
 REAL_DISK_FULL = """
 import contextlib, errno, json, os, sys, threading
 import jax.numpy as jnp
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core.checkpoint import Checkpointer
 
 mnt = sys.argv[1]
 directory = os.path.join(mnt, "checkpoints")
@@ -592,7 +593,7 @@ def test_checkpoint_saves_do_not_keep_the_saved_states(tmp_path):
 
 SECOND_SIGNAL = """
 import os, signal, sys
-from xlm_jax.preemption import PreemptionGuard
+from xlm_jax.core.preemption import PreemptionGuard
 
 sig = getattr(signal, sys.argv[1])
 with PreemptionGuard() as guard:

@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from xlm_jax import metrics as metrics_lib
-from xlm_jax.metrics import MetricWriter, read_jsonl, summarize
+from xlm_jax.core import metrics as metrics_lib
+from xlm_jax.core.metrics import MetricWriter, read_jsonl, summarize
 
 
 def test_jsonl_appends_across_writers(tmp_path):
@@ -75,7 +75,7 @@ def test_progress_line(tmp_path, capsys, monkeypatch):
 
 
 def test_history_table_keeps_the_last_record_of_a_step():
-    from xlm_jax.metrics import history_table
+    from xlm_jax.core.metrics import history_table
 
     records = [
         {"step": 2, "valid/mlm_ppl": 9.0},

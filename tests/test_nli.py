@@ -6,7 +6,7 @@ import pytest
 from tests.conftest import SHARED_DATA, needs_xnli, write_lines
 from xlm_jax.data import nli
 from xlm_jax.data.sources import DataError
-from xlm_jax.tokenizer import EOS_ID, PAD_ID
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 
 def test_pack_pair_is_xlms_row():

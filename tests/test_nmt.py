@@ -12,11 +12,12 @@ from flax import traverse_util
 
 from tests.conftest import CPU_ENV, SHARED_DATA, tiny_nmt, write_lines
 from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind_down
-from xlm_jax import bleu, nmt
-from xlm_jax import pretrained as pretrained_lib
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.data.sources import DataError
-from xlm_jax.tokenizer import train_tokenizer
+from xlm_jax.model import pretrained as pretrained_lib
+from xlm_jax.tasks import nmt
+from xlm_jax.text import bleu
+from xlm_jax.text.tokenizer import train_tokenizer
 
 M30K = SHARED_DATA / "multi30k"
 needs_m30k = pytest.mark.skipif(not (M30K / "train.en").exists(), reason="no Multi30k data")
@@ -153,7 +154,7 @@ def test_translate_command(copy_model, tmp_path):
     workdir, _ = copy_model
     lines = (M30K / "val.en").read_text().splitlines()[:20]
     src = write_lines(tmp_path / "in.en", lines)
-    cmd = [sys.executable, "-m", "xlm_jax.translate", f"--workdir={workdir}", "--src=en"]
+    cmd = [sys.executable, "-m", "xlm_jax.tools.translate", f"--workdir={workdir}", "--src=en"]
     out = tmp_path / "out.fr"
     run = subprocess.run(
         [

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlm_jax import noise
-from xlm_jax.tokenizer import EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
+from xlm_jax.text import noise
+from xlm_jax.text.tokenizer import EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 B, L = 512, 32
 OFFSET = 100

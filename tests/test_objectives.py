@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlm_jax import objectives
-from xlm_jax.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
+from xlm_jax.model import objectives
+from xlm_jax.text.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
 
 VOCAB = 1000
 

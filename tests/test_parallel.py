@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xlm_jax.checkpoint import Checkpointer
-from xlm_jax.metrics import read_jsonl
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

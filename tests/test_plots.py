@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from xlm_jax import plots
-from xlm_jax.explore import AttentionMaps
+from xlm_jax.tools import plots
+from xlm_jax.tools.explore import AttentionMaps
 
 
 def _run(path, records):

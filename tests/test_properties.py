@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from xlm_jax.data import batches, corpus, nli, sentences, sources
 from xlm_jax.data.sources import DataError
-from xlm_jax.tokenizer import EOS_ID, PAD_ID
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 SETTINGS = settings(
     max_examples=40,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import CPU_ENV, demo_command, tiny_config
-from xlm_jax import train
-from xlm_jax.checkpoint import Checkpointer
-from xlm_jax.metrics import read_jsonl
-from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.metrics import read_jsonl
+from xlm_jax.core.preemption import EXIT_PREEMPTED, Preempted
+from xlm_jax.tasks import pretrain as train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_stop_request_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
         on_step=lambda s, st: full.setdefault(s, jax.device_get(st.params)),
     )
     # stop at step 4 as a SIGTERM would: the guard's flag is set, the loop saves and raises
-    from xlm_jax import preemption
+    from xlm_jax.core import preemption
 
     real = preemption.PreemptionGuard.should_stop
     monkeypatch.setattr(
@@ -143,7 +143,7 @@ SIZE_CHECKS = """
 import json, os, sys
 from tests.conftest import override, tiny_config, tiny_nmt
 from tests.test_xnli import _finetune_config
-from xlm_jax import nmt, train, xnli
+from xlm_jax.tasks import nmt, pretrain as train, xnli
 
 root = sys.argv[1]
 modes = {

@@ -1,6 +1,6 @@
 """Result tables: the paper's language columns."""
 
-from xlm_jax import report
+from xlm_jax.tasks import report
 
 
 def test_results_table_has_the_papers_column_order(tmp_path):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from tests.conftest import write_lines
-from xlm_jax import retrieval
+from xlm_jax.tasks import retrieval
 
 
 def test_retrieval_accuracy_counts_the_diagonal():

@@ -14,7 +14,7 @@ from xlm_jax.data.sentences import (
     eval_parallel_batches,
     eval_sentence_batches,
 )
-from xlm_jax.tokenizer import EOS_ID, PAD_ID
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 BUCKETS = (8, 16, 32, 64)
 

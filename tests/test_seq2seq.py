@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from xlm_jax import decoding, nmt
+from xlm_jax.model import decoding
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
 from xlm_jax.model.seq2seq import EncoderDecoder, init_from_pretrained
-from xlm_jax.tokenizer import EOS_ID, PAD_ID
+from xlm_jax.tasks import nmt
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 B, S, T, V = 3, 7, 6, 40
 

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from xlm_jax.data.toy import LANGS, write_toy_corpus
-from xlm_jax.tokenizer import (
+from xlm_jax.text.tokenizer import (
     BOS_ID,
     EOS_ID,
     MASK_ID,

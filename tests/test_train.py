@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from xlm_jax import train
+from xlm_jax.core.metrics import read_jsonl
 from xlm_jax.data.sources import DataError
-from xlm_jax.metrics import read_jsonl
+from xlm_jax.tasks import pretrain as train
 
 
 def _train_losses(workdir) -> dict[int, dict[str, float]]:

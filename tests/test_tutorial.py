@@ -1,4 +1,4 @@
-"""The notebooks' settings (xlm_jax.tutorial) and the data download (xlm_jax.fetch)."""
+"""The notebooks' settings (xlm_jax.tools.tutorial) and the data download (xlm_jax.tools.fetch)."""
 
 import gzip
 import shutil
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED_DATA
-from xlm_jax import fetch, tutorial
-from xlm_jax.tokenizer import UNK_ID
-from xlm_jax.xlm_bpe import FastBPE
+from xlm_jax.text.tokenizer import UNK_ID
+from xlm_jax.text.xlm_bpe import FastBPE
+from xlm_jax.tools import fetch, tutorial
 
 
 def test_load_config_is_the_command_lines_config():
@@ -51,8 +51,8 @@ def test_learn_bpe_merges_the_most_frequent_pair_first():
 
 def test_the_standin_is_an_xlm_checkpoint_that_imports(tmp_path):
     pytest.importorskip("torch")
-    from xlm_jax import convert
     from xlm_jax.data.toy import generate_toy_sentences
+    from xlm_jax.tools import convert
 
     pth, codes = tutorial.write_standin_xlm(tmp_path, n_sentences=300, n_merges=100)
     model = convert.import_xlm_pth(pth, codes=codes)

@@ -18,15 +18,15 @@ import pytest
 
 from tests.conftest import CPU_ENV, SHARED_DATA, XNLI_DIR, needs_xnli, override
 from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind_down
-from xlm_jax import xnli
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.metrics import read_jsonl
+from xlm_jax.core.preemption import EXIT_PREEMPTED, Preempted
 from xlm_jax.data import nli, sources
 from xlm_jax.data.sources import DataError
-from xlm_jax.metrics import read_jsonl
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
-from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
-from xlm_jax.tokenizer import EOS_ID, PAD_ID
+from xlm_jax.tasks import xnli
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 REPO = Path(__file__).resolve().parents[1]
 # a failed orbax save (the disk-full test) leaves a coroutine unawaited; Python reports it in
@@ -541,7 +541,7 @@ def test_configs_build_show_their_command_and_read_their_data(name, mode):
 MESH_WORKER = """
 import json, sys
 from tests.test_xnli import _finetune_config
-from xlm_jax import xnli
+from xlm_jax.tasks import xnli
 init, out_dir, shapes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 out = {}
 for shape in shapes:

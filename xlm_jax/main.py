@@ -17,8 +17,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xlm_jax import nmt, parallel, retrieval, train, xnli
-from xlm_jax.preemption import EXIT_PREEMPTED, Preempted
+from xlm_jax.core import parallel
+from xlm_jax.core.preemption import EXIT_PREEMPTED, Preempted
+from xlm_jax.tasks import nmt, retrieval, xnli
+from xlm_jax.tasks import pretrain as train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from xlm_jax.tokenizer import EOS_ID, PAD_ID
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 Batch = dict[str, np.ndarray]
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
 from xlm_jax.data.sources import DataError, read_lines, read_parallel
-from xlm_jax.tokenizer import Tokenizer
+from xlm_jax.text.tokenizer import Tokenizer
 
 Pair = tuple[str, str]
 
@@ -45,6 +46,11 @@ def parse_key(key: str, langs: Sequence[str], where: str) -> str | Pair:
                 f"{where}: {key!r} names the language {lang!r}, not in langs {list(langs)}"
             )
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def lang_list(config: ml_collections.ConfigDict) -> list[str]:
+    """``config.langs`` ("en,fr") as a list."""
+    return [lang.strip() for lang in config.langs.split(",") if lang.strip()]
 
 
 def check_langs(langs: Sequence[str]) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import presets, sources
 from xlm_jax.data.sources import DataError
-from xlm_jax.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
 # XLM's label ids (src/evaluation/xnli.py: label2id).
 LABELS = ("contradiction", "neutral", "entailment")

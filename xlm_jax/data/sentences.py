@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from xlm_jax.data.batches import Batch, EpochIterator, _check_rows, _rng
-from xlm_jax.tokenizer import EOS_ID, PAD_ID
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 _log = logging.getLogger(__name__)
 

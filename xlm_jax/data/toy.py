@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from xlm_jax.files import write_atomic
+from xlm_jax.core.files import write_atomic
 
 LANGS: tuple[str, ...] = ("en", "fr", "de")
 _T = TypeVar("_T")

@@ -75,7 +75,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
             return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
         except NotImplementedError:
             # An axis that is no product of the slice's physical axes (4-way tensor parallelism
-            # on a 16x16 v6e torus, found by xlm_jax.aot): split a physical axis between two.
+            # on a 16x16 v6e torus, found by xlm_jax.tools.aot): split a physical axis between two.
             grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
             return Mesh(grid, MESH_AXES, axis_types=auto)
     if sizes[0] % n_slices:

@@ -38,19 +38,22 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from xlm_jax import bleu, decoding, noise, objectives, parallel, pretrained, train
-from xlm_jax import config as config_lib
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core import parallel
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.files import write_atomic
+from xlm_jax.core.metrics import MetricWriter, summarize
+from xlm_jax.core.preemption import PreemptionGuard
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import sentences
 from xlm_jax.data.batches import lambda_at, parse_lambda
 from xlm_jax.data.sources import DataError
-from xlm_jax.files import write_atomic
-from xlm_jax.metrics import MetricWriter, summarize
+from xlm_jax.model import decoding, objectives, pretrained
 from xlm_jax.model.encoder import ModelConfig
 from xlm_jax.model.seq2seq import EncoderDecoder, init_from_pretrained
-from xlm_jax.preemption import PreemptionGuard
-from xlm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, XLM_BPE_MAGIC, Tokenizer
+from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import pretrain_config as config_lib
+from xlm_jax.text import bleu, noise
+from xlm_jax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, XLM_BPE_MAGIC, Tokenizer
 
 Batch = dict[str, Any]
 Sums = dict[str, jax.Array]

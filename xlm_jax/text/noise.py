@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlm_jax.tokenizer import EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
+from xlm_jax.text.tokenizer import EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 Scalar = float | jax.Array
 

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import sacremoses
 
-from xlm_jax.files import write_atomic
-from xlm_jax.tokenizer import N_SPECIAL, SPECIAL_PIECES, UNK_ID, XLM_BPE_MAGIC, Tokenizer
+from xlm_jax.core.files import write_atomic
+from xlm_jax.text.tokenizer import N_SPECIAL, SPECIAL_PIECES, UNK_ID, XLM_BPE_MAGIC, Tokenizer
 
 _log = logging.getLogger(__name__)
 

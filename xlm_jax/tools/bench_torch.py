@@ -1,4 +1,4 @@
-"""The reference point of `xlm_jax.bench`: transformers' XLM training step, timed in PyTorch.
+"""The reference point of `xlm_jax.tools.bench`: transformers' XLM training step, timed in PyTorch.
 
 `XLMWithLMHeadModel` with random weights from an `XLMConfig` of the same sizes (nothing is
 downloaded), the same batch shapes, MLM targets at the same fraction of positions, and the same
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from xlm_jax.tokenizer import N_SPECIAL, PAD_ID
+from xlm_jax.text.tokenizer import N_SPECIAL, PAD_ID
 
 
 def available() -> str | None:

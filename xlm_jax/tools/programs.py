@@ -16,10 +16,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from xlm_jax import nmt, parallel, pretrained, train, xnli
+from xlm_jax.core import parallel
+from xlm_jax.model import pretrained
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import XLMEncoder
 from xlm_jax.model.seq2seq import EncoderDecoder
+from xlm_jax.tasks import nmt, xnli
+from xlm_jax.tasks import pretrain as train
 
 MODES = ["pretrain", "nmt", "xnli"]
 

@@ -44,16 +44,19 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from xlm_jax import objectives, parallel, pretrained, report, train
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core import parallel
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.metrics import MetricWriter
+from xlm_jax.core.preemption import Preempted, PreemptionGuard
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import nli
 from xlm_jax.data.nli import LABELS, Batch, Rows
-from xlm_jax.metrics import MetricWriter
+from xlm_jax.model import objectives, pretrained
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import ModelConfig
-from xlm_jax.preemption import Preempted, PreemptionGuard
-from xlm_jax.tokenizer import PAD_ID, Tokenizer
+from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import report
+from xlm_jax.text.tokenizer import PAD_ID, Tokenizer
 
 # --- settings ------------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from xlm_jax.core.files import write_atomic
 from xlm_jax.data.nli import PAPER_LANGS
-from xlm_jax.files import write_atomic
 
 # The evaluated splits of a fine-tuning record, in table order.
 SPLITS = ("valid", "test", "translate_test")

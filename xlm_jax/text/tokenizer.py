@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from xlm_jax.files import write_atomic
+from xlm_jax.core.files import write_atomic
 
 BOS_ID = 0
 EOS_ID = 1
@@ -84,7 +84,7 @@ class Tokenizer:
         """The tokenizer of `serialized`: a SentencePiece model, or (by its header) an imported
         XLM model's fastBPE tokenizer (`xlm_bpe.XLMBPETokenizer`, same interface)."""
         if isinstance(serialized, bytes) and serialized.startswith(XLM_BPE_MAGIC):
-            from xlm_jax.xlm_bpe import XLMBPETokenizer  # imports this module: import lazily
+            from xlm_jax.text.xlm_bpe import XLMBPETokenizer  # imports this module: import lazily
 
             return XLMBPETokenizer.from_bytes(serialized)
         return cls(serialized)

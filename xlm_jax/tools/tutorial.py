@@ -30,7 +30,7 @@ IN_COLAB = "google.colab" in sys.modules
 
 def repo_root() -> Path:
     """The repository this package runs from (an editable install or a clone on the path)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "configs").is_dir():
         raise FileNotFoundError(
             f"{root} has no configs/: install xlm_jax from a clone of the repository "
@@ -295,7 +295,7 @@ def learn_bpe(word_counts: Mapping[str, int], n_merges: int) -> list[tuple[str, 
     """fastBPE's ``learnbpe`` on {word: count}: words as characters (the last marked ``</w>``),
     then ``n_merges`` times the most frequent adjacent pair (ties: the smallest pair) is merged
     everywhere. Returns the codes ``(left, right, count)`` in merge order."""
-    from xlm_jax.xlm_bpe import END_OF_WORD, merge_pair
+    from xlm_jax.text.xlm_bpe import END_OF_WORD, merge_pair
 
     words = {w: [*w[:-1], w[-1] + END_OF_WORD] for w in word_counts if w}
     codes: list[tuple[str, str, int]] = []
@@ -335,11 +335,11 @@ def write_standin_xlm(
     import numpy as np
     import torch
 
-    from xlm_jax.convert import xlm_from_params
     from xlm_jax.data.toy import generate_toy_sentences
     from xlm_jax.model.encoder import ModelConfig, XLMEncoder
-    from xlm_jax.tokenizer import SPECIAL_PIECES
-    from xlm_jax.xlm_bpe import FastBPE, MosesPipeline
+    from xlm_jax.text.tokenizer import SPECIAL_PIECES
+    from xlm_jax.text.xlm_bpe import FastBPE, MosesPipeline
+    from xlm_jax.tools.convert import xlm_from_params
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -20,12 +20,12 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from xlm_jax import parallel, train
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core import parallel
+from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data.sources import DataError
 from xlm_jax.model.encoder import ModelConfig
-from xlm_jax.tokenizer import Tokenizer, load_or_train
+from xlm_jax.text.tokenizer import Tokenizer, load_or_train
 
 
 def source_settings(c: ml_collections.ConfigDict) -> None:
@@ -179,7 +179,7 @@ def random_source(
 def _configured_model(
     config: ml_collections.ConfigDict, vocab_size: int
 ) -> tuple[ModelConfig, list[str]]:
-    langs = train.lang_list(config)
+    langs = corpus_lib.lang_list(config)
     corpus_lib.check_langs(langs)
     model = ModelConfig.from_dict(
         {**config.model.to_dict(), "vocab_size": vocab_size, "n_langs": len(langs)}
@@ -188,7 +188,7 @@ def _configured_model(
 
 
 def _saved_model(meta: Mapping[str, Any], vocab_size: int) -> tuple[ModelConfig, list[str]]:
-    langs = train.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
+    langs = corpus_lib.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
     model = ModelConfig.from_dict(
         {**meta["config"]["model"], "vocab_size": vocab_size, "n_langs": len(langs)}
     )

@@ -3,7 +3,7 @@
 No fine-tuning: each sentence is ``</s> sentence </s>`` with its own language id, its vector the
 mean of the last layer over its non-pad tokens; each XX sentence retrieves among all English ones
 of its pair by cosine similarity (and the reverse). The encoder comes from a pretraining
-checkpoint or a random init, as for XNLI (``xlm_jax/pretrained.py``).
+checkpoint or a random init, as for XNLI (``xlm_jax/model/pretrained.py``).
 
 Entry point: ``retrieval`` (``--mode=retrieval``); settings and their defaults:
 ``retrieval_default_config``.
@@ -27,14 +27,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from xlm_jax import pretrained, train, xnli
+from xlm_jax.core.files import write_atomic
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import nli, presets, sources
 from xlm_jax.data.sources import DataError
-from xlm_jax.files import write_atomic
+from xlm_jax.model import pretrained
 from xlm_jax.model.encoder import XLMEncoder
-from xlm_jax.report import csv_bytes, markdown_table, ordered_langs
-from xlm_jax.tokenizer import PAD_ID
+from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import xnli
+from xlm_jax.tasks.report import csv_bytes, markdown_table, ordered_langs
+from xlm_jax.text.tokenizer import PAD_ID
 
 # The pretraining presets train on the first 80% of each Tatoeba file (lines 0..799 of the
 # 1,000-line ones): the retrieval probe reads the rest.

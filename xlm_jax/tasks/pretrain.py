@@ -27,15 +27,17 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from xlm_jax import mfu, objectives, parallel
-from xlm_jax.checkpoint import Checkpointer
+from xlm_jax.core import mfu, parallel
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.metrics import MetricWriter, summarize
+from xlm_jax.core.preemption import Preempted, PreemptionGuard
 from xlm_jax.data import batches as batches_lib
 from xlm_jax.data import corpus as corpus_lib
+from xlm_jax.data.corpus import lang_list
 from xlm_jax.data.toy import write_toy_corpus
-from xlm_jax.metrics import MetricWriter, summarize
+from xlm_jax.model import objectives
 from xlm_jax.model.encoder import RUNTIME_FIELDS, ModelConfig, XLMEncoder, xlm_flops_per_token
-from xlm_jax.preemption import Preempted, PreemptionGuard
-from xlm_jax.tokenizer import PAD_ID, Tokenizer, load_or_train
+from xlm_jax.text.tokenizer import PAD_ID, Tokenizer, load_or_train
 
 Sums = dict[str, jax.Array]
 
@@ -98,10 +100,6 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     return ModelConfig(
         vocab_size=vocab_size, n_langs=len(lang_list(config)), **config.model.to_dict()
     )
-
-
-def lang_list(config: ml_collections.ConfigDict) -> list[str]:
-    return [lang.strip() for lang in config.langs.split(",") if lang.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -682,7 +680,7 @@ def log_window(
 
     With ``since`` (the ``time.perf_counter()`` at which the window started; None for a window
     that includes compilation) it also logs tokens/s and, given the window's model ``flops``,
-    TFLOP/s per device and MFU against ``peak`` (`xlm_jax.mfu`)."""
+    TFLOP/s per device and MFU against ``peak`` (`xlm_jax.core.mfu`)."""
     totals, flags = jax.device_get((dict(window), nonfinite))
     count_nonfinite(flags, loop, config, step, ckpt)
     keys = ("loss_sum", "n_pred", "n_correct")

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlm_jax import pretrained, retrieval
 from xlm_jax.data import batches, nli
+from xlm_jax.model import pretrained
 from xlm_jax.model.encoder import XLMEncoder
-from xlm_jax.tokenizer import MASK_ID, N_SPECIAL, PAD_ID, SPECIAL_PIECES
+from xlm_jax.tasks import retrieval
+from xlm_jax.text.tokenizer import MASK_ID, N_SPECIAL, PAD_ID, SPECIAL_PIECES
 
 MASK = "<mask>"  # in text given to this module: one masked token
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from xlm_jax.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
+from xlm_jax.text.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
 
 Batch = Mapping[str, jax.Array]
 

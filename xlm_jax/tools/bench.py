@@ -1,0 +1,553 @@
+"""Benchmark a config's training steps, decoding and data pipeline, against transformers' XLM.
+
+  python -m xlm_jax.bench --config=configs/bench.py --torch=eager,compile --decode --pipeline \
+      --out=docs/bench/cpu_6x512.json --markdown=docs/benchmarks.md
+
+In one process, on one machine: the matmul peak measured with JAX (float32 and bfloat16), then for
+each step kind (MLM, TLM, CLM) the compile time, the median step time over ``--steps`` steps after
+warm-up, tokens per second (rows are full, so every position is a token), model FLOPs per token
+(``model.encoder.xlm_flops_per_token``), MFU against the measured peak of the compute dtype, and
+the compiled step's memory. ``--torch`` times transformers' ``XLMWithLMHeadModel`` on the same
+MLM batch (``xlm_jax.tools.bench_torch``) and reports ours / theirs; ``--decode`` times greedy
+and beam decoding with and without the KV cache; ``--pipeline`` times the host iterators. Beside
+each step and decoder, its matrix products timed alone (``xlm_jax.tools.roofline``, ``--nofloor`` to
+skip): the ceiling no change other than faster matmul kernels could pass. Batches are random token
+ids of the config's shapes: the cost does not depend on the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from xlm_jax.core import files, parallel
+from xlm_jax.data import batches as batches_lib
+from xlm_jax.model.encoder import XLMEncoder, xlm_flops_per_token
+from xlm_jax.model.seq2seq import EncoderDecoder
+from xlm_jax.tasks import nmt
+from xlm_jax.tasks import pretrain as train
+from xlm_jax.text.tokenizer import EOS_ID, N_SPECIAL
+from xlm_jax.tools import roofline
+
+
+def _median_seconds(fn: Callable[[], object], n: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul: the practical peak the steps are measured against."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / _median_seconds(lambda: f(a), repeats)
+
+
+def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: bool):
+    tokens = rng.integers(N_SPECIAL, vocab, (rows, length)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
+    langs = np.zeros_like(tokens)
+    if pair:  # second half restarts its positions and has another language, as TLM rows do
+        half = length // 2
+        positions[:, half:] -= half
+        langs[:, half:] = 1
+    return {"tokens": tokens, "positions": positions, "langs": langs}
+
+
+def _matmul_floor(fn: Callable, *args, loop_trips: int = 1) -> dict:
+    """The program's matrix products timed alone (``xlm_jax.tools.roofline``): seconds and FLOPs."""
+    floor = roofline.time_dot_products(
+        roofline.program_dot_products(fn, *args, loop_trips=loop_trips)
+    )
+    return {"seconds": floor["seconds"], "flops": floor["flops"]}
+
+
+def bench_steps(
+    config,
+    n_steps: int,
+    memory_only: bool = False,
+    only: tuple[str, ...] = ("mlm", "tlm", "clm"),
+    floor: bool = True,
+) -> dict:
+    """Compiles each step kind for the config's mesh; times it unless ``memory_only``.
+
+    Memory is the compiled program's, per device: arguments + outputs + temporaries - aliased
+    (donated) buffers. ``floor`` (one device only) also times the step's matrix products alone:
+    the step time no other change could go below, as tokens/s (``floor_tokens_per_s``).
+    """
+    rules = parallel.rules_from_config(config.mesh.rules)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    vocab = config.tokenizer.vocab_size
+    model = XLMEncoder(train.model_config(config, vocab))
+    tx = train.make_optimizer(config.optimizer)
+    dp = parallel.data_parallel_size(mesh, rules)
+    abstract, shardings, _ = train.abstract_state(model, tx, mesh, rules, dp)
+    state = (
+        None if memory_only else train.init_state(model, tx, jax.random.key(0), mesh, rules, dp)[0]
+    )
+    steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
+    rng = np.random.default_rng(0)
+    kinds = {
+        "mlm": ("masked", config.batch_size, config.bptt, False, config.word_pred),
+        "tlm": ("masked", config.tlm_batch_size, config.tlm_length, True, config.word_pred),
+        "clm": ("clm", config.batch_size, config.bptt, False, 1.0),
+    }
+    results = {}
+    with parallel.mesh_context(mesh, rules):
+        for name, (kind, rows, length, pair, pred_fraction) in kinds.items():
+            if name not in only:
+                continue
+            host_batch = _batch(rng, rows, length, vocab, pair)
+            abstract_batch = {
+                k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=steps.batch_sharding)
+                for k, v in host_batch.items()
+            }
+            step, lam = np.int32(1), np.float32(1.0)  # the step number the key derives from
+            t = time.perf_counter()
+            compiled = steps.train[kind].lower(abstract, abstract_batch, step, lam).compile()
+            compile_s = time.perf_counter() - t
+            mem = compiled.memory_analysis()
+            flops = xlm_flops_per_token(model.config, length, pred_fraction)
+            results[name] = {
+                "batch": [rows, length],
+                "mesh": dict(mesh.shape),
+                "compile_s": compile_s,
+                "flops_per_token": flops,
+                "memory_bytes_per_device": None
+                if mem is None
+                else int(
+                    mem.argument_size_in_bytes
+                    + mem.output_size_in_bytes
+                    + mem.temp_size_in_bytes
+                    - mem.alias_size_in_bytes
+                ),
+                "memory_breakdown": None
+                if mem is None
+                else {
+                    k: int(getattr(mem, f"{k}_size_in_bytes"))
+                    for k in ("argument", "output", "temp", "alias")
+                },
+            }
+            if memory_only:
+                continue
+            batch = parallel.global_batch(host_batch, steps.batch_sharding, rows)
+            box = {"state": state}
+
+            def run(compiled=compiled, batch=batch, step=step, lam=lam, box=box):
+                box["state"], sums = compiled(box["state"], batch, step, lam)
+                return sums
+
+            seconds = _median_seconds(run, n_steps)
+            state = box["state"]
+            tokens = rows * length
+            results[name].update(
+                step_s=seconds,
+                tokens_per_s=tokens / seconds,
+                achieved_flops=flops * tokens / seconds,
+            )
+            if floor and mesh.size == 1:  # the traced shapes are the global ones
+                f = _matmul_floor(steps.train[kind], abstract, abstract_batch, step, lam)
+                results[name].update(
+                    matmul_floor_s=f["seconds"],
+                    matmul_flops_per_token=f["flops"] / tokens,
+                    floor_tokens_per_s=tokens / f["seconds"],
+                )
+    return results
+
+
+def bench_decoding(
+    config, batch: int, src_len: int, out_tokens: int, n_runs: int = 3, floor: bool = True
+) -> list[dict]:
+    """Sentences/s of greedy and beam-4 decoding with and without the KV cache.
+
+    An encoder-decoder of the config's model sizes with random weights; end-of-sentence is
+    disabled so every sentence has exactly ``out_tokens`` tokens after the start token and all
+    variants do the same work. Median of ``n_runs`` after one warm-up (compile time separately);
+    the slow variants without the cache are timed once, after the run that checks the lengths.
+    ``floor``: the decoder's matrix products timed alone (the loop body's ``out_tokens`` times),
+    as the sentences/s no other change could exceed.
+    """
+    mcfg = train.model_config(config, config.tokenizer.vocab_size)
+    mcfg = dataclasses.replace(mcfg, dropout=0.0, attention_dropout=0.0)
+    model = EncoderDecoder(mcfg, mcfg)
+    params = jax.jit(lambda r: nn.meta.unbox(model.init(r, *nmt.example_batch(1))["params"]))(
+        jax.random.key(0)
+    )
+    rng = np.random.default_rng(0)
+    src = rng.integers(N_SPECIAL, mcfg.vocab_size, (batch, src_len)).astype(np.int32)
+    src[:, 0] = src[:, -1] = EOS_ID
+    inputs = {
+        "src_tokens": src,
+        "src_positions": np.broadcast_to(np.arange(src_len, dtype=np.int32), src.shape).copy(),
+        "src_langs": np.zeros_like(src),
+    }
+    # int(0 * src_len + out_tokens + 1) tokens: start token + out_tokens (the last a forced </s>)
+    max_len = (0.0, float(out_tokens + 1))
+    results = []
+    for beam in (1, 4):
+        for kv in (True, False):
+            fn = jax.jit(
+                functools.partial(
+                    nmt.generate,
+                    model,
+                    max_len=max_len,
+                    beam_size=beam,
+                    eos_allowed=False,
+                    kv_cache=kv,
+                )
+            )
+            t = time.perf_counter()
+            compiled = fn.lower(params, inputs, np.int32(1)).compile()
+            compile_s = time.perf_counter() - t
+            tokens, lengths = compiled(params, inputs, np.int32(1))
+            assert int(np.min(lengths)) == out_tokens + 1, "every sentence must be full length"
+            # Without the cache a run takes minutes at real sizes: one timed run after the
+            # (already compiled) first one is enough to show the ratio.
+            runs, warmup = (n_runs, 1) if kv else (1, 0)
+            seconds = _median_seconds(
+                lambda c=compiled: c(params, inputs, np.int32(1)), runs, warmup
+            )
+            results.append(
+                {
+                    "search": "greedy" if beam == 1 else f"beam {beam}",
+                    "kv_cache": kv,
+                    "compile_s": compile_s,
+                    "seconds": seconds,
+                    "sentences_per_s": batch / seconds,
+                    "tokens_per_s": batch * out_tokens / seconds,
+                }
+            )
+            if floor and kv:  # without the cache the floor says nothing new
+                # the loop body runs once per output token (the last one a forced </s>)
+                f = _matmul_floor(fn, params, inputs, np.int32(1), loop_trips=out_tokens)
+                results[-1].update(
+                    matmul_floor_s=f["seconds"],
+                    matmul_flops=f["flops"],
+                    floor_sentences_per_s=batch / f["seconds"],
+                )
+    return results
+
+
+def bench_pipeline(config, n_batches: int = 200, n_sentences: int = 20_000) -> dict[str, dict]:
+    """Tokens/s the host pipeline delivers to the device: the training iterators (MLM windows of
+    a stream, TLM pairs packed per row) plus the transfer into the step's batch sharding.
+
+    Sentences are random token ids of 5 to 40 tokens: iteration cost does not depend on the text
+    (reading and tokenizing happen once, before the first step).
+    """
+    rng = np.random.default_rng(0)
+    vocab = config.tokenizer.vocab_size
+    sents = [
+        rng.integers(N_SPECIAL, vocab, rng.integers(5, 41)).astype(np.int32)
+        for _ in range(n_sentences)
+    ]
+    rules = parallel.rules_from_config(config.mesh.rules)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    sharding = parallel.batch_sharding(mesh, rules)
+    iterators = {
+        "mlm": batches_lib.StreamBatches(
+            batches_lib.make_stream(sents),
+            lang_id=0,
+            batch_size=config.batch_size,
+            length=config.bptt,
+            seed=0,
+            name="bench_mlm",
+            rows=parallel.process_rows(sharding, config.batch_size),
+        ),
+        "tlm": batches_lib.PairBatches(
+            sents,
+            sents[1:] + sents[:1],
+            src_lang=0,
+            tgt_lang=1,
+            batch_size=config.tlm_batch_size,
+            length=config.tlm_length,
+            seed=0,
+            name="bench_tlm",
+            rows=parallel.process_rows(sharding, config.tlm_batch_size),
+        ),
+    }
+    results = {}
+    for name, it in iterators.items():
+        with parallel.mesh_context(mesh, rules):
+            batch = parallel.global_batch(next(it), sharding, it.batch_size)
+            jax.block_until_ready(batch)
+            t = time.perf_counter()
+            for _ in range(n_batches):
+                batch = parallel.global_batch(next(it), sharding, it.batch_size)
+            jax.block_until_ready(batch)
+            seconds = (time.perf_counter() - t) / n_batches
+        rows, length = batch["tokens"].shape
+        results[name] = {
+            "batch": [rows, length],
+            "batch_s": seconds,
+            "tokens_per_s": rows * length / seconds,
+        }
+    return results
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def run(
+    config,
+    *,
+    n_steps: int = 10,
+    kinds: tuple[str, ...] = ("mlm", "tlm", "clm"),
+    memory_only: bool = False,
+    torch_modes: tuple[str, ...] = (),
+    decode_shape: tuple[int, int, int] | None = None,
+    pipeline: bool = False,
+    peak_size: int = 2048,
+    floor: bool = True,
+) -> dict:
+    """Everything the benchmark measures, in one process: the report `main` prints and saves.
+
+    ``torch_modes`` ("eager", "compile") times transformers' XLM on the MLM batch
+    (``xlm_jax.tools.bench_torch``); the ratios ours/theirs come from this same run. ``floor``: the
+    matrix products of each step and decoder timed alone (``xlm_jax.tools.roofline``).
+    """
+    report: dict = {"machine": machine(), "model": config.model.to_dict()}
+    report["vocab_size"] = config.tokenizer.vocab_size
+    if not memory_only:
+        report["peak_size"] = peak_size
+        report["matmul_peak_flops"] = {
+            "jax float32": matmul_peak(jnp.float32, peak_size),
+            "jax bfloat16": matmul_peak(jnp.bfloat16, peak_size),
+        }
+    steps = bench_steps(config, n_steps, memory_only, kinds, floor)
+    peak = None if memory_only else report["matmul_peak_flops"][f"jax {config.model.dtype}"]
+    for r in steps.values():
+        if "achieved_flops" in r:
+            r["mfu"] = r["achieved_flops"] / peak
+    report["steps"] = steps
+    if torch_modes:
+        from xlm_jax.tools import bench_torch
+
+        if (why := bench_torch.available()) is not None:
+            raise RuntimeError(f"--torch needs torch and transformers ({why}); see README")
+        report["matmul_peak_flops"]["torch float32"] = bench_torch.torch_matmul_peak(peak_size)
+        report["reference"] = [
+            bench_torch.bench_hf_step(
+                config,
+                rows=config.batch_size,
+                length=config.bptt,
+                n_steps=n_steps,
+                compile=mode == "compile",
+            )
+            for mode in torch_modes
+        ]
+        if "mlm" in steps and "tokens_per_s" in steps["mlm"]:
+            for ref in report["reference"]:
+                ref["ours_over_theirs"] = steps["mlm"]["tokens_per_s"] / ref["tokens_per_s"]
+                if "floor_tokens_per_s" in steps["mlm"]:  # the best ratio these matmuls allow
+                    ref["floor_over_theirs"] = (
+                        steps["mlm"]["floor_tokens_per_s"] / ref["tokens_per_s"]
+                    )
+    if decode_shape is not None:
+        batch, src_len, out_tokens = decode_shape
+        runs = bench_decoding(config, batch, src_len, out_tokens, floor=floor)
+        report["decoding"] = {
+            "batch": batch,
+            "source_tokens": src_len,
+            "output_tokens": out_tokens,
+            "runs": runs,
+        }
+    if pipeline:
+        report["pipeline"] = bench_pipeline(config)
+        for kind, r in report["pipeline"].items():
+            if kind in steps and "tokens_per_s" in steps[kind]:
+                r["over_step"] = r["tokens_per_s"] / steps[kind]["tokens_per_s"]
+    return report
+
+
+def markdown(report: dict, command: str = "") -> str:
+    """The report as the markdown of docs/benchmarks.md."""
+    m = report["machine"]
+    model = report["model"]
+    lines = [
+        f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}; "
+        f"devices {', '.join(m['devices'])}; JAX {m['jax']}.",
+        f"Model: {model['n_layers']} layers x {model['emb_dim']}, {model['n_heads']} heads, "
+        f"vocabulary {report['vocab_size']}, compute {model['dtype']}.",
+    ]
+    if command:
+        lines += ["", "```sh", command, "```"]
+    if peaks := report.get("matmul_peak_flops"):
+        lines += [
+            "",
+            f"Measured matmul peak ({report['peak_size']} x {report['peak_size']}): "
+            + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+            + ".",
+        ]
+    lines += [
+        "",
+        "Ceiling: the rate the program's matrix products allow, timed alone with the same "
+        "backend (as if every other operation were free).",
+        "",
+        "| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device "
+        "| matmuls alone ms | ceiling tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["steps"].items():
+        mem = r["memory_bytes_per_device"]
+        mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"
+        timed = "step_s" in r
+        floor = (
+            f"{r['matmul_floor_s'] * 1e3:.0f} | {r['floor_tokens_per_s']:.0f}"
+            if "matmul_floor_s" in r
+            else "- | -"
+        )
+        lines.append(
+            f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | "
+            + (f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f}" if timed else "- | -")
+            + f" | {r['flops_per_token'] / 1e9:.4f} | "
+            + (f"{r['mfu']:.1%}" if timed else "-")
+            + f" | {mem} | {floor} |"
+        )
+    if refs := report.get("reference"):
+        lines += [
+            "",
+            "Reference, same model and MLM batch: transformers' `XLMWithLMHeadModel` training "
+            "step (output layer at every position):",
+            "",
+            "| framework | mode | threads | compile s | step ms | tokens/s | ours / theirs "
+            "| ceiling / theirs |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in refs:
+            compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+            ratio = f"{r['ours_over_theirs']:.2f}x" if "ours_over_theirs" in r else "-"
+            bound = f"{r['floor_over_theirs']:.2f}x" if "floor_over_theirs" in r else "-"
+            lines.append(
+                f"| {r['framework']} | {r['mode']} | {r['threads']} | {compile_s} | "
+                f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {ratio} | {bound} |"
+            )
+    if dec := report.get("decoding"):
+        lines += [
+            "",
+            f"Decoding {dec['batch']} sentences of {dec['source_tokens']} source tokens into "
+            f"{dec['output_tokens']} tokens each (end-of-sentence disabled, so every variant "
+            "does the same work):",
+            "",
+            "| search | KV cache | compile s | sentences/s | tokens/s | matmuls alone s "
+            "| ceiling sentences/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in dec["runs"]:
+            floor = (
+                f"{r['matmul_floor_s']:.2f} | {r['floor_sentences_per_s']:.1f}"
+                if "matmul_floor_s" in r
+                else "- | -"
+            )
+            lines.append(
+                f"| {r['search']} | {'yes' if r['kv_cache'] else 'no'} | {r['compile_s']:.1f} | "
+                f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {floor} |"
+            )
+    if pipe := report.get("pipeline"):
+        lines += [
+            "",
+            "Host data pipeline (iterator + transfer to the batch sharding):",
+            "",
+            "| batches | batch | ms/batch | tokens/s | x the step's consumption |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in pipe.items():
+            over = f"{r['over_step']:.0f}x" if "over_step" in r else "-"
+            lines.append(
+                f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['batch_s'] * 1e3:.2f} | "
+                f"{r['tokens_per_s']:.0f} | {over} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per kind (after 2 warm-up steps).")
+_OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_MARKDOWN = flags.DEFINE_string("markdown", "", "Write the results as a markdown table here.")
+_KINDS = flags.DEFINE_list("kinds", ["mlm", "tlm", "clm"], "Step kinds to compile (and time).")
+_MEMORY_ONLY = flags.DEFINE_bool(
+    "memory_only", False, "Only compile against abstract state: per-device memory, no timing."
+)
+_TORCH = flags.DEFINE_list(
+    "torch",
+    [],
+    "Also time transformers' XLM on the MLM batch: 'eager' and/or 'compile' (torch.compile).",
+)
+_DECODE = flags.DEFINE_bool(
+    "decode", False, "Also time translation decoding (greedy / beam 4, with / without KV cache)."
+)
+_DECODE_SHAPE = flags.DEFINE_list(
+    "decode_shape", ["32", "20", "50"], "Decoding: sentences, source tokens, output tokens."
+)
+_PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the host data pipeline.")
+_PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048, "Square matmul size of the peak measurement.")
+_FLOOR = flags.DEFINE_bool(
+    "floor", True, "Also time each step's and decoder's matrix products alone (one device)."
+)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    for mode in _TORCH.value:
+        if mode not in ("eager", "compile"):
+            raise app.UsageError(f"--torch={mode}: expected eager and/or compile")
+    report = run(
+        _CONFIG.value,
+        n_steps=_STEPS.value,
+        kinds=tuple(_KINDS.value),
+        memory_only=_MEMORY_ONLY.value,
+        torch_modes=tuple(_TORCH.value),
+        decode_shape=tuple(int(x) for x in _DECODE_SHAPE.value) if _DECODE.value else None,
+        pipeline=_PIPELINE.value,
+        peak_size=_PEAK_SIZE.value,
+        floor=_FLOOR.value,
+    )
+    command = "python -m xlm_jax.bench " + " ".join(sys.argv[1:])
+    text = markdown(report, command)
+    print(text)
+    report["command"] = command
+    if _OUT.value:
+        files.write_atomic(_OUT.value, (json.dumps(report, indent=2) + "\n").encode())
+    if _MARKDOWN.value:
+        files.write_atomic(_MARKDOWN.value, text.encode())
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
