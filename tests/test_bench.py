@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from tests.conftest import tiny_config
+from xlm_jax.core import train_state
 from xlm_jax.model.encoder import ModelConfig, xlm_flops_per_token
 from xlm_jax.tools import bench
 
@@ -156,10 +157,10 @@ def test_the_flop_formula_counts_the_training_steps_own_products():
     config.tokenizer.vocab_size = 256
     config.model.n_layers = 2
     model = XLMEncoder(train.model_config(config, 256))
-    tx = train.make_optimizer(config.optimizer)
+    tx = train_state.make_optimizer(config.optimizer)
     rules = parallel.rules_from_config(config.mesh.rules)
     mesh = parallel.make_mesh(config.mesh.shape)
-    abstract, shardings, _ = train.abstract_state(model, tx, mesh, rules, 1)
+    abstract, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, 1)
     steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(256))
     rows, length = config.batch_size, config.bptt
     batch = {

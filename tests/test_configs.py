@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.model.encoder import XLMEncoder, count_params
 from xlm_jax.tasks import pretrain as train
 
@@ -38,7 +39,7 @@ def test_multi30k_mlm_variant_has_no_tlm():
 
 def test_xnli15_model_has_the_paper_size():
     config = load_config("xnli15_mlm_tlm")
-    assert len(train.lang_list(config)) == 15
+    assert len(corpus_lib.lang_list(config)) == 15
     model = XLMEncoder(train.model_config(config, config.tokenizer.vocab_size))
     params = jax.eval_shape(
         lambda: model.init(
@@ -58,7 +59,7 @@ def test_real_data_configs_read_their_sources(name, shared_data):
     from xlm_jax.data.corpus import read_split
 
     config = load_config(name)
-    langs = train.lang_list(config)
+    langs = corpus_lib.lang_list(config)
     root = shared_data / config.data.root.removeprefix("../shared/data").lstrip("/")
     for where in ("train", "valid"):
         split = read_split(config.data[where], langs, root=str(root), where=f"data.{where}")

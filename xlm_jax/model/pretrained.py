@@ -24,7 +24,7 @@ from xlm_jax.core import parallel
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data.sources import DataError
-from xlm_jax.model.encoder import ModelConfig
+from xlm_jax.model.encoder import RUNTIME_FIELDS, ModelConfig
 from xlm_jax.text.tokenizer import Tokenizer, load_or_train
 
 
@@ -251,3 +251,51 @@ def put_like(host: Any, like: jax.Array) -> jax.Array:
     only its shard)."""
     h = np.asarray(host, dtype=like.dtype)
     return jax.make_array_from_callback(h.shape, like.sharding, lambda idx: h[idx])
+
+
+# --- resuming: the settings a checkpoint must agree on ------------------------------------------
+
+
+def _plain(x: Any) -> Any:
+    """Tuples as lists, as they come back from a checkpoint's JSON."""
+    return [_plain(v) for v in x] if isinstance(x, list | tuple) else x
+
+
+def setting_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str], prefix: str = ""
+) -> list[str]:
+    """``"KEY: checkpoint A vs config B"`` for each of ``keys`` whose values differ; a group
+    (a dict, e.g. ``model``) is compared entry by entry. A key one side lacks counts as None."""
+    diffs = []
+    for key in keys:
+        if prefix == "model." and key in RUNTIME_FIELDS:
+            continue  # how the model runs (attention kernel, remat), not what it computes
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, Mapping) or isinstance(b, Mapping):
+            a, b = a or {}, b or {}
+            diffs += setting_differences(a, b, sorted(set(a) | set(b)), f"{prefix}{key}.")
+        elif _plain(a) != _plain(b):
+            diffs.append(f"{prefix}{key}: checkpoint {a!r} vs config {b!r}")
+    return diffs
+
+
+def check_same_source(
+    saved_config: Mapping[str, Any], config: ml_collections.ConfigDict, where: str, *keys: str
+) -> None:
+    """Refuses to resume a fine-tuning or translation checkpoint made with other values of the
+    settings that shaped its model, listing each difference. Such a run rebuilds its model from
+    the checkpoint's metadata, so a changed setting would otherwise be ignored without a word.
+
+    Compared: the encoder's source (``init_checkpoint``, ``init_step``, and for a random init
+    ``langs``, ``model`` and ``tokenizer``) and the mode's own ``keys``.
+    """
+    names = ["init_checkpoint", "init_step", *keys]
+    if not saved_config.get("init_checkpoint"):
+        names += ["langs", "model", "tokenizer"]
+    diffs = setting_differences(saved_config, config.to_dict(), names)
+    if diffs:
+        raise ValueError(
+            f"{where} was written by a different config:\n  "
+            + "\n  ".join(diffs)
+            + "\nrerun with the checkpoint's values, or use another workdir"
+        )

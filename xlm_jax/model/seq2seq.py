@@ -17,7 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from xlm_jax.model.decoder import Cache, XLMDecoder
-from xlm_jax.model.encoder import ModelConfig, XLMEncoder
+from xlm_jax.model.encoder import ModelConfig, XLMEncoder, xlm_flops_per_token
 
 Array = jax.Array
 
@@ -130,3 +130,13 @@ def init_from_pretrained(
             "the pretrained model does not fit the translation model:\n  " + "\n  ".join(mismatched)
         )
     return traverse_util.unflatten_dict(flat, sep="/"), fresh
+
+
+def seq2seq_flops_per_token(enc: ModelConfig, dec: ModelConfig, length: int) -> float:
+    """Training FLOPs of one source token plus one target token in ``length``-token rows: the
+    encoder's (no output layer), the decoder's (output layer at every target) and the decoder's
+    cross-attention (q/out projections per target token, k/v per source token, scores and
+    weights over ``length`` sources); counted as ``xlm_flops_per_token`` counts."""
+    d, n = dec.emb_dim, dec.n_layers
+    cross = 6.0 * n * 4 * d * d + 12.0 * n * length * d
+    return xlm_flops_per_token(enc, length, 0.0) + xlm_flops_per_token(dec, length, 1.0) + cross

@@ -38,19 +38,16 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from xlm_jax.core import parallel
-from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core import loop, parallel, train_state
 from xlm_jax.core.files import write_atomic
-from xlm_jax.core.metrics import MetricWriter, summarize
-from xlm_jax.core.preemption import PreemptionGuard
+from xlm_jax.core.metrics import summarize
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import sentences
 from xlm_jax.data.batches import lambda_at, parse_lambda
 from xlm_jax.data.sources import DataError
 from xlm_jax.model import decoding, objectives, pretrained
 from xlm_jax.model.encoder import ModelConfig
-from xlm_jax.model.seq2seq import EncoderDecoder, init_from_pretrained
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.model.seq2seq import EncoderDecoder, init_from_pretrained, seq2seq_flops_per_token
 from xlm_jax.tasks import pretrain_config as config_lib
 from xlm_jax.text import bleu, noise
 from xlm_jax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, XLM_BPE_MAGIC, Tokenizer
@@ -113,7 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.best_metric = "valid/bleu"  # mean sacreBLEU over the validation directions; "" = none
     c.best_mode = "max"
     c.patience = -1
-    train.nonfinite_settings(c)
+    loop.nonfinite_settings(c)
     return c
 
 
@@ -308,7 +305,7 @@ class Objectives:
 
 
 def train_step(
-    state: train.TrainState,
+    state: train_state.TrainState,
     batch: Batch,
     rng,
     lam,
@@ -318,7 +315,7 @@ def train_step(
     objectives_: Objectives,
     tx,
     loss_kw: Mapping,
-) -> tuple[train.TrainState, Sums]:
+) -> tuple[train_state.TrainState, Sums]:
     k_prep, k_drop = jax.random.split(rng)
     s2s = objectives_.prepare(kind, state.params, batch, k_prep, lang2)
     model = objectives_.model
@@ -328,7 +325,7 @@ def train_step(
         return sums["loss_sum"], sums
 
     grads, sums = jax.grad(f, has_aux=True)(state.params)
-    return train.apply_gradients(state, grads, sums, lam, tx)
+    return train_state.apply_gradients(state, grads, sums, lam, tx)
 
 
 # --- setup --------------------------------------------------------------------------------------
@@ -523,7 +520,7 @@ class Steps:
         repl = parallel.replicated(mesh)
         self.train = {
             kind: jax.jit(
-                train.keyed_by_step(
+                train_state.keyed_by_step(
                     functools.partial(
                         train_step, kind=kind, objectives_=objs, tx=tx, loss_kw=loss_kw
                     ),
@@ -692,7 +689,7 @@ def eval_metric_names(data: Data) -> list[str]:
     return sorted(names)
 
 
-# --- the loop -----------------------------------------------------------------------------------
+# --- the task -----------------------------------------------------------------------------------
 
 
 def load_source(
@@ -711,112 +708,110 @@ def load_source(
     )
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
-    *,
-    on_step: Callable[[int, train.TrainState], None] | None = None,
-) -> dict[str, float]:
-    """Trains a translation model as `config` says, resuming from `workdir` if it holds a
-    checkpoint. Returns the last logged training and evaluation scalars."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_primary = jax.process_index() == 0
+def source_of(
+    config: ml_collections.ConfigDict, env: loop.Env, train_split: corpus_lib.Split
+) -> tuple[pretrained.EncoderSource, ModelConfig | None]:
+    """Where the model comes from, and the decoder's config when resuming: a resumed run
+    rebuilds its model from its own metadata, never from the source again."""
+    saved = env.saved
+    if saved is None:
+        return load_source(config, env.workdir, train_split), None
+    keys = ("dropout", "attention_dropout", "dec_layers")
+    pretrained.check_same_source(saved["config"], config, env.where, *keys)
+    source = pretrained.EncoderSource(
+        Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
+        ModelConfig.from_dict(saved["encoder"]),
+        list(saved["model_langs"]),
+        None,
+        saved["init"],
+    )
+    return source, ModelConfig.from_dict(saved["decoder"])
 
-    rules = parallel.rules_from_config(config.mesh.rules)
-    mesh = parallel.make_mesh(config.mesh.shape)
-    for what in ("batch_size", "eval_batch_size"):
-        parallel.check_batch_size(config[what], mesh, rules, what)
-    batch_sharding = parallel.batch_sharding(mesh, rules)
 
-    def rows_of(n: int) -> tuple[int, int]:
-        return parallel.process_rows(batch_sharding, n)
+def word_starts(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> jax.Array | None:
+    """The noise's word table (``whole_word_noise``): which pieces start a word."""
+    if not config.whole_word_noise:
+        return None
+    if tokenizer.serialized.startswith(XLM_BPE_MAGIC):
+        # fastBPE marks a word's *continuation* ("@@" on the previous piece), which is not a
+        # property of a token alone; the noise's word table needs SentencePiece's "▁".
+        raise ValueError(
+            "whole_word_noise needs a SentencePiece vocabulary; this model's is XLM's fastBPE"
+        )
+    pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    return jnp.asarray(noise.word_start_from_pieces(pieces))
 
-    langs = train.lang_list(config)
+
+def flops_per_token(enc: ModelConfig, dec: ModelConfig, objective: str) -> Callable[[int], float]:
+    """Model FLOPs per host token at a row length: AE and BT rows are one side (BT adds its
+    generation, a forward pass: a third of training); an MT row holds both sides."""
+    scale = {"ae": 1.0, "mt": 0.5, "bt": 1.0 + 1.0 / 3.0}[objective]
+    return lambda length: scale * seq2seq_flops_per_token(enc, dec, length)
+
+
+def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
+    """Text, the source model, iterators; XLM's round of AE, MT and BT updates."""
+    langs = corpus_lib.lang_list(config)
     corpus_lib.check_langs(langs)
     entries = parse_entries(config, langs)
-    train_split, eval_splits = read_data(config, langs, workdir, entries)
-
-    ckpt = Checkpointer(
-        workdir / "checkpoints",
-        keep_last=config.keep_checkpoints,
-        best_metric=config.best_metric or None,
-        best_mode=config.best_mode,
-    )
-    newest = ckpt.newest_readable_meta()
-    latest, saved_meta = newest if newest is not None else (None, None)
-    if saved_meta is not None:
-        train.check_same_source(
-            saved_meta["config"],
-            config,
-            f"checkpoint {latest} in {ckpt.directory}",
-            "dropout",
-            "attention_dropout",
-            "dec_layers",
-        )
-        # A resumed run rebuilds its model from its own metadata, never from the source again.
-        source = pretrained.EncoderSource(
-            Tokenizer.from_bytes(base64.b64decode(saved_meta["tokenizer"])),
-            ModelConfig.from_dict(saved_meta["encoder"]),
-            list(saved_meta["model_langs"]),
-            None,
-            saved_meta["init"],
-        )
-    else:
-        source = load_source(config, workdir, train_split)
+    train_split, eval_splits = read_data(config, langs, env.workdir, entries)
+    source, dec_saved = source_of(config, env, train_split)
     tokenizer = source.tokenizer
     enc_cfg, dec_cfg = seq2seq_configs(source.model, config)
-    if saved_meta is not None:
-        dec_cfg = ModelConfig.from_dict(saved_meta["decoder"])
+    dec_cfg = dec_saved or dec_cfg
     check_lengths(config, dec_cfg.max_positions)
 
     def lang_id(lang: str) -> int:
         return source.lang_id(lang, "langs")
 
     data = Data(
-        build_iterators(config, entries, train_split, tokenizer, lang_id, rows_of),
+        build_iterators(config, entries, train_split, tokenizer, lang_id, env.rows_of),
         {split: directions(s, config.eval_directions) for split, s in eval_splits.items()},
     )
-    if config.best_metric and config.best_metric not in eval_metric_names(data):
-        raise ValueError(
-            f"best_metric {config.best_metric!r} will not be measured; the evaluation reports "
-            f"{eval_metric_names(data)}"
-        )
     lambdas = {k: parse_lambda(config[f"lambda_{k}"]) for k in ("ae", "mt", "bt")}
+    model, tx = EncoderDecoder(enc_cfg, dec_cfg), train_state.make_optimizer(config.optimizer)
+    word_start = word_starts(config, tokenizer)
+    flops = {k: flops_per_token(enc_cfg, dec_cfg, k) for k in ("ae", "mt", "bt")}
 
-    model = EncoderDecoder(enc_cfg, dec_cfg)
-    tx = train.make_optimizer(config.optimizer)
-    dp = parallel.data_parallel_size(mesh, rules)
-    state, shardings = train.init_state(
-        model, tx, jax.random.key(config.seed), mesh, rules, dp, example_batch
-    )
-    word_start = None
-    if config.whole_word_noise:
-        if tokenizer.serialized.startswith(XLM_BPE_MAGIC):
-            # fastBPE marks a word's *continuation* ("@@" on the previous piece), which is not a
-            # property of a token alone; the noise's word table needs SentencePiece's "▁".
-            raise ValueError(
-                "whole_word_noise needs a SentencePiece vocabulary; this model's is XLM's fastBPE"
-            )
-        pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-        word_start = jnp.asarray(noise.word_start_from_pieces(pieces))
-    steps = Steps(config, model, tx, mesh, rules, shardings, word_start)
-
-    loop = {"step": 0, "best": None, "bad_evals": 0, "nonfinite_run": 0}
-    if latest is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    def update(step: int) -> loop.Update:
+        entry = entries[step % len(entries)]
+        it = data.train[entry.key]
+        return loop.Update(
+            key=entry.key,
+            program=entry.objective,
+            lam=lambda_at(lambdas[entry.objective], step),
+            rows=it.batch_size,
+            fetch=lambda: next(it),
+            flops_per_token=flops[entry.objective],
+            extra=(np.int32(lang_id(entry.lang2)),),
         )
-        _, state, data_state, _ = ckpt.restore_newest_readable(abstract)
-        loop = dict(data_state["loop"])
-        for key, it_state in data_state["iterators"].items():
-            data.train[key].restore(it_state)
-        logging.info("resumed from step %d (%d updates)", loop["step"], int(state.step))
-    elif source.params is not None:
+
+    def compile_programs(shardings) -> loop.Programs:
+        steps = Steps(config, model, tx, env.mesh, env.rules, shardings, word_start)
+
+        def evaluate_and_write(params, step: int) -> dict[str, float]:
+            metrics, hyps = evaluate(
+                steps,
+                params,
+                data,
+                tokenizer=tokenizer,
+                lang_id=lang_id,
+                config=config,
+                rows_of=env.rows_of,
+            )
+            if jax.process_index() == 0:
+                write_hypotheses(env.workdir / "hypotheses", step, hyps)
+            return metrics
+
+        return loop.Programs(steps.train, evaluate_and_write, steps.compilations)
+
+    def init_params(state: train_state.TrainState) -> train_state.TrainState:
+        if source.params is None:
+            return state
         params, fresh = init_from_pretrained(state.params, source.params, pretrained.put_like)
-        state = state.replace(params=params)
-        source.params = None
+        source.params = None  # the host copy is no longer needed
         logging.info("initialised from %s; fresh: %s", source.description, fresh)
+        return state.replace(params=params)
 
     meta = {
         "config": config.to_dict(),
@@ -827,93 +822,41 @@ def train_and_evaluate(
         "tokenizer": base64.b64encode(tokenizer.serialized).decode("ascii"),
         "versions": {"jax": jax.__version__, "flax": flax.__version__},
     }
-    writer = MetricWriter(workdir, total_steps=config.max_steps, is_primary=is_primary)
-    logging.info(
-        "translation model: %d parameters (encoder %d layers, decoder %d), vocab %d, from %s; "
-        "steps %s; mesh %s",
-        sum(x.size for x in jax.tree.leaves(state.params)),
-        enc_cfg.n_layers,
-        dec_cfg.n_layers,
-        tokenizer.vocab_size,
-        source.description,
-        [e.key for e in entries],
-        dict(mesh.shape),
+    return loop.Plan(
+        model=model,
+        tx=tx,
+        compile=compile_programs,
+        update=update,
+        cadence=loop.Cadence.of(config),
+        meta=meta,
+        describe=f"translation model (encoder {enc_cfg.n_layers} layers, decoder "
+        f"{dec_cfg.n_layers}), vocab {tokenizer.vocab_size}, from {source.description}; "
+        f"steps {[e.key for e in entries]}",
+        pad_id=PAD_ID,
+        iterators=data.train,
+        metric_names=eval_metric_names(data),
+        example=example_batch,
+        init_params=init_params,
+        lr=lambda updates: train_state.learning_rate(config, updates),
     )
 
-    def save(metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
-        data_state = {"loop": loop, "iterators": {k: it.state() for k, it in data.train.items()}}
-        ckpt.save(
-            loop["step"], state, data_state=data_state, meta=meta, metrics=metrics, force=force
-        )
 
-    poisoned = train.poisoned_steps(config)
-    window: dict[str, list[Sums]] = {}
-    nonfinite: list[jax.Array] = []
-    window_tokens = 0
-    last: dict[str, float] = {}
-    stop = False
-    with parallel.mesh_context(mesh, rules), PreemptionGuard() as guard:
-        while loop["step"] < config.max_steps and not stop:
-            entry = entries[loop["step"] % len(entries)]
-            lam = lambda_at(lambdas[entry.objective], loop["step"])
-            if loop["step"] in poisoned:
-                lam = float("nan")  # test hook: this step's loss and gradients are NaN
-            if lam != 0:  # XLM skips an objective whose lambda is 0
-                it = data.train[entry.key]
-                batch = next(it)
-                window_tokens += (
-                    sum(
-                        int(np.count_nonzero(v != PAD_ID))
-                        for k, v in batch.items()
-                        if "tokens" in k
-                    )
-                    * it.batch_size
-                    // len(next(iter(batch.values())))
-                )
-                state, sums = steps.train[entry.objective](
-                    state,
-                    parallel.global_batch(batch, steps.batch_sharding, it.batch_size),
-                    np.int32(loop["step"]),  # the dropout/noise key's step
-                    np.float32(lam),
-                    np.int32(lang_id(entry.lang2)),
-                )
-                window.setdefault(entry.key, []).append(sums)
-                nonfinite.append(sums["nonfinite"])
-            loop["step"] += 1
-            step = loop["step"]
-            if on_step is not None:
-                on_step(step, state)
+def batch_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    return {what: config[what] for what in ("batch_size", "eval_batch_size")}
 
-            if step % config.log_every == 0 or step == config.max_steps:
-                last.update(
-                    train.log_window(
-                        writer, step, window, nonfinite, window_tokens, loop, config, ckpt, state
-                    )
-                )
-                window, window_tokens, nonfinite = {}, 0, []
 
-            metrics = None
-            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-                metrics, hyps = evaluate(
-                    steps,
-                    state.params,
-                    data,
-                    tokenizer=tokenizer,
-                    lang_id=lang_id,
-                    config=config,
-                    rows_of=rows_of,
-                )
-                writer.write(step, metrics)
-                if is_primary:
-                    write_hypotheses(workdir / "hypotheses", step, hyps)
-                last.update(metrics)
-                if config.best_metric:
-                    stop = train.track_best(loop, metrics[config.best_metric], config)
-            train.save_or_stop(step, metrics, stop, guard, config, save, (ckpt, writer))
-    ckpt.close()  # waits for pending saves first
-    writer.close()
-    last["compiled_programs"] = steps.compilations()
-    return last
+TASK = loop.Task("nmt", setup, batch_sizes)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    on_step: Callable[[int, train_state.TrainState], None] | None = None,
+) -> dict[str, float]:
+    """Trains a translation model as `config` says, resuming from `workdir` if it holds a
+    checkpoint. Returns the last logged training and evaluation scalars."""
+    return loop.run(TASK, config, workdir, on_step=on_step)
 
 
 def write_hypotheses(directory: Path, step: int, hyps: Mapping[str, list[str]]) -> None:

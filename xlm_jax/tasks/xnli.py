@@ -44,17 +44,13 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from xlm_jax.core import parallel
-from xlm_jax.core.checkpoint import Checkpointer
-from xlm_jax.core.metrics import MetricWriter
-from xlm_jax.core.preemption import Preempted, PreemptionGuard
+from xlm_jax.core import loop, parallel, train_state
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import nli
 from xlm_jax.data.nli import LABELS, Batch, Rows
 from xlm_jax.model import objectives, pretrained
 from xlm_jax.model.classifier import XNLIClassifier
-from xlm_jax.model.encoder import ModelConfig
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.model.encoder import ModelConfig, xlm_flops_per_token
 from xlm_jax.tasks import report
 from xlm_jax.text.tokenizer import PAD_ID, Tokenizer
 
@@ -123,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Also checkpoint every N updates inside an epoch (0 = only at epoch ends and on SIGTERM /
     # SIGINT); resuming from one is exact. Only epoch checkpoints are ranked for the best one.
     c.checkpoint_every = 0
-    train.nonfinite_settings(c)  # a NaN/inf update is skipped; too many in a row stop the run
+    loop.nonfinite_settings(c)  # a NaN/inf update is skipped; too many in a row stop the run
 
     c.sweep = ml_collections.ConfigDict()  # --mode=xnli_sweep: every (lr, batch size) pair
     c.sweep.lrs = "5e-6,2.5e-5,1.25e-4"  # sets optimizer_e.lr and optimizer_p.lr
@@ -171,10 +167,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return tx
 
 
-def train_step(state: train.TrainState, batch, rng, lam, *, model, tx, mesh, batch_axes):
+def train_step(state: train_state.TrainState, batch, rng, lam, *, model, tx, mesh, batch_axes):
     """One update on ``lam`` (1, or NaN from the ``debug_nonfinite_steps`` test hook) times the
     mean cross-entropy of the batch's real rows (weight 1); a non-finite loss or gradient skips
-    it (``train.apply_gradients``, as pretraining and translation).
+    it (``train_state.apply_gradients``, as pretraining and translation).
 
     Sums and counts come from ``objectives.sharded_token_loss_sums`` (rows split over the batch
     axes, a psum of the per-shard sums), so they are exact whatever the mesh.
@@ -200,7 +196,7 @@ def train_step(state: train.TrainState, batch, rng, lam, *, model, tx, mesh, bat
         return sums["loss_sum"], sums
 
     grads, sums = jax.grad(loss_sums, has_aux=True)(state.params)
-    return train.apply_gradients(state, grads, sums, lam, tx)
+    return train_state.apply_gradients(state, grads, sums, lam, tx)
 
 
 def predict(params, batch, *, model) -> jax.Array:
@@ -215,7 +211,7 @@ def make_steps(config, model, tx, mesh: Mesh, rules, shardings) -> tuple[Callabl
     batch_sharding = parallel.batch_sharding(mesh, rules)
     repl = parallel.replicated(mesh)
     step_fn = jax.jit(
-        train.keyed_by_step(
+        train_state.keyed_by_step(
             functools.partial(
                 train_step,
                 model=model,
@@ -249,6 +245,16 @@ class Runner:
         self.batch_sharding: NamedSharding = parallel.batch_sharding(self.mesh, self.rules)
         self.replicated = parallel.replicated(self.mesh)
         self.dp = parallel.data_parallel_size(self.mesh, self.rules)
+
+    @classmethod
+    def on(cls, mesh: Mesh, rules) -> Runner:
+        """A runner on a mesh the loop made (batch sizes already checked)."""
+        runner = cls.__new__(cls)
+        runner.mesh, runner.rules = mesh, rules
+        runner.batch_sharding = parallel.batch_sharding(mesh, rules)
+        runner.replicated = parallel.replicated(mesh)
+        runner.dp = parallel.data_parallel_size(mesh, rules)
+        return runner
 
     def put(self, batch: Batch) -> dict[str, jax.Array]:
         n = len(batch["tokens"])
@@ -314,33 +320,8 @@ def select(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any] 
     return max(candidates, key=lambda h: (h[metric], -h["epoch"]))
 
 
-def finetune(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
-    *,
-    on_epoch: Callable[[int, train.TrainState], None] | None = None,
-    on_step: Callable[[int, train.TrainState], None] | None = None,
-) -> dict[str, Any]:
-    """Fine-tunes and evaluates as ``config`` says, resuming from ``workdir`` if it holds a
-    checkpoint. Writes ``results.{json,csv,md,png}`` and returns the results dict (``history``:
-    one record per evaluated epoch; ``selected``: the epochs picked by ``select_lang`` and by the
-    average; ``compiled_programs``).
-
-    On SIGTERM/SIGINT (``PreemptionGuard``) it checkpoints at the next update and raises
-    ``Preempted``; rerunning resumes inside the epoch with the same batches, dropout keys and
-    updates as an uninterrupted run. A non-finite loss or gradient skips its update (counted in
-    ``train/skipped_updates``); ``max_nonfinite_steps`` skips in a row stop the run with
-    ``FloatingPointError``. ``on_step(step, state)`` runs after every update (tests).
-    """
-    _check_config(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_primary = jax.process_index() == 0
-    runner = Runner(
-        config, {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}
-    )
-
-    # Text first: a bad file fails in seconds, before any checkpoint is read.
+def read_text(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """Training sets (three classes each) and the evaluation splits, read and checked."""
     root, kw = config.data.root, corpus_lib.read_options(config.data)
     train_sets = nli.read_sets(config.data.train, "data.train", root=root, **kw)
     for lang, examples in train_sets.items():
@@ -355,49 +336,42 @@ def finetune(
             f"select_lang={config.select_lang!r} has no data.valid entry "
             f"(has {sorted(eval_text['valid'])}); model selection needs its validation set"
         )
+    return train_sets, eval_text
 
-    best_metric = f"valid/{config.select_lang}/acc"
-    ckpt = Checkpointer(
-        workdir / "checkpoints",
-        keep_last=config.keep_checkpoints,
-        best_metric=best_metric,
-        best_mode="max",
-    )
-    # A damaged newest checkpoint is skipped (with a warning) for the previous one, as pretraining.
-    newest = ckpt.newest_readable_meta()
-    latest, saved = newest if newest is not None else (None, None)
+
+def source_of(
+    config: ml_collections.ConfigDict, env: loop.Env, train_sets: Mapping[str, Any]
+) -> pretrained.EncoderSource:
+    """The encoder: the checkpoint's own (resuming), a pretraining run's, or a random init."""
+    saved = env.saved
     if saved is not None:
-        train.check_same_source(
-            saved["config"],
-            config,
-            f"checkpoint {latest} in {ckpt.directory}",
-            "dropout",
-            "encoder_dropout",
-            "encoder_attention_dropout",
-        )
-        source = pretrained.EncoderSource(
+        keys = ("dropout", "encoder_dropout", "encoder_attention_dropout")
+        pretrained.check_same_source(saved["config"], config, env.where, *keys)
+        return pretrained.EncoderSource(
             Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
             ModelConfig.from_dict(saved["model"]),
             list(saved["langs"]),
             None,
             saved["init"],
         )
-    elif config.init_checkpoint:
+    if config.init_checkpoint:
         source = pretrained.load_pretrained(config.init_checkpoint, config.init_step)
-        source.model = pretrained.with_dropout(source.model, config)
     else:
         source = pretrained.random_source(
             config,
-            workdir,
+            env.workdir,
             lambda: {
                 lang: [s for ex in exs for s in (ex.premise, ex.hypothesis)]
                 for lang, exs in train_sets.items()
             },
         )
-        source.model = pretrained.with_dropout(source.model, config)
-    tokenizer, mcfg = source.tokenizer, source.model
+    source.model = pretrained.with_dropout(source.model, config)
+    return source
 
-    # Rows: one padded length for every set, so each step compiles once.
+
+def build_rows(config, source, train_sets, eval_text) -> tuple[Rows, dict, int]:
+    """Tokenized, packed rows: one padded length for every set, so each step compiles once."""
+    tokenizer = source.tokenizer
     train_tok = {lang: nli.tokenize_pairs(exs, tokenizer, lang) for lang, exs in train_sets.items()}
     eval_tok = {
         # translate-test sets hold English text (translations of `lang`'s rows)
@@ -412,7 +386,7 @@ def finetune(
         for tok in [*train_tok.values(), *(t for by in eval_tok.values() for t in by.values())]
         for p, h in zip(tok[0], tok[1], strict=True)
     ]
-    length = row_length(max(pair_lengths), config, mcfg)
+    length = row_length(max(pair_lengths), config, source.model)
     n_cut = sum(n > length for n in pair_lengths)
     if n_cut:
         logging.warning(
@@ -420,19 +394,16 @@ def finetune(
         )
     pack = functools.partial(nli.pack_rows, max_len=config.max_len, length=length)
     en_id = source.lang_id("en", "data.translate_test") if "translate_test" in eval_tok else 0
+
+    def lang_id(split: str, lang: str) -> int:
+        return en_id if split == "translate_test" else source.lang_id(lang, f"data.{split}")
+
     train_rows = Rows.concat(
-        [
-            pack(*tok, train_sets[lang], source.lang_id(lang, "data.train"))
-            for lang, tok in train_tok.items()
-        ]
+        [pack(*tok, train_sets[lang], lang_id("train", lang)) for lang, tok in train_tok.items()]
     )
     eval_rows = {
         split: {
-            lang: pack(
-                *tok,
-                eval_text[split][lang],
-                en_id if split == "translate_test" else source.lang_id(lang, f"data.{split}"),
-            )
+            lang: pack(*tok, eval_text[split][lang], lang_id(split, lang))
             for lang, tok in by_lang.items()
         }
         for split, by_lang in eval_tok.items()
@@ -442,176 +413,34 @@ def finetune(
         length,
         ", ".join(f"{k} {len(v)}" for k, v in train_sets.items()),
     )
+    return train_rows, eval_rows, length
 
-    model = XNLIClassifier(mcfg, n_classes=len(LABELS), dropout=config.dropout)
-    tx = make_optimizer(config)
-    state, shardings = train.init_state(
-        model, tx, jax.random.key(config.seed), runner.mesh, runner.rules, runner.dp
-    )
-    step_fn, predict_fn = make_steps(config, model, tx, runner.mesh, runner.rules, shardings)
 
-    order_inputs = {
-        "seed": config.seed,
-        "n_train": len(train_rows),
-        "epoch_size": config.epoch_size,
-        "batch_size": config.batch_size,
-    }
-    loop = new_loop_state(order_inputs)
-    if latest is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-        )
-        latest, state, saved_loop, _ = ckpt.restore_newest_readable(abstract)
-        loop = {**loop, **saved_loop}  # checkpoints of older versions lack the mid-epoch keys
-        if loop["epoch_rows"]:
-            check_mid_epoch_resume(loop["order_inputs"], order_inputs, f"checkpoint {latest}")
-            logging.info(
-                "resumed in epoch %d after %d of its pairs (%d updates)",
-                loop["epoch"] + 1,
-                loop["epoch_rows"],
-                loop["step"],
-            )
-        else:
-            logging.info("resumed after epoch %d (%d updates)", loop["epoch"], loop["step"])
-        loop["order_inputs"] = order_inputs
-    elif source.params is not None:
-        encoder = pretrained.place_params(
-            source.params, state.params["encoder"], source.description
-        )
-        state = state.replace(params={**state.params, "encoder": encoder})
-        source.params = None  # the host copy is no longer needed
+class Epochs:
+    """Loop step ``s`` ↔ (epoch, batch): epoch ``s // steps_per_epoch + 1`` is a fresh
+    permutation of the training rows (a function of seed and epoch) cut into batches, so the
+    batches of a resumed run are those of an uninterrupted one, mid-epoch included."""
 
-    meta = {
-        "config": config.to_dict(),
-        "tokenizer": base64.b64encode(tokenizer.serialized).decode("ascii"),
-        "model": mcfg.to_dict(),
-        "langs": source.langs,
-        "init": source.info,
-        "row_length": length,
-        "versions": {"jax": jax.__version__, "flax": flax.__version__},
-    }
-    n_epoch_rows = len(nli.epoch_order(len(train_rows), 0, config.seed, config.epoch_size))
-    steps_per_epoch = -(-n_epoch_rows // config.batch_size)
-    writer = MetricWriter(
-        workdir, total_steps=config.n_epochs * steps_per_epoch, is_primary=is_primary
-    )
-    logging.info(
-        "fine-tuning %s: %d epochs x %d steps of %d pairs; evaluating %s",
-        source.description,
-        config.n_epochs,
-        steps_per_epoch,
-        config.batch_size,
-        {split: sorted(v) for split, v in eval_rows.items()},
-    )
+    def __init__(self, config: ml_collections.ConfigDict, train_rows: Rows) -> None:
+        self.config, self.rows = config, train_rows
+        self.n_rows = len(nli.epoch_order(len(train_rows), 0, config.seed, config.epoch_size))
+        self.steps = -(-self.n_rows // config.batch_size)  # per epoch
+        self._order: tuple[int, np.ndarray] | None = None
 
-    def evaluate(epoch: int) -> dict[str, Any]:
-        metrics = evaluate_sets(runner, predict_fn, state.params, eval_rows, config.eval_batch_size)
-        summary = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "/avg/" in k)
-        logging.info("epoch %d: %s %.1f, %s", epoch, best_metric, metrics[best_metric], summary)
-        writer.write(loop["step"], metrics)
-        return {"epoch": epoch, "step": loop["step"], **metrics}
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            c = self.config
+            self._order = (epoch, nli.epoch_order(len(self.rows), epoch, c.seed, c.epoch_size))
+        return self._order[1]
 
-    if latest is None and config.eval_at_start:
-        loop["history"].append(evaluate(0))
+    def batch(self, step: int) -> Batch:
+        epoch, k = divmod(step, self.steps)
+        i, bs = k * self.config.batch_size, self.config.batch_size
+        return self.rows.batch(self.order(epoch + 1)[i : i + bs], bs)
 
-    def save(metrics: Mapping[str, float] | None, force: bool) -> None:
-        # Keyed by update, so mid-epoch saves and epoch ends share one increasing sequence;
-        # only an epoch's save carries metrics: the best-checkpoint ranking sees evaluated epochs.
-        ckpt.save(loop["step"], state, data_state=loop, meta=meta, metrics=metrics, force=force)
-
-    def stop_for_preemption() -> None:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        raise Preempted(loop["step"])
-
-    window = _Window(
-        loop["epoch_sums"],
-        lambda flags: train.count_nonfinite(flags, loop, config, loop["step"], ckpt),
-    )
-    poisoned = train.poisoned_steps(config)
-    with runner.context(), PreemptionGuard() as guard:
-        while loop["epoch"] < config.n_epochs and not loop["stopped"]:
-            epoch = loop["epoch"] + 1
-            order = nli.epoch_order(len(train_rows), epoch, config.seed, config.epoch_size)
-            for i in range(loop["epoch_rows"], len(order), config.batch_size):
-                batch = train_rows.batch(order[i : i + config.batch_size], config.batch_size)
-                # The dropout key is a function of the update count alone, so it survives resumes.
-                state, sums = step_fn(
-                    state,
-                    runner.put(batch),
-                    np.int32(loop["step"]),
-                    np.float32("nan" if loop["step"] in poisoned else 1.0),
-                )
-                loop["step"] += 1
-                loop["epoch_rows"] = min(i + config.batch_size, len(order))
-                step = loop["step"]
-                window.add(sums)
-                if on_step is not None:
-                    on_step(step, state)
-                if step % config.log_every == 0:
-                    window.log(writer, step, batch_tokens=batch)
-                if loop["epoch_rows"] == len(order):
-                    break  # the epoch's end: its evaluated checkpoint, then the guard (below)
-                preempted = guard.should_stop(step)
-                if preempted or (
-                    config.checkpoint_every > 0 and step % config.checkpoint_every == 0
-                ):
-                    window.count()  # the epoch's training sums so far go into the checkpoint
-                    save(None, force=preempted)
-                if preempted:
-                    window.log(writer, step, batch_tokens=None)  # this process ends: log it now
-                    stop_for_preemption()
-            window.log(writer, loop["step"], batch_tokens=None)
-            record = evaluate(epoch)
-            total = loop["epoch_sums"]
-            n = total["n_pred"]
-            record["train/loss"] = total["loss_sum"] / max(n, 1.0)
-            record["train/acc"] = 100.0 * total["n_correct"] / max(n, 1.0)
-            best = select(loop["history"], best_metric)
-            improved = best is None or record[best_metric] > best[best_metric]
-            loop["bad_epochs"] = 0 if improved else loop["bad_epochs"] + 1
-            loop["history"].append(record)
-            loop["epoch"] = epoch
-            loop["epoch_rows"] = 0
-            loop["epoch_sums"] = window.reset()
-            if config.patience > 0 and loop["bad_epochs"] >= config.patience:
-                logging.info(
-                    "stopping: %s did not improve for %d epochs", best_metric, config.patience
-                )
-                loop["stopped"] = True
-            save({k: v for k, v in record.items() if isinstance(v, float)}, force=True)
-            if on_epoch is not None:
-                on_epoch(epoch, state)
-            # The epoch's last update is a step boundary too; its checkpoint is the one above.
-            unfinished = loop["epoch"] < config.n_epochs and not loop["stopped"]
-            if guard.should_stop(loop["step"]) and unfinished:
-                stop_for_preemption()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-
-    results = {
-        "init": source.description,
-        "mode": _mode(train_sets),
-        "train_langs": list(train_sets),
-        "n_train": len(train_rows),
-        "row_length": length,
-        "lr_e": config.optimizer_e.lr,
-        "lr_p": config.optimizer_p.lr,
-        "batch_size": config.batch_size,
-        "select_lang": config.select_lang,
-        "history": loop["history"],
-        "selected": {
-            config.select_lang: select(loop["history"], best_metric),
-            "avg": select(loop["history"], "valid/avg/acc"),
-        },
-        "complete": loop["epoch"] >= config.n_epochs or loop["stopped"],
-        "compiled_programs": step_fn._cache_size() + predict_fn._cache_size(),
-    }
-    if is_primary:
-        report.write_results(workdir, results)
-    return results
+    def rows_done(self, step: int) -> int:
+        """Pairs of the current epoch's order trained after ``step`` steps (0 at its end)."""
+        return min(step % self.steps * self.config.batch_size, self.n_rows)
 
 
 def _mode(train_sets: Mapping[str, Any]) -> str:
@@ -620,66 +449,6 @@ def _mode(train_sets: Mapping[str, Any]) -> str:
 
 
 SUM_KEYS = ("loss_sum", "n_pred", "n_correct")
-
-
-class _Window:
-    """The step sums since the last log line, and the epoch's running training sums.
-
-    Device values are fetched (the loop's only regular host sync) when a log line is due or a
-    checkpoint needs the epoch's sums; every step is added to those sums once and in order, so a
-    run resumed from a mid-epoch checkpoint reports bitwise the same epoch loss. A skipped
-    (non-finite) update is left out of the sums, which it would make NaN; each step's skip flag
-    goes to ``on_counted`` once, in order.
-    """
-
-    def __init__(
-        self, epoch_sums: dict[str, float], on_counted: Callable[[list[float]], None]
-    ) -> None:
-        self.epoch_sums = epoch_sums  # the loop state's dict, updated in place
-        self.on_counted = on_counted
-        self.steps: list[Any] = []  # device sums, or host dicts once fetched
-        self.counted = 0  # the first `counted` steps are already in epoch_sums
-
-    def add(self, sums: Mapping[str, jax.Array]) -> None:
-        self.steps.append(sums)
-
-    def count(self) -> list[dict[str, float]]:
-        """Fetches the window and adds its uncounted steps to the epoch's sums."""
-        got = [{k: float(v) for k, v in s.items()} for s in jax.device_get(self.steps)]
-        new = got[self.counted :]
-        for s in new:
-            if not s["nonfinite"]:
-                for k in SUM_KEYS:
-                    self.epoch_sums[k] += s[k]
-        self.steps, self.counted = got, len(got)
-        self.on_counted([s["nonfinite"] for s in new])
-        return got
-
-    def log(self, writer: MetricWriter, step: int, batch_tokens: Batch | None) -> None:
-        """Counts and logs the window, then starts a new one."""
-        if not self.steps:
-            return
-        got = self.count()
-        done = [s for s in got if not s["nonfinite"]]
-        scalars = {"skipped_updates": float(len(got) - len(done))}
-        if done:
-            n = sum(s["n_pred"] for s in done)
-            scalars = {
-                "xnli/loss": sum(s["loss_sum"] for s in done) / max(n, 1.0),
-                "xnli/acc": 100.0 * sum(s["n_correct"] for s in done) / max(n, 1.0),
-                "xnli/grad_norm": float(np.mean([s["grad_norm"] for s in done])),
-                **scalars,
-            }
-        if batch_tokens is not None:
-            n_tok = int(np.count_nonzero(batch_tokens["tokens"] != PAD_ID)) * len(got)
-            writer.progress(step, scalars, tokens=n_tok)
-        writer.write(step, scalars, prefix="train/")
-        self.steps, self.counted = [], 0
-
-    def reset(self) -> dict[str, float]:
-        """A new epoch: zero sums (a new dict, which the loop state takes over)."""
-        self.epoch_sums = {k: 0.0 for k in SUM_KEYS}
-        return self.epoch_sums
 
 
 def new_loop_state(order_inputs: Mapping[str, int]) -> dict[str, Any]:
@@ -699,7 +468,7 @@ def new_loop_state(order_inputs: Mapping[str, int]) -> dict[str, Any]:
         "epoch_rows": 0,
         "epoch_sums": {k: 0.0 for k in SUM_KEYS},
         "order_inputs": dict(order_inputs),
-        "nonfinite_run": 0,  # skipped updates in a row so far (train.count_nonfinite)
+        "nonfinite_run": 0,  # skipped updates in a row so far (loop.count_nonfinite)
     }
 
 
@@ -714,6 +483,210 @@ def check_mid_epoch_resume(
             f"{where} was taken inside an epoch; its batches depend on settings that changed "
             f"({', '.join(changed)}): resume with the original values or use another workdir"
         )
+
+
+def saved_loop(epochs: Epochs, loop_state: dict[str, Any]) -> dict[str, Any]:
+    """The loop state in XNLI's checkpoint layout (``new_loop_state``), which older runs wrote
+    and still resume from."""
+    step = loop_state["step"]
+    return {
+        "epoch": step // epochs.steps,
+        "step": step,
+        "bad_epochs": loop_state["bad_evals"],
+        "stopped": bool(loop_state.get("stopped")),
+        "history": loop_state["history"],
+        "epoch_rows": epochs.rows_done(step),
+        "epoch_sums": loop_state["epoch_sums"],
+        "order_inputs": loop_state["order_inputs"],
+        "nonfinite_run": loop_state["nonfinite_run"],
+    }
+
+
+def resumed_loop(epochs: Epochs, saved: dict, latest: int, order_inputs: dict) -> dict[str, Any]:
+    """A checkpoint's XNLI loop state as the loop's, checked to continue exactly."""
+    saved = {**new_loop_state(order_inputs), **saved}  # older versions lack the mid-epoch keys
+    where = f"checkpoint {latest}"
+    if saved["epoch_rows"]:
+        check_mid_epoch_resume(saved["order_inputs"], order_inputs, where)
+    bs = order_inputs["batch_size"]
+    if saved["step"] != saved["epoch"] * epochs.steps + -(-saved["epoch_rows"] // bs):
+        raise ValueError(
+            f"{where} holds {saved['epoch']} epochs and {saved['epoch_rows']} pairs in "
+            f"{saved['step']} updates, which epochs of {epochs.steps} updates of {bs} pairs do "
+            "not give: resume with the original batch_size and epoch_size, or another workdir"
+        )
+    return {
+        "step": saved["step"],
+        "best": None,  # the caller's metric picks it from the history
+        "bad_evals": saved["bad_epochs"],
+        "nonfinite_run": saved["nonfinite_run"],
+        "stopped": saved["stopped"],
+        "history": saved["history"],
+        "epoch_sums": saved["epoch_sums"],
+        "order_inputs": order_inputs,
+    }
+
+
+def epoch_record(loop_state: dict, step: int, metrics: dict, epochs: Epochs) -> dict[str, Any]:
+    """The history record of an evaluated epoch (epoch 0: before fine-tuning), with the epoch's
+    training loss and accuracy; starts the next epoch's sums."""
+    record = {"epoch": step // epochs.steps, "step": step, **metrics}
+    if step > 0:
+        total, loop_state["epoch_sums"] = loop_state["epoch_sums"], {k: 0.0 for k in SUM_KEYS}
+        n = max(total["n_pred"], 1.0)
+        record["train/loss"] = total["loss_sum"] / n
+        record["train/acc"] = 100.0 * total["n_correct"] / n
+    loop_state["history"].append(record)
+    return record
+
+
+def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
+    """Text, the encoder's source, rows; one update per batch of an epoch's order, evaluation of
+    every validation language at each epoch's end (``steps_per_epoch`` steps)."""
+    train_sets, eval_text = read_text(config)
+    source = source_of(config, env, train_sets)
+    train_rows, eval_rows, length = build_rows(config, source, train_sets, eval_text)
+    model = XNLIClassifier(source.model, n_classes=len(LABELS), dropout=config.dropout)
+    tx, epochs = make_optimizer(config), Epochs(config, train_rows)
+    best_metric = f"valid/{config.select_lang}/acc"
+    order_inputs = {
+        "seed": config.seed,
+        "n_train": len(train_rows),
+        "epoch_size": config.epoch_size,
+        "batch_size": config.batch_size,
+    }
+    flops = xlm_flops_per_token(source.model, length, 0.0)  # the head's few FLOPs left out
+
+    def update(step: int) -> loop.Update:
+        start, stop = env.rows_of(config.batch_size)
+        fetch = lambda: {k: v[start:stop] for k, v in epochs.batch(step).items()}  # noqa: E731
+        return loop.Update("xnli", "xnli", 1.0, config.batch_size, fetch, lambda n: flops)
+
+    def compile_programs(shardings) -> loop.Programs:
+        step_fn, predict_fn = make_steps(config, model, tx, env.mesh, env.rules, shardings)
+        runner = Runner.on(env.mesh, env.rules)
+        return loop.Programs(
+            {"xnli": step_fn},
+            lambda params, step: evaluate_sets(
+                runner, predict_fn, params, eval_rows, config.eval_batch_size
+            ),
+            lambda: step_fn._cache_size() + predict_fn._cache_size(),
+        )
+
+    def init_params(state: train_state.TrainState) -> train_state.TrainState:
+        if source.params is None:
+            return state
+        encoder = pretrained.place_params(
+            source.params, state.params["encoder"], source.description
+        )
+        source.params = None  # the host copy is no longer needed
+        return state.replace(params={**state.params, "encoder": encoder})
+
+    def on_eval(loop_state: dict, step: int, metrics: dict) -> dict[str, float]:
+        record = epoch_record(loop_state, step, metrics, epochs)
+        summary = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "/avg/" in k)
+        logging.info(
+            "epoch %d: %s %.1f, %s", record["epoch"], best_metric, record[best_metric], summary
+        )
+        return {k: v for k, v in record.items() if isinstance(v, float)}
+
+    def restore(plan: loop.Plan, saved: dict, latest: int) -> dict:
+        resumed = resumed_loop(epochs, saved, latest, order_inputs)
+        best = select(resumed["history"], best_metric)
+        return {**resumed, "best": best[best_metric] if best else None}
+
+    def observe(loop_state: dict, key: str, sums: dict) -> None:
+        for k in SUM_KEYS:
+            loop_state["epoch_sums"][k] += sums[k]
+
+    def finish(loop_state: dict, last: dict) -> dict[str, Any]:
+        history = loop_state["history"]
+        results = {
+            "init": source.description,
+            "mode": _mode(train_sets),
+            "train_langs": list(train_sets),
+            "n_train": len(train_rows),
+            "row_length": length,
+            "lr_e": config.optimizer_e.lr,
+            "lr_p": config.optimizer_p.lr,
+            "batch_size": config.batch_size,
+            "select_lang": config.select_lang,
+            "history": history,
+            "selected": {
+                config.select_lang: select(history, best_metric),
+                "avg": select(history, "valid/avg/acc"),
+            },
+            "complete": loop_state["step"] >= config.n_epochs * epochs.steps
+            or bool(loop_state.get("stopped")),
+            "compiled_programs": last["compiled_programs"],
+        }
+        if jax.process_index() == 0:
+            report.write_results(env.workdir, results)
+        return results
+
+    meta = {
+        "config": config.to_dict(),
+        "tokenizer": base64.b64encode(source.tokenizer.serialized).decode("ascii"),
+        "model": source.model.to_dict(),
+        "langs": source.langs,
+        "init": source.info,
+        "row_length": length,
+        "versions": {"jax": jax.__version__, "flax": flax.__version__},
+    }
+    return loop.Plan(
+        model=model,
+        tx=tx,
+        compile=compile_programs,
+        update=update,
+        cadence=loop.Cadence(
+            config.n_epochs * epochs.steps, config.log_every, epochs.steps, config.checkpoint_every
+        ),
+        meta=meta,
+        describe=f"fine-tuning {source.description}: {config.n_epochs} epochs x {epochs.steps} "
+        f"steps of {config.batch_size} pairs; evaluating "
+        f"{ {split: sorted(v) for split, v in eval_rows.items()} }",
+        pad_id=PAD_ID,
+        init_params=init_params,
+        loop={
+            "stopped": False,
+            "history": [],
+            "epoch_sums": {k: 0.0 for k in SUM_KEYS},
+            "order_inputs": order_inputs,
+        },
+        save_state=lambda plan, loop_state: saved_loop(epochs, loop_state),
+        restore_state=restore,
+        observe=observe,
+        on_eval=on_eval,
+        eval_at_start=config.eval_at_start,
+        finish=finish,
+    )
+
+
+TASK = loop.Task(
+    "xnli",
+    setup,
+    lambda c: {"batch_size": c.batch_size, "eval_batch_size": c.eval_batch_size},
+    best=lambda c: (f"valid/{c.select_lang}/acc", "max"),
+    check=_check_config,
+)
+
+
+def finetune(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    on_step: Callable[[int, train_state.TrainState], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tunes and evaluates as ``config`` says, resuming from ``workdir`` if it holds a
+    checkpoint. Writes ``results.{json,csv,md,png}`` and returns the results dict (``history``:
+    one record per evaluated epoch; ``selected``: the epochs picked by ``select_lang`` and by the
+    average; ``compiled_programs``).
+
+    On SIGTERM/SIGINT it checkpoints at the next update and raises ``Preempted``; rerunning
+    resumes inside the epoch with the same batches, dropout keys and updates as an uninterrupted
+    run. ``on_step(step, state)`` runs after every update (tests).
+    """
+    return loop.run(TASK, config, workdir, on_step=on_step)
 
 
 # --- sweep ---------------------------------------------------------------------------------------

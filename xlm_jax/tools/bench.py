@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from xlm_jax.core import files, parallel
+from xlm_jax.core import files, parallel, train_state
 from xlm_jax.data import batches as batches_lib
 from xlm_jax.model.encoder import XLMEncoder, xlm_flops_per_token
 from xlm_jax.model.seq2seq import EncoderDecoder
@@ -97,11 +97,13 @@ def bench_steps(
     mesh = parallel.make_mesh(config.mesh.shape)
     vocab = config.tokenizer.vocab_size
     model = XLMEncoder(train.model_config(config, vocab))
-    tx = train.make_optimizer(config.optimizer)
+    tx = train_state.make_optimizer(config.optimizer)
     dp = parallel.data_parallel_size(mesh, rules)
-    abstract, shardings, _ = train.abstract_state(model, tx, mesh, rules, dp)
+    abstract, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp)
     state = (
-        None if memory_only else train.init_state(model, tx, jax.random.key(0), mesh, rules, dp)[0]
+        None
+        if memory_only
+        else train_state.init_state(model, tx, jax.random.key(0), mesh, rules, dp)[0]
     )
     steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
     rng = np.random.default_rng(0)

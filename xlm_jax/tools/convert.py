@@ -50,7 +50,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xlm_jax.core import train_state
 from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.model import pretrained
 from xlm_jax.model.decoder import XLMDecoder
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
@@ -674,8 +676,8 @@ def _save(
     if params_only:
         state: Any = {"params": params}
     else:
-        tx = train.make_optimizer(optimizer)
-        state = train.TrainState(jnp.asarray(step, jnp.int32), params, tx.init(params))
+        tx = train_state.make_optimizer(optimizer)
+        state = train_state.TrainState(jnp.asarray(step, jnp.int32), params, tx.init(params))
     loop = {"step": step, "best": None, "bad_evals": 0, "nonfinite_run": 0}
     data_state = {"loop": loop, "iterators": {}}
     with Checkpointer(directory, async_save=False) as ck:
@@ -741,7 +743,7 @@ def load_encoder(workdir: str | Path, step: int = -1) -> Loaded:
         params = params["encoder"]
     elif "model" in meta.get("config", {}) and "embeddings" in params:
         # As `pretrained.load_pretrained` reads it (without restoring the arrays twice).
-        langs = train.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
+        langs = corpus_lib.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
         model = ModelConfig.from_dict(
             {**meta["config"]["model"], "vocab_size": tokenizer.vocab_size, "n_langs": len(langs)}
         )

@@ -1,7 +1,7 @@
 """Every program a run compiles, with abstract arguments: what `aot.py` compiles for a TPU slice.
 
 Each mode builds its step functions exactly as its run does (``train.Steps``, ``nmt.Steps``,
-``xnli.make_steps``) with the train state's shardings from ``train.abstract_state``; only the
+``xnli.make_steps``) with the train state's shardings from ``train_state.abstract_state``; only the
 arguments are ``jax.ShapeDtypeStruct`` (nothing is allocated, no data or checkpoint parameters are
 read). Batch shapes are the run's largest: a program that fits at them fits at every smaller one.
 """
@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from xlm_jax.core import parallel
+from xlm_jax.core import parallel, train_state
 from xlm_jax.model import pretrained
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import XLMEncoder
@@ -55,9 +55,9 @@ def pretrain_programs(config, mesh, rules, all_shapes: bool = False) -> list[Pro
     """The MLM, TLM and CLM steps the configured objectives use, and their evaluations."""
     vocab = config.tokenizer.vocab_size
     model = XLMEncoder(train.model_config(config, vocab))
-    tx = train.make_optimizer(config.optimizer)
+    tx = train_state.make_optimizer(config.optimizer)
     dp = parallel.data_parallel_size(mesh, rules)
-    state, shardings, _ = train.abstract_state(model, tx, mesh, rules, dp)
+    state, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp)
     steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
     used = {s.objective for specs in train.build_steps(config) for s in specs}
     shapes = {
@@ -96,9 +96,9 @@ def nmt_programs(config, mesh, rules, all_shapes: bool = False) -> list[Program]
     enc, dec = nmt.seq2seq_configs(encoder, config)
     nmt.check_lengths(config, dec.max_positions)
     model = EncoderDecoder(enc, dec)
-    tx = train.make_optimizer(config.optimizer)
+    tx = train_state.make_optimizer(config.optimizer)
     dp = parallel.data_parallel_size(mesh, rules)
-    state, shardings, _ = train.abstract_state(model, tx, mesh, rules, dp, nmt.example_batch)
+    state, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp, nmt.example_batch)
     # whole_word_noise's table has the vocabulary's shape; its values do not change the program
     word_start = np.zeros(enc.vocab_size, bool) if config.whole_word_noise else None
     steps = nmt.Steps(config, model, tx, mesh, rules, shardings, word_start)
@@ -137,7 +137,7 @@ def xnli_programs(config, mesh, rules, all_shapes: bool = False) -> list[Program
     model = XNLIClassifier(encoder, n_classes=len(xnli.LABELS), dropout=config.dropout)
     tx = xnli.make_optimizer(config)
     dp = parallel.data_parallel_size(mesh, rules)
-    state, shardings, _ = train.abstract_state(model, tx, mesh, rules, dp)
+    state, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp)
     step_fn, predict_fn = xnli.make_steps(config, model, tx, mesh, rules, shardings)
     sh = parallel.batch_sharding(mesh, rules)
     n, m = config.batch_size, config.eval_batch_size

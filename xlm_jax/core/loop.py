@@ -1,0 +1,413 @@
+"""The one training loop: pretraining, translation and XNLI fine-tuning all run `run`.
+
+A task plugs in as a `Task` (its settings checks, batch sizes, checkpoint ranking and `setup`);
+`setup` returns a `Plan`: the model and optimizer, which update each loop step makes, the compiled
+programs and the evaluation, and what a checkpoint saves. The loop owns the rest, the same for
+every task: mesh and batch checks, the checkpoint's metadata and fallback past unreadable
+checkpoints, the train state with its shardings, resume or pretrained init, the metrics window
+(tokens/s, TFLOP/s, MFU), the non-finite guard, evaluation on its cadence, best/patience,
+preemption, and checkpoint-or-stop.
+
+Loop state (a JSON dict saved in every checkpoint): ``step`` (loop steps done), ``best`` and
+``bad_evals`` (patience), ``nonfinite_run`` (skipped updates in a row), ``stopped``, plus what a
+task adds. The step index fixes everything random about a step, so resumed = uninterrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+
+from xlm_jax.core import mfu, parallel
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.metrics import MetricWriter, summarize
+from xlm_jax.core.preemption import Preempted, PreemptionGuard
+from xlm_jax.core.train_state import TrainState, init_state
+
+Batch = dict[str, np.ndarray]
+SUM_KEYS = ("loss_sum", "n_pred", "n_correct")
+
+
+# --- what a task gives the loop -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+    """What the loop knows when a task's setup runs: the mesh, this process's rows of a batch,
+    the workdir, and the newest readable checkpoint's metadata (None in a fresh run)."""
+
+    workdir: Path
+    mesh: Mesh
+    rules: parallel.Rules
+    batch_sharding: NamedSharding
+    saved: dict[str, Any] | None
+    where: str  # "checkpoint N in DIR", for messages about ``saved``
+
+    def rows_of(self, n: int) -> tuple[int, int]:
+        return parallel.process_rows(self.batch_sharding, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    max_steps: int
+    log_every: int
+    eval_every: int  # 0 = never
+    checkpoint_every: int  # 0 = only after evaluations, at the end and on preemption
+
+    @classmethod
+    def of(cls, config: ml_collections.ConfigDict) -> Cadence:
+        c = config
+        return cls(c.max_steps, c.log_every, c.eval_every, c.checkpoint_every)
+
+    def evaluates(self, step: int) -> bool:
+        return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.max_steps)
+
+    def logs(self, step: int) -> bool:
+        """A log line ends a window at every ``log_every`` step and at every evaluation."""
+        return step % self.log_every == 0 or step == self.max_steps or self.evaluates(step)
+
+    def checkpoints(self, step: int) -> bool:
+        return self.checkpoint_every > 0 and step % self.checkpoint_every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """The update loop step ``s`` makes: ``programs.train[program](state, global batch,
+    int32(s), float32(lam), *extra)``. ``fetch`` (this process's rows) runs only if it does:
+    XLM skips an objective whose lambda is 0 without reading its batch."""
+
+    key: str  # the metrics' name for it, e.g. "mlm_en"
+    program: str
+    lam: float
+    rows: int  # of the global batch
+    fetch: Callable[[], Batch]
+    flops_per_token: Callable[[int], float] = lambda length: 0.0  # model FLOPs at a row length
+    extra: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """A run's compiled functions, its evaluation ``(params, step) -> metrics``, and how many
+    programs it compiled (tests check that the loop never recompiles)."""
+
+    train: Mapping[str, Callable]
+    evaluate: Callable[[Any, int], dict[str, float]]
+    compilations: Callable[[], int]
+
+
+def _iterators_state(plan: Plan, loop: dict) -> dict:
+    return {"loop": loop, "iterators": {k: it.state() for k, it in plan.iterators.items()}}
+
+
+def _restore_iterators(plan: Plan, saved: dict, step: int) -> dict:
+    for key, it_state in saved["iterators"].items():
+        plan.iterators[key].restore(it_state)
+    return {"nonfinite_run": 0, **saved["loop"]}
+
+
+@dataclasses.dataclass
+class Plan:
+    """A task's run, as its setup built it."""
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    compile: Callable[[Any], Programs]  # the state's shardings -> programs
+    update: Callable[[int], Update]
+    cadence: Cadence
+    meta: dict[str, Any]  # saved with every checkpoint
+    describe: str  # one log line on what runs
+    pad_id: int  # the tokens' padding id: the loop counts real tokens for tokens/s and MFU
+    iterators: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    metric_names: Sequence[str] | None = None  # what ``evaluate`` reports, known up front
+    example: Callable[[int], tuple] | None = None  # model.init's dummy arguments for n rows
+    init_params: Callable[[TrainState], TrainState] | None = None  # fresh run: pretrained init
+    lr: Callable[[int], float] | None = None  # the learning rate after n updates, for the log
+    loop: dict[str, Any] = dataclasses.field(default_factory=dict)  # the task's loop keys
+    # The checkpoint's data state from the loop state, and back (restoring iterators).
+    save_state: Callable[[Plan, dict], dict] = _iterators_state
+    restore_state: Callable[[Plan, dict, int], dict] = _restore_iterators
+    observe: Callable[[dict, str, dict], None] | None = None  # each counted finite update
+    on_eval: Callable[[dict, int, dict], dict] | None = None  # -> the checkpoint's metrics
+    eval_at_start: bool = False  # also evaluate before the first update (a fresh run)
+    finish: Callable[[dict, dict], Any] | None = None  # (loop, last scalars) -> the result
+
+
+def default_best(config: ml_collections.ConfigDict) -> tuple[str | None, str]:
+    return config.best_metric or None, config.best_mode
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    setup: Callable[[ml_collections.ConfigDict, Env], Plan]
+    batch_sizes: Callable[[ml_collections.ConfigDict], Mapping[str, int]]
+    best: Callable[[ml_collections.ConfigDict], tuple[str | None, str]] = default_best
+    check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+
+
+# --- the non-finite guard, best/patience, saving -----------------------------------------------
+
+
+def nonfinite_settings(c: ml_collections.ConfigDict) -> None:
+    """The settings of the non-finite step guard (``apply_gradients``, ``count_nonfinite``)."""
+    c.max_nonfinite_steps = 20  # stop after this many consecutive skipped (NaN/inf) updates
+    c.debug_nonfinite_steps = ""  # test hook: "5,6" makes those steps' loss NaN
+
+
+def poisoned_steps(config: ml_collections.ConfigDict) -> set[int]:
+    """The loop steps whose loss ``debug_nonfinite_steps`` makes NaN (a test hook)."""
+    return {int(x) for x in str(config.debug_nonfinite_steps).split(",") if x.strip()}
+
+
+def count_nonfinite(
+    flags: Iterable[float], loop: dict[str, Any], limit: int, ckpt: Checkpointer
+) -> None:
+    """Follows the steps' ``nonfinite`` flags, in order, in ``loop["nonfinite_run"]`` (saved with
+    the loop state, so a resume counts on); raises ``FloatingPointError`` after ``limit`` skips in
+    a row."""
+    for flag in flags:
+        loop["nonfinite_run"] = loop["nonfinite_run"] + 1 if flag else 0
+        if loop["nonfinite_run"] >= limit:
+            ckpt.wait()  # the checkpoint named below is complete, not a save still in flight
+            latest = ckpt.latest_step()
+            raise FloatingPointError(
+                f"{loop['nonfinite_run']} consecutive steps with a non-finite loss or gradient "
+                f"before step {loop['step']}; their updates were skipped. "
+                + (
+                    f"The last checkpoint ({latest}) holds finite parameters."
+                    if latest is not None
+                    else "No checkpoint was written yet."
+                )
+            )
+
+
+def track_best(loop: dict[str, Any], value: float, metric: str, mode: str, patience: int) -> bool:
+    """Updates ``loop``'s best value and count of evaluations without improvement; True when
+    ``patience`` (> 0) evaluations in a row did not improve."""
+    better = loop["best"] is None or (
+        value < loop["best"] if mode == "min" else value > loop["best"]
+    )
+    loop["best"], loop["bad_evals"] = (
+        (value, 0) if better else (loop["best"], loop["bad_evals"] + 1)
+    )
+    if patience > 0 and loop["bad_evals"] >= patience:
+        logging.info("stopping: %s did not improve for %d evaluations", metric, patience)
+        return True
+    return False
+
+
+def count_tokens(batch: Batch, rows: int, pad_id: int) -> int:
+    """Real (non-padding) tokens of a global batch of ``rows`` rows, from this process's rows."""
+    n = sum(int(np.count_nonzero(v != pad_id)) for k, v in batch.items() if "tokens" in k)
+    return n * rows // len(next(iter(batch.values())))
+
+
+class Window:
+    """The updates since the last log line. Their sums stay on device until a log line or a
+    checkpoint needs them (the loop's only regular host sync); each update is then counted once,
+    in order: its non-finite flag goes to the guard and, if finite, its sums to ``observe``."""
+
+    def __init__(self, loop: dict, guard: Callable[[list[float]], None], observe) -> None:
+        self.loop, self.guard, self.observe = loop, guard, observe
+        self.updates: list[tuple[str, Any]] = []  # (key, device sums | host dict once counted)
+        self.counted, self.tokens, self.flops = 0, 0, 0.0
+        self.since: float | None = None  # the first window includes compilation: no rates
+
+    def add(self, key: str, sums: Any, tokens: int, flops: float) -> None:
+        self.updates.append((key, sums))
+        self.tokens, self.flops = self.tokens + tokens, self.flops + flops
+
+    def count(self) -> list[tuple[str, dict[str, float]]]:
+        got = jax.device_get([s for _, s in self.updates])
+        host = [
+            (k, {n: float(v) for n, v in s.items()})
+            for (k, _), s in zip(self.updates, got, strict=True)
+        ]
+        new, self.updates, self.counted = host[self.counted :], host, len(host)
+        self.guard([s["nonfinite"] for _, s in new])
+        if self.observe is not None:
+            for key, s in new:
+                if not s["nonfinite"]:
+                    self.observe(self.loop, key, s)
+        return host
+
+    def scalars(self, peak: float | None) -> dict[str, float]:
+        """The window's loss/accuracy/perplexity and gradient norm per key (skipped updates left
+        out: they would make it NaN), how many were skipped, and its throughput."""
+        done: dict[str, list[dict]] = {}
+        host = self.count()
+        for key, s in host:
+            if not s["nonfinite"]:
+                done.setdefault(key, []).append(s)
+        out = summarize({k: {n: sum(s[n] for s in v) for n in SUM_KEYS} for k, v in done.items()})
+        out |= {
+            f"{k}/grad_norm": float(np.mean([s["grad_norm"] for s in v])) for k, v in done.items()
+        }
+        out["skipped_updates"] = float(sum(s["nonfinite"] for _, s in host))
+        if self.since is not None and self.flops > 0:  # count() waited for the window's steps
+            seconds = time.perf_counter() - self.since
+            out |= mfu.throughput(self.tokens, self.flops, seconds, jax.device_count(), peak)
+        return out
+
+    def restart(self) -> None:
+        self.updates, self.counted, self.tokens, self.flops = [], 0, 0, 0.0
+        self.since = time.perf_counter()
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def prepare(task: Task, config: ml_collections.ConfigDict, workdir: Path, ckpt_kw: dict):
+    """Checks settings, mesh and batch sizes (milliseconds), opens the checkpoint directory and
+    reads the newest readable checkpoint's metadata: what a task's setup starts from."""
+    task.check(config)
+    rules = parallel.rules_from_config(config.mesh.rules)
+    mesh = parallel.make_mesh(config.mesh.shape)
+    for what, n in task.batch_sizes(config).items():
+        parallel.check_batch_size(n, mesh, rules, what)
+    best_metric, best_mode = task.best(config)
+    ckpt = Checkpointer(
+        workdir / "checkpoints", best_metric=best_metric, best_mode=best_mode, **ckpt_kw
+    )
+    newest = ckpt.newest_readable_meta()
+    latest, saved = newest if newest is not None else (None, None)
+    where = f"checkpoint {latest} in {ckpt.directory}"
+    env = Env(workdir, mesh, rules, parallel.batch_sharding(mesh, rules), saved, where)
+    return env, ckpt, (best_metric, best_mode)
+
+
+def start_state(plan: Plan, env: Env, ckpt: Checkpointer, seed: int):
+    """The train state with its shardings, restored from the newest checkpoint that reads back
+    (an unreadable one is set aside) or initialised (``plan.init_params``); the loop state."""
+    dp = parallel.data_parallel_size(env.mesh, env.rules)
+    state, shardings = init_state(
+        plan.model, plan.tx, jax.random.key(seed), env.mesh, env.rules, dp, plan.example
+    )
+    loop = {"step": 0, "best": None, "bad_evals": 0, "nonfinite_run": 0, **plan.loop}
+    if env.saved is not None:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )  # the state just built: restoring reads straight into its shardings
+        latest, state, data_state, _ = ckpt.restore_newest_readable(abstract)
+        loop = {**loop, **plan.restore_state(plan, data_state, latest)}
+        logging.info("resumed from step %d (%d updates)", loop["step"], int(state.step))
+    elif plan.init_params is not None:
+        state = plan.init_params(state)
+    return state, shardings, loop
+
+
+def run(
+    task: Task,
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    on_step: Callable[[int, TrainState], None] | None = None,
+) -> Any:
+    """Runs ``task`` as ``config`` says, resuming from ``workdir`` if it holds a checkpoint.
+
+    Returns ``plan.finish(loop, last)``, by default the last logged scalars and
+    ``compiled_programs``. On SIGTERM/SIGINT it checkpoints at the next step boundary and
+    raises ``Preempted``. ``on_step(step, state)`` runs after every loop step (tests).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    env, ckpt, (best_metric, best_mode) = prepare(
+        task, config, workdir, {"keep_last": config.keep_checkpoints}
+    )
+    plan = task.setup(config, env)
+    if best_metric and plan.metric_names is not None and best_metric not in plan.metric_names:
+        raise ValueError(
+            f"best_metric {best_metric!r} will not be measured; the evaluation reports "
+            f"{sorted(plan.metric_names)}"
+        )
+    state, shardings, loop = start_state(plan, env, ckpt, config.seed)
+    programs = plan.compile(shardings)
+    cad = plan.cadence
+    writer = MetricWriter(workdir, total_steps=cad.max_steps, is_primary=jax.process_index() == 0)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("%s; %d parameters; mesh %s", plan.describe, n_params, dict(env.mesh.shape))
+
+    def guard_nonfinite(flags: list[float]) -> None:
+        count_nonfinite(flags, loop, config.max_nonfinite_steps, ckpt)
+
+    window = Window(loop, guard_nonfinite, plan.observe)
+    peak = mfu.peak_flops_per_device(config.get("peak_flops_per_device", 0.0))
+    poisoned = poisoned_steps(config)
+    last: dict[str, float] = {}
+
+    def save(metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
+        window.count()  # a task's observed sums (e.g. the epoch's loss) go into the checkpoint
+        data_state = plan.save_state(plan, loop)
+        ckpt.save(
+            loop["step"], state, data_state=data_state, meta=plan.meta, metrics=metrics, force=force
+        )
+
+    def evaluate(step: int) -> dict[str, float]:
+        metrics = programs.evaluate(state.params, step)
+        writer.write(step, metrics)
+        logging.info(
+            "eval step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
+        )
+        last.update(metrics)
+        return plan.on_eval(loop, step, metrics) if plan.on_eval is not None else metrics
+
+    with parallel.mesh_context(env.mesh, env.rules), PreemptionGuard() as guard:
+        if plan.eval_at_start and env.saved is None:
+            evaluate(0)
+        while loop["step"] < cad.max_steps and not loop.get("stopped"):
+            u = plan.update(loop["step"])
+            lam = math.nan if loop["step"] in poisoned else u.lam  # test hook: a NaN step
+            if lam != 0:  # XLM skips an objective whose lambda is 0
+                batch = u.fetch()
+                tokens = count_tokens(batch, u.rows, plan.pad_id)
+                length = next(iter(batch.values())).shape[1]
+                state, sums = programs.train[u.program](
+                    state,
+                    parallel.global_batch(batch, env.batch_sharding, u.rows),
+                    np.int32(loop["step"]),  # the step's keys: fold_in(key(seed), step)
+                    np.float32(lam),
+                    *u.extra,
+                )
+                window.add(u.key, sums, tokens, tokens * u.flops_per_token(length))
+            loop["step"] += 1
+            step = loop["step"]
+            if on_step is not None:
+                on_step(step, state)
+            if cad.logs(step):
+                scalars = window.scalars(peak)
+                if plan.lr is not None:
+                    scalars["lr"] = plan.lr(int(state.step))
+                writer.progress(step, scalars, tokens=window.tokens)
+                writer.write(step, scalars, prefix="train/")
+                last.update({f"train/{k}": v for k, v in scalars.items()})
+            metrics = evaluate(step) if cad.evaluates(step) else None
+            if metrics is not None and best_metric:
+                value = metrics[best_metric]
+                loop["stopped"] = track_best(loop, value, best_metric, best_mode, config.patience)
+            if cad.logs(step):
+                window.restart()  # after the evaluation: a window times only its updates
+            done = step >= cad.max_steps or bool(loop.get("stopped"))
+            preempted = guard.should_stop(step) and not done
+            if metrics is not None or cad.checkpoints(step) or done or preempted:
+                save(metrics, force=done or preempted)
+            if preempted:
+                ckpt.close()  # waits for the save first
+                writer.close()
+                raise Preempted(step)
+    ckpt.close()  # waits for pending saves first
+    writer.close()
+    last["compiled_programs"] = programs.compilations()
+    logging.info("compiled programs: %d", last["compiled_programs"])
+    return plan.finish(loop, last) if plan.finish is not None else last

@@ -1,0 +1,152 @@
+"""The train state every task trains, its optimizer, the update from gradients, and creating the
+state directly with its shardings (nothing of a task: tasks bring their model and loss)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from xlm_jax.core import parallel
+
+Sums = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer updates applied so far
+    params: Any
+    opt_state: Any
+
+
+def inverse_sqrt_schedule(lr: float, warmup_steps: int, warmup_init_lr: float) -> optax.Schedule:
+    """XLM's ``adam_inverse_sqrt``: linear warmup to ``lr``, then ``lr * sqrt(warmup / step)``."""
+    warmup_steps = max(1, warmup_steps)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32) + 1.0  # XLM counts updates from 1
+        warm = warmup_init_lr + (lr - warmup_init_lr) * step / warmup_steps
+        decay = lr * jnp.sqrt(warmup_steps / step)
+        return jnp.where(step < warmup_steps, warm, decay)
+
+    return schedule
+
+
+def learning_rate(config: ml_collections.ConfigDict, updates: int) -> float:
+    """The learning rate of the ``updates``-th update (for the log)."""
+    o = config.optimizer
+    return float(inverse_sqrt_schedule(o.lr, o.warmup_steps, o.warmup_init_lr)(max(updates - 1, 0)))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam with XLM's schedule, global-norm clipping and optional decoupled weight decay.
+
+    Weight decay skips biases and LayerNorm parameters (1-D leaves), the usual practice.
+    """
+    schedule = inverse_sqrt_schedule(cfg.lr, cfg.warmup_steps, cfg.warmup_init_lr)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_grad_norm)
+        if cfg.clip_grad_norm > 0
+        else optax.identity(),
+        optax.adamw(
+            schedule,
+            b1=cfg.beta1,
+            b2=cfg.beta2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+def apply_gradients(
+    state: TrainState, grads, sums: Sums, lam: jax.Array, tx
+) -> tuple[TrainState, Sums]:
+    """The update from gradients of a *summed* loss: scaled to ``lam`` × the mean over
+    ``sums["n_pred"]`` predictions, clipped and applied by ``tx``.
+
+    A non-finite loss or gradient skips the update (counted in ``sums["nonfinite"]``); params and
+    the optimizer state stay as they were.
+    """
+    scale = lam / jnp.maximum(sums["n_pred"], 1.0)
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(sums["loss_sum"] * scale) & jnp.isfinite(grad_norm)
+
+    def update(_):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda _: (state.params, state.opt_state), None
+    )
+    sums = {
+        **sums,
+        "grad_norm": jnp.where(finite, grad_norm, 0.0),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+    }
+    step = state.step + finite.astype(state.step.dtype)
+    return TrainState(step=step, params=params, opt_state=opt_state), sums
+
+
+def keyed_by_step(fn: Callable, seed: int, argnum: int) -> Callable:
+    """``fn`` with its key argument (position ``argnum``) replaced by a step number (a host
+    int32): the key ``fold_in(key(seed), step)`` is computed inside the compiled program.
+
+    Why: the loops used to call ``fold_in`` eagerly between steps, a small device computation of
+    its own. Besides the dispatch, with 8 emulated CPU devices it could deadlock XLA:CPU (the
+    eager op held a pool thread waiting for a sharded step whose collective waited for a thread).
+    The keys are the same as before, so runs and checkpoints are unchanged."""
+
+    def with_key(*args):
+        args = list(args)
+        args[argnum] = jax.random.fold_in(jax.random.key(seed), args[argnum])
+        return fn(*args)
+
+    return with_key
+
+
+def abstract_state(
+    model: nn.Module, tx, mesh, rules, dp: int, example: Callable[[int], tuple] | None = None
+) -> tuple[Any, Any, Callable]:
+    """The train state's shapes with their shardings (nothing allocated), the shardings, and the
+    init function that creates it. ``dp`` is the batch split, which the dummy input must divide;
+    ``example(dp)`` gives the dummy arguments of ``model.init`` (default: an encoder's three).
+    """
+
+    def boxed_init(rng):
+        if example is None:
+            dummy = jnp.zeros((dp, 8), jnp.int32)
+            args: tuple = (dummy, dummy, dummy)
+        else:
+            args = example(dp)
+        params = model.init({"params": rng}, *args)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    key = jax.random.key(0)  # made outside the mesh: it may hold devices that cannot run it
+    with parallel.mesh_context(mesh, rules):
+        boxed = jax.eval_shape(boxed_init, key)
+        shardings = parallel.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings, boxed_init
+
+
+def init_state(
+    model: nn.Module, tx, rng, mesh, rules, dp: int, example: Callable[[int], tuple] | None = None
+) -> tuple[TrainState, Any]:
+    """Creates the state directly with its shardings: parameters never sit whole on one device."""
+    _, shardings, boxed_init = abstract_state(model, tx, mesh, rules, dp, example)
+    with parallel.mesh_context(mesh, rules):
+        state = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=shardings)(rng)
+    return state, shardings
