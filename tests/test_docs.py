@@ -33,6 +33,7 @@ import ml_collections
 import pytest
 
 from tests.conftest import SHARED_DATA
+from xlm_jax.tasks import registry
 from xlm_jax.tools import config_doc, tutorial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +43,7 @@ DOCS = [
     *sorted((REPO / "notebooks").glob("*.ipynb")),  # their markdown cells
 ]
 HOWTOS = ["pretrain.md", "xnli.md", "nmt.md", "interop.md", "launch.md", "notebooks.md"]
-MODE_FAMILY = {
-    "pretrain": "Pretraining",
-    "xnli": "XNLI fine-tuning",
-    "xnli_sweep": "XNLI fine-tuning",
-    "retrieval": "Retrieval probe",
-    "nmt": "Translation",
-}
+MODE_FAMILY = {name: mode.family for name, mode in registry.MODES.items()}
 ABSL_MODULES = {"main", "bench", "translate"}
 ARGPARSE_MODULES = {
     "convert": "xlm_jax.tools.convert",

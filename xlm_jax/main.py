@@ -19,15 +19,14 @@ from ml_collections import config_flags
 
 from xlm_jax.core import parallel
 from xlm_jax.core.preemption import EXIT_PREEMPTED, Preempted
-from xlm_jax.tasks import nmt, retrieval, xnli
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks.registry import MODES
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the tokenizer go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "pretrain", ["pretrain", "xnli", "xnli_sweep", "retrieval", "nmt"], "What to run."
+    "mode", "pretrain", list(MODES), "What to run (xlm_jax/tasks/registry.py)."
 )
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join a multi-process run through jax.distributed.initialize."
@@ -79,16 +78,7 @@ def main(argv: list[str]) -> None:
         jax.default_backend(),
     )
     try:
-        if _MODE.value == "pretrain":
-            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-        elif _MODE.value == "xnli":
-            xnli.finetune(_CONFIG.value, _WORKDIR.value)
-        elif _MODE.value == "xnli_sweep":
-            xnli.run_sweep(_CONFIG.value, _WORKDIR.value)
-        elif _MODE.value == "retrieval":
-            retrieval.retrieval(_CONFIG.value, _WORKDIR.value)
-        elif _MODE.value == "nmt":
-            nmt.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        MODES[_MODE.value].run(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:
         logging.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)

@@ -308,6 +308,28 @@ def start_state(plan: Plan, env: Env, ckpt: Checkpointer, seed: int):
     return state, shardings, loop
 
 
+def one_update(
+    plan: Plan, programs: Programs, env: Env, window: Window, state, step: int, poisoned: set[int]
+) -> TrainState:
+    """Loop step ``step``'s update, its sums added to the window (no host sync)."""
+    u = plan.update(step)
+    lam = math.nan if step in poisoned else u.lam  # test hook: a NaN step
+    if lam == 0:  # XLM skips an objective whose lambda is 0
+        return state
+    batch = u.fetch()
+    tokens = count_tokens(batch, u.rows, plan.pad_id)
+    length = next(iter(batch.values())).shape[1]
+    state, sums = programs.train[u.program](
+        state,
+        parallel.global_batch(batch, env.batch_sharding, u.rows),
+        np.int32(step),  # the step's keys: fold_in(key(seed), step), inside the program
+        np.float32(lam),
+        *u.extra,
+    )
+    window.add(u.key, sums, tokens, tokens * u.flops_per_token(length))
+    return state
+
+
 def run(
     task: Task,
     config: ml_collections.ConfigDict,
@@ -367,20 +389,7 @@ def run(
         if plan.eval_at_start and env.saved is None:
             evaluate(0)
         while loop["step"] < cad.max_steps and not loop.get("stopped"):
-            u = plan.update(loop["step"])
-            lam = math.nan if loop["step"] in poisoned else u.lam  # test hook: a NaN step
-            if lam != 0:  # XLM skips an objective whose lambda is 0
-                batch = u.fetch()
-                tokens = count_tokens(batch, u.rows, plan.pad_id)
-                length = next(iter(batch.values())).shape[1]
-                state, sums = programs.train[u.program](
-                    state,
-                    parallel.global_batch(batch, env.batch_sharding, u.rows),
-                    np.int32(loop["step"]),  # the step's keys: fold_in(key(seed), step)
-                    np.float32(lam),
-                    *u.extra,
-                )
-                window.add(u.key, sums, tokens, tokens * u.flops_per_token(length))
+            state = one_update(plan, programs, env, window, state, loop["step"], poisoned)
             loop["step"] += 1
             step = loop["step"]
             if on_step is not None:

@@ -549,12 +549,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     model = XNLIClassifier(source.model, n_classes=len(LABELS), dropout=config.dropout)
     tx, epochs = make_optimizer(config), Epochs(config, train_rows)
     best_metric = f"valid/{config.select_lang}/acc"
-    order_inputs = {
-        "seed": config.seed,
-        "n_train": len(train_rows),
-        "epoch_size": config.epoch_size,
-        "batch_size": config.batch_size,
-    }
+    order_inputs = order_inputs_of(config, len(train_rows))
     flops = xlm_flops_per_token(source.model, length, 0.0)  # the head's few FLOPs left out
 
     def update(step: int) -> loop.Update:
@@ -599,31 +594,6 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         for k in SUM_KEYS:
             loop_state["epoch_sums"][k] += sums[k]
 
-    def finish(loop_state: dict, last: dict) -> dict[str, Any]:
-        history = loop_state["history"]
-        results = {
-            "init": source.description,
-            "mode": _mode(train_sets),
-            "train_langs": list(train_sets),
-            "n_train": len(train_rows),
-            "row_length": length,
-            "lr_e": config.optimizer_e.lr,
-            "lr_p": config.optimizer_p.lr,
-            "batch_size": config.batch_size,
-            "select_lang": config.select_lang,
-            "history": history,
-            "selected": {
-                config.select_lang: select(history, best_metric),
-                "avg": select(history, "valid/avg/acc"),
-            },
-            "complete": loop_state["step"] >= config.n_epochs * epochs.steps
-            or bool(loop_state.get("stopped")),
-            "compiled_programs": last["compiled_programs"],
-        }
-        if jax.process_index() == 0:
-            report.write_results(env.workdir, results)
-        return results
-
     meta = {
         "config": config.to_dict(),
         "tokenizer": base64.b64encode(source.tokenizer.serialized).decode("ascii"),
@@ -658,8 +628,56 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         observe=observe,
         on_eval=on_eval,
         eval_at_start=config.eval_at_start,
-        finish=finish,
+        finish=lambda loop_state, last: final_results(
+            summary_of(config, source, train_sets, len(train_rows), length),
+            loop_state,
+            last,
+            config,
+            env.workdir,
+        ),
     )
+
+
+def order_inputs_of(config: ml_collections.ConfigDict, n_train: int) -> dict[str, int]:
+    """What the epochs' order and its batches depend on (compared when resuming mid-epoch)."""
+    keys = ("seed", "epoch_size", "batch_size")
+    return {"seed": config.seed, "n_train": n_train} | {k: config[k] for k in keys[1:]}
+
+
+def summary_of(config, source, train_sets, n_train: int, length: int) -> dict[str, Any]:
+    return {
+        "init": source.description,
+        "mode": _mode(train_sets),
+        "train_langs": list(train_sets),
+        "n_train": n_train,
+        "row_length": length,
+        "lr_e": config.optimizer_e.lr,
+        "lr_p": config.optimizer_p.lr,
+        "batch_size": config.batch_size,
+        "select_lang": config.select_lang,
+    }
+
+
+def final_results(
+    summary: dict, loop_state: dict, last: dict, config: ml_collections.ConfigDict, workdir: Path
+) -> dict[str, Any]:
+    """The run's results (``results.{json,csv,md,png}``): the history and the epochs selected by
+    ``select_lang`` and by the average."""
+    history, best_metric = loop_state["history"], f"valid/{config.select_lang}/acc"
+    results = {
+        **summary,
+        "history": history,
+        "selected": {
+            config.select_lang: select(history, best_metric),
+            "avg": select(history, "valid/avg/acc"),
+        },
+        "complete": sum(h["epoch"] >= 1 for h in history) >= config.n_epochs
+        or bool(loop_state.get("stopped")),
+        "compiled_programs": last["compiled_programs"],
+    }
+    if jax.process_index() == 0:
+        report.write_results(workdir, results)
+    return results
 
 
 TASK = loop.Task(

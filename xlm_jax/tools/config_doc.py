@@ -30,20 +30,11 @@ from typing import Any
 
 import ml_collections
 
-# (title, mode(s), "module:function") of each family of settings.
-FAMILIES = (
-    (
-        "Pretraining",
-        "--mode=pretrain (the default)",
-        "xlm_jax.tasks.pretrain_config:default_config",
-    ),
-    ("XNLI fine-tuning", "--mode=xnli, --mode=xnli_sweep", "xlm_jax.tasks.xnli:default_config"),
-    ("Retrieval probe", "--mode=retrieval", "xlm_jax.tasks.retrieval:retrieval_default_config"),
-    (
-        "Translation",
-        "--mode=nmt (and python -m xlm_jax.translate)",
-        "xlm_jax.tasks.nmt:default_config",
-    ),
+from xlm_jax.tasks import registry
+
+# (title, mode(s), "module:function") of each family of settings, from the task registry.
+FAMILIES = tuple(
+    (title, modes, f"{fn.__module__}:{fn.__name__}") for title, modes, fn in registry.families()
 )
 _SECTION = re.compile(r"^#\s*---\s*(.*?)\s*-*\s*$")
 _ASSIGN = re.compile(r"^(\w+)((?:\.\w+)+)\s*=(?!=)\s*(.+)$")

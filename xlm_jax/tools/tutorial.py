@@ -24,6 +24,8 @@ from typing import Any
 
 import ml_collections
 
+from xlm_jax.tasks import registry
+
 SIZES = ("tiny", "colab")
 IN_COLAB = "google.colab" in sys.modules
 
@@ -104,8 +106,16 @@ class Preset:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     mode: str = "pretrain"  # --mode of xlm_jax.main
 
+    def __post_init__(self) -> None:
+        if self.mode not in registry.MODES:
+            raise ValueError(f"mode {self.mode!r}: one of {sorted(registry.MODES)}")
+
     def config(self) -> ml_collections.ConfigDict:
         return load_config(self.spec, self.overrides)
+
+    def run(self, workdir: str | os.PathLike) -> Any:
+        """Runs it as ``python -m xlm_jax.main --mode=...`` would (in this process)."""
+        return registry.MODES[self.mode].run(self.config(), workdir)
 
     def command(self, workdir: str | os.PathLike) -> str:
         """The equivalent ``python -m xlm_jax.main`` command (run from the repository)."""
