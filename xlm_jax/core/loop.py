@@ -15,6 +15,7 @@ task adds. The step index fixes everything random about a step, so resumed = uni
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -365,7 +366,7 @@ def run(
         count_nonfinite(flags, loop, config.max_nonfinite_steps, ckpt)
 
     window = Window(loop, guard_nonfinite, plan.observe)
-    peak = mfu.peak_flops_per_device(config.get("peak_flops_per_device", 0.0))
+    peak = mfu.peak_flops_per_device(config.peak_flops_per_device)
     poisoned = poisoned_steps(config)
     last: dict[str, float] = {}
 
@@ -385,36 +386,44 @@ def run(
         last.update(metrics)
         return plan.on_eval(loop, step, metrics) if plan.on_eval is not None else metrics
 
-    with parallel.mesh_context(env.mesh, env.rules), PreemptionGuard() as guard:
-        if plan.eval_at_start and env.saved is None:
-            evaluate(0)
-        while loop["step"] < cad.max_steps and not loop.get("stopped"):
-            state = one_update(plan, programs, env, window, state, loop["step"], poisoned)
-            loop["step"] += 1
-            step = loop["step"]
-            if on_step is not None:
-                on_step(step, state)
-            if cad.logs(step):
-                scalars = window.scalars(peak)
-                if plan.lr is not None:
-                    scalars["lr"] = plan.lr(int(state.step))
-                writer.progress(step, scalars, tokens=window.tokens)
-                writer.write(step, scalars, prefix="train/")
-                last.update({f"train/{k}": v for k, v in scalars.items()})
-            metrics = evaluate(step) if cad.evaluates(step) else None
-            if metrics is not None and best_metric:
-                value = metrics[best_metric]
-                loop["stopped"] = track_best(loop, value, best_metric, best_mode, config.patience)
-            if cad.logs(step):
-                window.restart()  # after the evaluation: a window times only its updates
-            done = step >= cad.max_steps or bool(loop.get("stopped"))
-            preempted = guard.should_stop(step) and not done
-            if metrics is not None or cad.checkpoints(step) or done or preempted:
-                save(metrics, force=done or preempted)
-            if preempted:
-                ckpt.close()  # waits for the save first
-                writer.close()
-                raise Preempted(step)
+    try:
+        with parallel.mesh_context(env.mesh, env.rules), PreemptionGuard() as guard:
+            if plan.eval_at_start and env.saved is None:
+                evaluate(0)
+            while loop["step"] < cad.max_steps and not loop.get("stopped"):
+                state = one_update(plan, programs, env, window, state, loop["step"], poisoned)
+                loop["step"] += 1
+                step = loop["step"]
+                if on_step is not None:
+                    on_step(step, state)
+                if cad.logs(step):
+                    scalars = window.scalars(peak)
+                    if plan.lr is not None:
+                        scalars["lr"] = plan.lr(int(state.step))
+                    writer.progress(step, scalars, tokens=window.tokens)
+                    writer.write(step, scalars, prefix="train/")
+                    last.update({f"train/{k}": v for k, v in scalars.items()})
+                metrics = evaluate(step) if cad.evaluates(step) else None
+                if metrics is not None and best_metric:
+                    value = metrics[best_metric]
+                    loop["stopped"] = track_best(
+                        loop, value, best_metric, best_mode, config.patience
+                    )
+                if cad.logs(step):
+                    window.restart()  # after the evaluation: a window times only its updates
+                done = step >= cad.max_steps or bool(loop.get("stopped"))
+                preempted = guard.should_stop(step) and not done
+                if metrics is not None or cad.checkpoints(step) or done or preempted:
+                    save(metrics, force=done or preempted)
+                if preempted:
+                    ckpt.close()  # waits for the save: its error, if it failed, not Preempted
+                    writer.close()
+                    raise Preempted(step)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the run is the one to see
+            ckpt.close()  # a crash, too, waits for a save in flight: the newest good checkpoint
+        writer.close()
+        raise
     ckpt.close()  # waits for pending saves first
     writer.close()
     last["compiled_programs"] = programs.compilations()

@@ -104,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = config_lib.optimizer_config()
     c.max_steps = 100_000
     c.log_every = 100
+    c.peak_flops_per_device = 0.0  # for train/mfu, as pretraining's (0 = a known accelerator's)
     c.eval_every = 2_000
     c.checkpoint_every = 2_000
     c.keep_checkpoints = 3

@@ -1,0 +1,106 @@
+"""The one loop (`core/loop.py`), as every task gets it: a task that is not XLM plugs in and
+resumes exactly; translation and XNLI log tokens/s, TFLOP/s and MFU and fall back past an
+unreadable checkpoint, as pretraining does (tests/test_train.py, tests/test_reliability.py)."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests import toy_task
+from tests.conftest import needs_xnli, tiny_nmt
+from tests.test_old_workdirs import needs_multi30k, xnli_config
+from xlm_jax.core import loop
+from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.metrics import read_jsonl
+from xlm_jax.core.preemption import Preempted
+from xlm_jax.tasks import nmt, xnli
+
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+
+
+def params_by_step(into: dict):
+    return lambda step, state: into.setdefault(step, jax.device_get(state.params))
+
+
+def stop_at(n: int):
+    def hook(step, state):
+        if step == n:
+            raise Preempted(step)
+
+    return hook
+
+
+def test_a_new_task_plugs_in_and_resumes_exactly(tmp_path):
+    config = toy_task.default_config()
+    full: dict = {}
+    last = loop.run(toy_task.TASK, config, tmp_path / "full", on_step=params_by_step(full))
+    assert (
+        last["valid/loss"]
+        < 0.5 * read_jsonl(tmp_path / "full" / "metrics.jsonl")[0]["train/fit/loss"]
+    )
+    assert last["compiled_programs"] == 1
+
+    work, resumed = tmp_path / "split", {}
+    with pytest.raises(Preempted):
+        loop.run(toy_task.TASK, config, work, on_step=stop_at(7))  # crashes after step 7
+    # every 3 steps, after each evaluation (4), the last 2 kept
+    assert Checkpointer(work / "checkpoints").all_steps() == [4, 6]
+    again = loop.run(toy_task.TASK, config, work, on_step=params_by_step(resumed))
+    assert min(resumed) == 7  # from the checkpoint at step 6
+    for step in resumed:
+        jax.tree.map(np.testing.assert_array_equal, full[step], resumed[step])
+    assert again["valid/loss"] == last["valid/loss"]
+    best = Checkpointer(work / "checkpoints", best_metric="valid/loss", best_mode="min")
+    assert best.best_step() in (4, 8, 12)
+
+
+def damage_newest(checkpoints) -> int:
+    """Garbles every array file of the newest checkpoint; returns its step."""
+    step = Checkpointer(checkpoints).latest_step()
+    for f in (checkpoints / str(step) / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(os.urandom(f.stat().st_size))
+    return step
+
+
+def check_rates_and_fallback(run, config, work, caplog, previous: int) -> dict:
+    """One run; its throughput log; then the same run resumed from a garbled newest checkpoint
+    falls back to ``previous`` and ends with the same parameters."""
+    config.peak_flops_per_device = 1e9
+    full: dict = {}
+    first = run(config, work, on_step=params_by_step(full))
+    logged = [r for r in read_jsonl(work / "metrics.jsonl") if "train/skipped_updates" in r]
+    assert "train/mfu" not in logged[0]  # the first window includes compilation
+    for r in logged[1:]:
+        assert r["train/tokens_per_s"] > 0 and r["train/tflops_per_device"] > 0
+        assert r["train/mfu"] == pytest.approx(r["train/tflops_per_device"] * 1e12 / 1e9)
+
+    newest = damage_newest(work / "checkpoints")
+    caplog.set_level("WARNING")
+    resumed: dict = {}
+    again = run(config, work, on_step=params_by_step(resumed))
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert f"checkpoint {newest}" in warnings[0]
+    assert f"falling back to checkpoint {previous}" in warnings[0]
+    assert min(resumed) == previous + 1
+    jax.tree.map(np.testing.assert_array_equal, full[newest], resumed[newest])
+    return first, again
+
+
+@needs_multi30k
+def test_translation_logs_mfu_and_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
+    config = tiny_nmt(init_checkpoint="", max_steps=8, checkpoint_every=4)
+    first, again = check_rates_and_fallback(
+        nmt.train_and_evaluate, config, tmp_path, caplog, previous=4
+    )
+    assert again["train/mt_en-fr/loss"] == first["train/mt_en-fr/loss"]
+
+
+@needs_xnli
+def test_xnli_logs_mfu_and_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
+    config = xnli_config()
+    config.keep_checkpoints = 2  # updates 40 and 50 (and the best epoch's)
+    first, again = check_rates_and_fallback(xnli.finetune, config, tmp_path, caplog, previous=40)
+    assert again["history"] == first["history"]
