@@ -11,8 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from xlm_jax.tasks import nmt  # noqa: E402
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import nmt, pretrain  # noqa: E402
 from xlm_jax.tasks.pretrain_config import default_config  # noqa: E402
 
 
@@ -52,7 +51,7 @@ def pretrained(tmp_path_factory):
     config = tiny_config(max_steps=4, eval_every=2, checkpoint_every=2, log_every=2)
     config.data.root = str(SHARED_DATA / "multi30k")
     config.model.max_positions = 128
-    train.train_and_evaluate(config, workdir)
+    pretrain.train_and_evaluate(config, workdir)
     return workdir
 
 

@@ -16,8 +16,7 @@ import jax
 import numpy as np
 
 from tests.conftest import tiny_config, tiny_nmt
-from xlm_jax.tasks import nmt
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import nmt, pretrain
 
 
 def _flat(tree, prefix=""):
@@ -47,7 +46,7 @@ def run(job: dict) -> None:
             }
             final["params"] = {k: np.asarray(jax.device_get(v)) for k, v in final["params"].items()}
 
-    run_fn = nmt.train_and_evaluate if nmt_mode else train.train_and_evaluate
+    run_fn = nmt.train_and_evaluate if nmt_mode else pretrain.train_and_evaluate
     out = run_fn(config, job["workdir"], on_step=on_step)
     if jax.process_index() == 0:
         np.savez(

@@ -150,18 +150,18 @@ def test_the_flop_formula_counts_the_training_steps_own_products():
     from xlm_jax.core import parallel
     from xlm_jax.model.encoder import XLMEncoder
     from xlm_jax.model.objectives import n_pred_slots
-    from xlm_jax.tasks import pretrain as train
+    from xlm_jax.tasks import pretrain
     from xlm_jax.tools import roofline
 
     config = tiny_config()
     config.tokenizer.vocab_size = 256
     config.model.n_layers = 2
-    model = XLMEncoder(train.model_config(config, 256))
+    model = XLMEncoder(pretrain.model_config(config, 256))
     tx = train_state.make_optimizer(config.optimizer)
     rules = parallel.rules_from_config(config.mesh.rules)
     mesh = parallel.make_mesh(config.mesh.shape)
     abstract, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, 1)
-    steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(256))
+    steps = pretrain.Steps(config, model, tx, mesh, rules, shardings, np.zeros(256))
     rows, length = config.batch_size, config.bptt
     batch = {
         k: jax.ShapeDtypeStruct((rows, length), jnp.int32)

@@ -10,7 +10,7 @@ import pytest
 
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.model.encoder import XLMEncoder, count_params
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_config_builds_and_docstring_shows_its_command(name):
     config = load_config(name)
     text = (REPO / "configs" / f"{name}.py").read_text()
     assert f"--config=configs/{name}.py" in text
-    steps = train.build_steps(config)
+    steps = pretrain.build_steps(config)
     assert sum(len(s) for s in steps) > 0
 
 
@@ -40,7 +40,7 @@ def test_multi30k_mlm_variant_has_no_tlm():
 def test_xnli15_model_has_the_paper_size():
     config = load_config("xnli15_mlm_tlm")
     assert len(corpus_lib.lang_list(config)) == 15
-    model = XLMEncoder(train.model_config(config, config.tokenizer.vocab_size))
+    model = XLMEncoder(pretrain.model_config(config, config.tokenizer.vocab_size))
     params = jax.eval_shape(
         lambda: model.init(
             {"params": jax.random.key(0)},

@@ -31,8 +31,7 @@ from xlm_jax.model import pretrained  # noqa: E402
 from xlm_jax.model.classifier import XNLIClassifier  # noqa: E402
 from xlm_jax.model.encoder import XLMEncoder  # noqa: E402
 from xlm_jax.model.seq2seq import EncoderDecoder, init_from_pretrained  # noqa: E402
-from xlm_jax.tasks import nmt, xnli  # noqa: E402
-from xlm_jax.tasks import pretrain as train  # noqa: E402
+from xlm_jax.tasks import nmt, pretrain, xnli  # noqa: E402
 from xlm_jax.text.tokenizer import MASK_ID, PAD_ID, Tokenizer  # noqa: E402
 from xlm_jax.text.xlm_bpe import XLMBPETokenizer, read_codes, read_vocab  # noqa: E402
 from xlm_jax.tools import convert  # noqa: E402
@@ -581,7 +580,7 @@ def test_pretraining_continues_from_an_imported_workdir(imported_workdir, tmp_pa
     config.data.train, config.data.valid = "en: train.en", "en: val.en"
     config.checkpoint_every = 1
     _set_model(config, source)
-    train.train_and_evaluate(config, workdir)
+    pretrain.train_and_evaluate(config, workdir)
     with Checkpointer(workdir / "checkpoints", async_save=False) as ck:
         assert ck.all_steps() == [0, 1]
         before, after = (ck.restore_numpy(s)["params"] for s in (0, 1))

@@ -34,7 +34,7 @@ from xlm_jax.core.metrics import MetricWriter, read_jsonl
 from xlm_jax.core.preemption import EXIT_PREEMPTED
 from xlm_jax.data import batches, corpus, nli, sentences
 from xlm_jax.data.sources import DataError
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import pretrain
 from xlm_jax.text.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,18 +320,18 @@ def test_disk_full_in_training_resumes_from_the_previous_checkpoint(tmp_path):
         return tiny_config(max_steps=8, eval_every=0, checkpoint_every=4)
 
     full = {}
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(
         config(), tmp_path / "full", on_step=lambda s, st: full.setdefault(s, jax.device_get(st))
     )
     work = tmp_path / "work"
     with disk_full_for("/8.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
-        train.train_and_evaluate(config(), work)
+        pretrain.train_and_evaluate(config(), work)
     msg = str(e.value)
     assert f"checkpoint 8 could not be written to {(work / 'checkpoints').resolve()}" in msg, msg
     assert "the disk is full" in msg and "newest complete checkpoint, 4" in msg, msg
     assert committed_steps(work / "checkpoints") == [4]
     resumed = {}
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(
         config(), work, on_step=lambda s, st: resumed.setdefault(s, jax.device_get(st))
     )
     assert min(resumed) == 5  # redone from step 4
@@ -568,7 +568,7 @@ def test_training_loop_memory_stays_flat(tmp_path):
 
     config = tiny_config(max_steps=400, log_every=1, eval_every=0, checkpoint_every=400)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        train.train_and_evaluate(config, tmp_path, on_step=on_step)
+        pretrain.train_and_evaluate(config, tmp_path, on_step=on_step)
     assert_flat(samples, per_sample_mb=0.05, last_mb=2.0, what="train_and_evaluate, 400 steps")
 
 
@@ -636,11 +636,11 @@ def test_bad_language_lists_are_refused():
 
 
 def test_resuming_with_another_tokenizer_is_refused(tmp_path):
-    train.train_and_evaluate(tiny_config(max_steps=2, eval_every=0), tmp_path)
+    pretrain.train_and_evaluate(tiny_config(max_steps=2, eval_every=0), tmp_path)
     # someone replaces the workdir's vocabulary between the runs
     other = tmp_path / "other.model"
     train_tokenizer({"en": [f"word{i} other{i % 7}" for i in range(200)]}, other, vocab_size=40)
     shutil.copy(other, tmp_path / "tokenizer.model")
     with pytest.raises(ValueError, match="the tokenizer differs from the one the checkpoint"):
-        train.train_and_evaluate(tiny_config(max_steps=4, eval_every=0), tmp_path)
+        pretrain.train_and_evaluate(tiny_config(max_steps=4, eval_every=0), tmp_path)
     assert committed_steps(tmp_path / "checkpoints") == [2]  # nothing was overwritten

@@ -16,7 +16,7 @@ from tests.conftest import CPU_ENV, demo_command, tiny_config
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.core.metrics import read_jsonl
 from xlm_jax.core.preemption import EXIT_PREEMPTED, Preempted
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     seen = {}
     config = tiny_config(max_steps=8, eval_every=0, debug_nonfinite_steps="3,4")
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(
         config, tmp_path, on_step=lambda s, st: seen.setdefault(s, jax.device_get(st))
     )
     logs = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl")}
@@ -44,7 +44,7 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
         debug_nonfinite_steps="4,5,6,7,8",
     )
     with pytest.raises(FloatingPointError, match="3 consecutive steps with a non-finite loss"):
-        train.train_and_evaluate(config, tmp_path)
+        pretrain.train_and_evaluate(config, tmp_path)
     ckpt = Checkpointer(tmp_path / "checkpoints")
     state = ckpt.restore_numpy()
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
@@ -52,7 +52,7 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
 
 def test_stop_request_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
     full = {}
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(
         tiny_config(max_steps=10),
         tmp_path / "full",
         on_step=lambda s, st: full.setdefault(s, jax.device_get(st.params)),
@@ -65,11 +65,11 @@ def test_stop_request_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
         preemption.PreemptionGuard, "should_stop", lambda self, step: step == 4 or real(self, step)
     )
     with pytest.raises(Preempted, match="stopped at step 4"):
-        train.train_and_evaluate(tiny_config(max_steps=10), tmp_path / "split")
+        pretrain.train_and_evaluate(tiny_config(max_steps=10), tmp_path / "split")
     monkeypatch.undo()
     assert Checkpointer(tmp_path / "split" / "checkpoints").latest_step() == 4
     resumed = {}
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(
         tiny_config(max_steps=10),
         tmp_path / "split",
         on_step=lambda s, st: resumed.setdefault(s, jax.device_get(st.params)),
@@ -109,13 +109,13 @@ def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
 @pytest.mark.parametrize("damage", ["garble", "truncate"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, damage):
     full = {}
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(
         tiny_config(max_steps=12),
         tmp_path / "full",
         on_step=lambda s, st: full.setdefault(s, jax.device_get(st.params)),
     )
     work = tmp_path / "damaged"
-    train.train_and_evaluate(tiny_config(max_steps=12), work)
+    pretrain.train_and_evaluate(tiny_config(max_steps=12), work)
     assert Checkpointer(work / "checkpoints").all_steps() == [6, 12]
     files = [f for f in (work / "checkpoints" / "12" / "state").rglob("*") if f.is_file()]
     assert files
@@ -124,7 +124,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
         f.write_bytes(os.urandom(size) if damage == "garble" else b"")
     caplog.set_level("WARNING")
     resumed = {}
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(
         tiny_config(max_steps=12),
         work,
         on_step=lambda s, st: resumed.setdefault(s, jax.device_get(st.params)),
@@ -143,7 +143,7 @@ SIZE_CHECKS = """
 import json, os, sys
 from tests.conftest import override, tiny_config, tiny_nmt
 from tests.test_xnli import _finetune_config
-from xlm_jax.tasks import nmt, pretrain as train, xnli
+from xlm_jax.tasks import nmt, pretrain, xnli
 
 root = sys.argv[1]
 modes = {

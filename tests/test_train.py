@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import tiny_config
 from xlm_jax.core.metrics import read_jsonl
 from xlm_jax.data.sources import DataError
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import pretrain
 
 
 def _train_losses(workdir) -> dict[int, dict[str, float]]:
@@ -29,10 +29,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         return on_step
 
     full = tmp_path / "full"
-    train.train_and_evaluate(tiny_config(max_steps=12), full, on_step=keep("full"))
+    pretrain.train_and_evaluate(tiny_config(max_steps=12), full, on_step=keep("full"))
     split = tmp_path / "split"
-    train.train_and_evaluate(tiny_config(max_steps=6), split, on_step=keep("a"))
-    train.train_and_evaluate(tiny_config(max_steps=12), split, on_step=keep("b"))
+    pretrain.train_and_evaluate(tiny_config(max_steps=6), split, on_step=keep("a"))
+    pretrain.train_and_evaluate(tiny_config(max_steps=12), split, on_step=keep("b"))
 
     full_losses, split_losses = _train_losses(full), _train_losses(split)
     assert sorted(full_losses) == list(range(1, 13)) == sorted(split_losses)
@@ -65,8 +65,8 @@ def test_accumulated_micro_batches_give_the_large_batch_update(tmp_path):
         "model.dropout": 0.0,
         "model.attention_dropout": 0.0,
     }
-    train.train_and_evaluate(tiny_config(**common), tmp_path / "big", on_step=keep("big"))
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(tiny_config(**common), tmp_path / "big", on_step=keep("big"))
+    pretrain.train_and_evaluate(
         tiny_config(accum_steps=4, **common), tmp_path / "accum", on_step=keep("accum")
     )
     big, accum = _train_losses(tmp_path / "big"), _train_losses(tmp_path / "accum")
@@ -85,7 +85,7 @@ def test_alternation_compiles_each_step_once(tmp_path, caplog):
     caplog.set_level("INFO")
     config = tiny_config(max_steps=20, clm_steps="en,fr", eval_every=10, log_every=5)
     config.peak_flops_per_device = 1e9
-    train.train_and_evaluate(config, tmp_path)
+    pretrain.train_and_evaluate(config, tmp_path)
     lines = [r.getMessage() for r in caplog.records if "compiled programs" in r.getMessage()]
     # train: clm (4x32), masked MLM (4x32), masked TLM (4x48); eval: clm, masked (8x32, 8x48)
     assert lines == ["compiled programs: 6"]
@@ -100,11 +100,11 @@ def test_alternation_compiles_each_step_once(tmp_path, caplog):
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, caplog):
     caplog.set_level("INFO")
-    train.train_and_evaluate(tiny_config(max_steps=6), tmp_path)
+    pretrain.train_and_evaluate(tiny_config(max_steps=6), tmp_path)
     with pytest.raises(ValueError, match=r"model.emb_dim: checkpoint 32 vs config 48"):
-        train.train_and_evaluate(tiny_config(max_steps=12, **{"model.emb_dim": 48}), tmp_path)
+        pretrain.train_and_evaluate(tiny_config(max_steps=12, **{"model.emb_dim": 48}), tmp_path)
     # how the model runs is not part of it: the run resumes with activation checkpointing on
-    train.train_and_evaluate(tiny_config(max_steps=8, **{"model.remat": "full"}), tmp_path)
+    pretrain.train_and_evaluate(tiny_config(max_steps=8, **{"model.remat": "full"}), tmp_path)
     assert any("resumed from step 6" in r.getMessage() for r in caplog.records)
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")][-1] == 8
 
@@ -114,19 +114,19 @@ def test_objective_without_data_fails_before_compiling(tmp_path):
     with pytest.raises(
         DataError, match="mlm_steps lists 'fr-de' but data.train has no parallel text"
     ):
-        train.train_and_evaluate(config, tmp_path)
+        pretrain.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_unknown_best_metric_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="best_metric 'valid/mlm_en/ppx' will not be measured"):
-        train.train_and_evaluate(tiny_config(best_metric="valid/mlm_en/ppx"), tmp_path)
+        pretrain.train_and_evaluate(tiny_config(best_metric="valid/mlm_en/ppx"), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_mesh_that_does_not_divide_fails_fast(tmp_path):
     with pytest.raises(ValueError, match="needs 3 devices"):
-        train.train_and_evaluate(tiny_config(**{"mesh.shape": (3, 1, 1)}), tmp_path)
+        pretrain.train_and_evaluate(tiny_config(**{"mesh.shape": (3, 1, 1)}), tmp_path)
 
 
 def test_pretraining_reads_tfds_sources(tmp_path, shared_data):
@@ -151,7 +151,7 @@ def test_pretraining_reads_tfds_sources(tmp_path, shared_data):
             "data.tfds_manual_dir": str(shared_data / "multi30k"),
         },
     )
-    out = train.train_and_evaluate(config, tmp_path / "run")
+    out = pretrain.train_and_evaluate(config, tmp_path / "run")
     assert np.isfinite(out["valid/mlm_en/loss"])
     assert (tmp_path / "tfds" / "multi30k_local").is_dir()
 
@@ -176,7 +176,7 @@ def test_pretraining_on_real_text_lowers_validation_perplexity(tmp_path, shared_
             "tlm_batch_size": 8,
         },
     )
-    last = train.train_and_evaluate(config, tmp_path)
+    last = pretrain.train_and_evaluate(config, tmp_path)
     evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "valid/mlm_ppl" in r]
     assert [r["step"] for r in evals] == [100, 200, 300]
     ppl = [r["valid/mlm_ppl"] for r in evals]

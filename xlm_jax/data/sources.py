@@ -10,6 +10,7 @@ START:END is a 0-based half-open range of lines (examples); either bound may be 
 
 tensorflow_datasets is imported lazily: plain text files never pay for it, and TFDS is never
 asked to download anything (only the project's local builders are prepared, from local files).
+Text files are read and checked by `text_files`, which the local builders (`tfds_local`) use too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from xlm_jax.data.text_files import MAX_CHARS, DataError, check_aligned, read_text_file
 
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
@@ -61,10 +64,6 @@ _TFDS_LEGACY_PACKAGES = (
     "nearest_neighbors",
     "d4rl",
 )
-
-
-class DataError(ValueError):
-    """Bad input data or a bad source spec; the message says where and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -188,54 +187,11 @@ def _check_mode(on_invalid_utf8: str) -> None:
         )
 
 
-def _read_file(path: Path, *, max_chars: int, on_invalid_utf8: str) -> list[str]:
-    """Reads and validates a whole text file (the range only selects, so both halves of a split
-    report the same defects)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a text file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
-    try:
-        text = data.decode("utf-8")  # one pass over the file; errors located below
-    except UnicodeDecodeError as e:
-        if on_invalid_utf8 == "error":
-            line = data.count(b"\n", 0, e.start) + 1
-            col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-            raise DataError(
-                f"{path}:{line}: invalid UTF-8 (byte {data[e.start : e.start + 1]!r} at byte "
-                f"column {col}: {e.reason}); expected UTF-8 text, or pass "
-                "on_invalid_utf8='replace'"
-            ) from None
-        # '\n' can never be swallowed into an invalid sequence, so lines stay aligned.
-        text = data.decode("utf-8", errors="replace")
-    text = text.removeprefix("\ufeff")  # a BOM is an encoding marker, not text
-    if not text:
-        raise DataError(f"{path}: empty file; expected at least one line")
-    # Split on '\n' only: str.splitlines() also breaks on U+2028, \x0c, \x85, ... which would
-    # silently misalign parallel corpora.
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the final newline terminates the last line, it does not start a new one
-    for i, line in enumerate(lines):
-        if line.endswith("\r"):
-            line = lines[i] = line[:-1]
-        if len(line) > max_chars:
-            raise DataError(
-                f"{path}:{i + 1}: line is {len(line)} characters long; expected at "
-                f"most max_chars={max_chars}"
-            )
-    return lines
-
-
 def read_lines(
     spec: str | Spec,
     root: str | os.PathLike = "",
     *,
-    max_chars: int = 10_000,
+    max_chars: int = MAX_CHARS,
     on_invalid_utf8: str = "error",
     data_dir: str | os.PathLike | None = None,
     manual_dir: str | os.PathLike | None = None,
@@ -257,7 +213,7 @@ def read_lines(
             manual_dir=manual_dir,
         )
     path = resolve_path(s, root)
-    lines = _read_file(path, max_chars=max_chars, on_invalid_utf8=on_invalid_utf8)
+    lines = read_text_file(path, max_chars=max_chars, on_invalid_utf8=on_invalid_utf8)
     start, end = line_bounds(s, len(lines), str(path))
     return lines[start:end]
 
@@ -300,14 +256,11 @@ def read_aligned(
 ) -> list[list[str]]:
     """Reads several line-aligned sources; all must have the same number of lines."""
     sides = [read_lines(s, root, **kw) for s in specs]
-    counts = [len(side) for side in sides]
-    if len(set(counts)) > 1:
-        names = [
-            str(resolve_path(p, root)) + p.range_suffix if p.kind == "file" else str(p)
-            for p in map(_as_spec, specs)
-        ]
-        detail = ", ".join(f"{name}: {n} lines" for name, n in zip(names, counts, strict=True))
-        raise DataError(f"parallel sources are not line-aligned ({detail}); expected equal counts")
+    names = [
+        str(resolve_path(p, root)) + p.range_suffix if p.kind == "file" else str(p)
+        for p in map(_as_spec, specs)
+    ]
+    check_aligned(names, sides)
     return sides
 
 
@@ -331,7 +284,7 @@ def _import_tfds() -> Any:
 
 
 def _local_builders() -> dict[str, type]:
-    from xlm_jax.data import tfds_local  # imported here: it imports this module
+    from xlm_jax.data import tfds_local  # imported here: it imports tensorflow_datasets
 
     return dict(tfds_local.LOCAL_BUILDERS)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from xlm_jax.data.sources import read_aligned
+from xlm_jax.data.text_files import read_aligned_files
 
 # ISO 639-1 (project codes) -> ISO 639-3 (Tatoeba file names), for English and the 14 other
 # XNLI languages.
@@ -79,8 +79,8 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(cols) for split, cols in files.items()}
 
     def _generate_examples(self, files: dict[str, Path]) -> Iterator[tuple[int, dict[str, str]]]:
-        # read_aligned validates UTF-8, line lengths and equal line counts (DataError).
-        columns = read_aligned([str(f) for f in files.values()])
+        # read_aligned_files validates UTF-8, line lengths and equal line counts (DataError).
+        columns = read_aligned_files(list(files.values()))
         for i, row in enumerate(zip(*columns, strict=True)):
             yield i, dict(zip(files, row, strict=True))
 

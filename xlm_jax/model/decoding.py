@@ -32,6 +32,7 @@ from jax import lax
 Array = jax.Array
 Cache = Any
 StepFn = Callable[[Array, Array, Cache], tuple[Array, Cache]]
+BeamState = dict[str, Any]  # beam_search's loop state: see `_initial_beams`
 
 # XLM's initial score of beams 1..K-1: only beam 0 expands at the first step (all beams hold the
 # same start token), yet the value stays finite, so no inf - inf can ever appear.
@@ -184,104 +185,139 @@ def beam_search(
     _check_sizes(batch_size, max_len)
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    B, K, T = batch_size, beam_size, max_len + 1
     limits = _row_limits(max_lengths, batch_size, max_len)
     length_penalty = jnp.asarray(length_penalty, jnp.float32)
     # XLM's BeamHypotheses.max_len: the longest possible hypothesis, bos in, eos out.
     best_possible_den = (limits - 1).astype(jnp.float32) ** length_penalty
 
-    alive_seq = jnp.full((B, K, T), pad_id, jnp.int32).at[:, :, 0].set(bos_id)
-    alive_score = jnp.full((B, K), _DEAD_BEAM, jnp.float32).at[:, 0].set(0.0)
-    fin_seq = jnp.full((B, K, T), pad_id, jnp.int32)
-    fin_len = jnp.zeros((B, K), jnp.int32)
-    fin_score = jnp.full((B, K), -jnp.inf, jnp.float32)
-    fin_count = jnp.zeros((B,), jnp.int32)
-    done = jnp.zeros((B,), jnp.bool_)
-    slots = jnp.arange(1, K + 1, dtype=jnp.int32)
-
-    def cond(state):
+    def cond(state: BeamState) -> Array:
         return (state["cur"] <= max_len) & ~jnp.all(state["done"])
 
-    def body(state):
+    def body(state: BeamState) -> BeamState:
         cur = state["cur"]
-        alive_seq, alive_score = state["alive_seq"], state["alive_score"]
-        prev = lax.dynamic_index_in_dim(alive_seq, cur - 1, axis=2, keepdims=False)
-        logits, cache = step_fn(prev.reshape(B * K), cur - 1, state["cache"])
+        prev = lax.dynamic_index_in_dim(state["alive_seq"], cur - 1, axis=2, keepdims=False)
+        logits, cache = step_fn(prev.reshape(-1), cur - 1, state["cache"])  # (B*K,) rows
         logprobs = jax.nn.log_softmax(_float_logits(logits, eos_id, eos_allowed), axis=-1)
-        V = logprobs.shape[-1]
-        # Two-stage top-k: the best 2K of K x V candidates are among each beam's best 2K words,
-        # and a top-k over (B*K, V) then (B, K*2K) is far cheaper than one over (B, K*V).
-        beam_lp, beam_word = lax.top_k(logprobs, min(2 * K, V))  # (B*K, 2K)
-        n = beam_lp.shape[-1]
-        cand = (alive_score[:, :, None] + beam_lp.reshape(B, K, n)).reshape(B, K * n)
-        top_score, top_idx = lax.top_k(cand, 2 * K)  # (B, 2K), best first
-        parent = top_idx // n
-        word = jnp.take_along_axis(beam_word.reshape(B, K * n), top_idx, axis=1).astype(jnp.int32)
-
-        # BeamHypotheses.is_done, checked before this step's candidates, as XLM.
-        worst = jnp.min(state["fin_score"], axis=1)
-        hopeless = worst >= top_score[:, 0] / best_possible_den
-        done = state["done"] | ((state["fin_count"] >= K) & (early_stopping | hopeless))
-
-        # XLM's loop over the sorted candidates, vectorised: it stops after the K-th
-        # non-final candidate, so a final one is visited iff fewer than K non-final precede it.
+        top_score, parent, word = _top_candidates(logprobs, state["alive_score"])
+        # Checked before this step's candidates are added, as XLM.
+        done = _sentences_done(state, top_score[:, 0], best_possible_den, early_stopping)
         at_limit = cur >= limits - 1
-        final = (word == eos_id) | at_limit[:, None]
-        nonfinal = (~final).astype(jnp.int32)
-        rank = jnp.cumsum(nonfinal, axis=1)
-        added = final & (rank - nonfinal < K) & ~done[:, None]
+        added, extends = _candidate_fates(word == eos_id, at_limit, done)
+        finished = _add_finished(state, parent, top_score, added, eos_id, length_penalty)
+        beams, rows = _next_beams(state, parent, word, top_score, extends, pad_id)
+        cache = _reorder_cache(cache, rows, shared)
+        return {**finished, **beams, "cur": cur + 1, "done": done | at_limit, "cache": cache}
 
-        # Finished hypotheses: the parent's tokens, eos at `cur`; keep the K best (a streaming
-        # top-K, which is what BeamHypotheses.add keeps).
-        cand_seq = _gather_beams(alive_seq, parent)
-        cand_seq = lax.dynamic_update_index_in_dim(
-            cand_seq, jnp.full((B, 2 * K), eos_id, jnp.int32), cur, axis=2
-        )
-        cand_norm = top_score / cur.astype(jnp.float32) ** length_penalty
-        merged = jnp.concatenate([state["fin_score"], jnp.where(added, cand_norm, -jnp.inf)], 1)
-        fin_score, keep = lax.top_k(merged, K)
-        fin_seq = _gather_beams(jnp.concatenate([state["fin_seq"], cand_seq], axis=1), keep)
-        cand_len = jnp.full((B, 2 * K), cur + 1, jnp.int32)
-        fin_len = _gather_beams(jnp.concatenate([state["fin_len"], cand_len], axis=1), keep)
-        fin_count = jnp.minimum(K, state["fin_count"] + jnp.sum(added, axis=1, dtype=jnp.int32))
+    start = _initial_beams(cache, batch_size, beam_size, max_len, bos_id, pad_id)
+    return _best_hypotheses(lax.while_loop(cond, body, start))
 
-        # Next beams: slot s takes the (s+1)-th non-final candidate. Sentences without any
-        # (done, or at their limit) keep their own beams, which are never read again.
-        match = (nonfinal[:, None, :] == 1) & (rank[:, None, :] == slots[None, :, None])
-        pick = jnp.argmax(match, axis=-1)  # (B, K)
-        live = jnp.any(match, axis=-1) & ~done[:, None]
-        own = jnp.broadcast_to(jnp.arange(K), (B, K))
-        new_parent = jnp.where(live, jnp.take_along_axis(parent, pick, axis=1), own)
-        new_word = jnp.where(live, jnp.take_along_axis(word, pick, axis=1), pad_id)
-        new_score = jnp.where(live, jnp.take_along_axis(top_score, pick, axis=1), _DEAD_BEAM)
-        alive_seq = lax.dynamic_update_index_in_dim(
-            _gather_beams(alive_seq, new_parent), new_word, cur, axis=2
-        )
-        rows = (jnp.arange(B)[:, None] * K + new_parent).reshape(B * K)
-        return {
-            "cur": cur + 1,
-            "alive_seq": alive_seq,
-            "alive_score": new_score,
-            "fin_seq": fin_seq,
-            "fin_len": fin_len,
-            "fin_score": fin_score,
-            "fin_count": fin_count,
-            "done": done | at_limit,
-            "cache": _reorder_cache(cache, rows, shared),
-        }
 
-    state = {
-        "cur": jnp.int32(1),
-        "alive_seq": alive_seq,
-        "alive_score": alive_score,
-        "fin_seq": fin_seq,
-        "fin_len": fin_len,
-        "fin_score": fin_score,
-        "fin_count": fin_count,
-        "done": done,
+def _initial_beams(
+    cache: Cache, batch_size: int, beam_size: int, max_len: int, bos_id: int, pad_id: int
+) -> BeamState:
+    """The beam search's loop state before its first step (position 0 holds the start token)."""
+    B, K, T = batch_size, beam_size, max_len + 1
+    return {
+        "cur": jnp.int32(1),  # the position the next step writes
+        "alive_seq": jnp.full((B, K, T), pad_id, jnp.int32).at[:, :, 0].set(bos_id),
+        # All beams hold the same start token: only beam 0 may expand at the first step.
+        "alive_score": jnp.full((B, K), _DEAD_BEAM, jnp.float32).at[:, 0].set(0.0),
+        # The K best finished hypotheses of each sentence (BeamHypotheses), fewer at first.
+        "fin_seq": jnp.full((B, K, T), pad_id, jnp.int32),
+        "fin_len": jnp.zeros((B, K), jnp.int32),
+        "fin_score": jnp.full((B, K), -jnp.inf, jnp.float32),
+        "fin_count": jnp.zeros((B,), jnp.int32),
+        "done": jnp.zeros((B,), jnp.bool_),
         "cache": cache,
     }
-    state = lax.while_loop(cond, body, state)
+
+
+def _top_candidates(logprobs: Array, alive_score: Array) -> tuple[Array, Array, Array]:
+    """The 2K best extensions (beam, word) of each sentence, best first: their sums of log-probs,
+    parent beams and words, each (B, 2K). `logprobs` is (B*K, V), `alive_score` (B, K)."""
+    B, K = alive_score.shape
+    V = logprobs.shape[-1]
+    # Two-stage top-k: the best 2K of K x V candidates are among each beam's best 2K words,
+    # and a top-k over (B*K, V) then (B, K*2K) is far cheaper than one over (B, K*V).
+    beam_lp, beam_word = lax.top_k(logprobs, min(2 * K, V))  # (B*K, 2K)
+    n = beam_lp.shape[-1]
+    cand = (alive_score[:, :, None] + beam_lp.reshape(B, K, n)).reshape(B, K * n)
+    top_score, top_idx = lax.top_k(cand, 2 * K)  # (B, 2K), best first
+    parent = top_idx // n
+    word = jnp.take_along_axis(beam_word.reshape(B, K * n), top_idx, axis=1).astype(jnp.int32)
+    return top_score, parent, word
+
+
+def _sentences_done(
+    state: BeamState, best_sum: Array, best_possible_den: Array, early_stopping: bool | Array
+) -> Array:
+    """XLM's BeamHypotheses.is_done per sentence: it has K finished hypotheses and either stops
+    early or none of its alive beams (the best sums to `best_sum`) can still beat the worst."""
+    K = state["fin_score"].shape[1]
+    hopeless = jnp.min(state["fin_score"], axis=1) >= best_sum / best_possible_den
+    return state["done"] | ((state["fin_count"] >= K) & (early_stopping | hopeless))
+
+
+def _candidate_fates(is_eos: Array, at_limit: Array, done: Array) -> tuple[Array, Array]:
+    """Of the (B, 2K) sorted candidates of sentences not `done`: those that become finished
+    hypotheses (final: eos, or at the row's length limit) and those that may extend a beam."""
+    K = is_eos.shape[1] // 2
+    final = is_eos | at_limit[:, None]
+    # XLM's loop over the candidates stops after the K-th non-final one, so a final one is
+    # visited iff fewer than K non-final ones precede it (`rank` counts them up to itself).
+    nonfinal = (~final).astype(jnp.int32)
+    rank = jnp.cumsum(nonfinal, axis=1)
+    return final & (rank - nonfinal < K) & ~done[:, None], ~final & ~done[:, None]
+
+
+def _add_finished(
+    state: BeamState, parent: Array, score: Array, added: Array, eos_id: int, length_penalty: Array
+) -> BeamState:
+    """The `fin_*` entries of the state with the `added` candidates: the parent's tokens with eos
+    at `cur`, score normalised by length. Keeps the K best, a streaming top-K, which is what
+    BeamHypotheses.add keeps."""
+    cur = state["cur"]
+    B, K = state["fin_score"].shape
+    cand_seq = _gather_beams(state["alive_seq"], parent)
+    cand_seq = lax.dynamic_update_index_in_dim(
+        cand_seq, jnp.full((B, 2 * K), eos_id, jnp.int32), cur, axis=2
+    )
+    cand_norm = score / cur.astype(jnp.float32) ** length_penalty
+    merged = jnp.concatenate([state["fin_score"], jnp.where(added, cand_norm, -jnp.inf)], 1)
+    fin_score, keep = lax.top_k(merged, K)
+    fin_seq = _gather_beams(jnp.concatenate([state["fin_seq"], cand_seq], axis=1), keep)
+    cand_len = jnp.full((B, 2 * K), cur + 1, jnp.int32)
+    fin_len = _gather_beams(jnp.concatenate([state["fin_len"], cand_len], axis=1), keep)
+    fin_count = jnp.minimum(K, state["fin_count"] + jnp.sum(added, axis=1, dtype=jnp.int32))
+    return {"fin_seq": fin_seq, "fin_len": fin_len, "fin_score": fin_score, "fin_count": fin_count}
+
+
+def _next_beams(
+    state: BeamState, parent: Array, word: Array, score: Array, extends: Array, pad_id: int
+) -> tuple[BeamState, Array]:
+    """The `alive_*` entries of the state for the next step, and the cache rows of their parent
+    beams (B*K,). Slot s takes the (s+1)-th of the sorted candidates that `extends`; sentences
+    without any (done, or at their limit) keep their own beams, which are never read again."""
+    alive_seq, cur = state["alive_seq"], state["cur"]
+    B, K = state["alive_score"].shape
+    rank = jnp.cumsum(extends.astype(jnp.int32), axis=1)
+    slots = jnp.arange(1, K + 1, dtype=jnp.int32)
+    match = extends[:, None, :] & (rank[:, None, :] == slots[None, :, None])
+    pick = jnp.argmax(match, axis=-1)  # (B, K)
+    live = jnp.any(match, axis=-1)
+    own = jnp.broadcast_to(jnp.arange(K), (B, K))
+    new_parent = jnp.where(live, jnp.take_along_axis(parent, pick, axis=1), own)
+    new_word = jnp.where(live, jnp.take_along_axis(word, pick, axis=1), pad_id)
+    new_score = jnp.where(live, jnp.take_along_axis(score, pick, axis=1), _DEAD_BEAM)
+    alive_seq = lax.dynamic_update_index_in_dim(
+        _gather_beams(alive_seq, new_parent), new_word, cur, axis=2
+    )
+    rows = (jnp.arange(B)[:, None] * K + new_parent).reshape(B * K)
+    return {"alive_seq": alive_seq, "alive_score": new_score}, rows
+
+
+def _best_hypotheses(state: BeamState) -> tuple[Array, Array, Array]:
+    """`(tokens, lengths, scores)` of each sentence's best finished hypothesis."""
     best = jnp.argmax(state["fin_score"], axis=1)[:, None]
     tokens = _gather_beams(state["fin_seq"], best)[:, 0]
     lengths = jnp.take_along_axis(state["fin_len"], best, axis=1)[:, 0]

@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,13 @@ import numpy as np
 import optax
 from absl import logging
 
+from xlm_jax.core import train_state
 from xlm_jax.core.files import write_atomic
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import nli, presets, sources
 from xlm_jax.data.sources import DataError
 from xlm_jax.model import pretrained
 from xlm_jax.model.encoder import XLMEncoder
-from xlm_jax.tasks import pretrain as train
 from xlm_jax.tasks import xnli
 from xlm_jax.tasks.report import csv_bytes, markdown_table, ordered_langs
 from xlm_jax.text.tokenizer import PAD_ID
@@ -41,6 +41,8 @@ from xlm_jax.text.tokenizer import PAD_ID
 # The pretraining presets train on the first 80% of each Tatoeba file (lines 0..799 of the
 # 1,000-line ones): the retrieval probe reads the rest.
 TATOEBA_HELD_OUT = f"{presets.TRAIN_SHARE}%"
+# A pair's languages and line-aligned sentences: (xx, en, xx sentences, en sentences).
+Pair = tuple[str, str, list[str], list[str]]
 
 
 def retrieval_default_config() -> ml_collections.ConfigDict:
@@ -119,10 +121,49 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runner = xnli.Runner(config, {"batch_size": config.batch_size})
-    root, kw = config.data.root, corpus_lib.read_options(config.data)
-    texts: dict[str, tuple[str, str, list[str], list[str]]] = {}
+    texts, skipped = _read_pairs(config.data)
+    source = _encoder_source(config, workdir, texts)
+    encoded = {
+        key: (source.tokenizer.encode_many(a, l1), source.tokenizer.encode_many(b, l2))
+        for key, (l1, l2, a, b) in texts.items()
+    }
+    # One row length for every sentence: a single compilation of the encoder serves all pairs.
+    needed = max(
+        nli.sentence_length(ids, config.max_len) for a, b in encoded.values() for ids in [*a, *b]
+    )
+    length = xnli.row_length(needed, config, source.model)
+    embed = _embedder(config, runner, source, length)
+
+    per_pair = {}
+    t0 = time.perf_counter()
+    for key, (l1, l2, _, _) in texts.items():
+        a, b = encoded[key]
+        fwd, bwd = retrieval_accuracy(embed(a, l1, key), embed(b, l2, key))
+        per_pair[key] = {"n": len(a), "xx->en": fwd, "en->xx": bwd, "mean": (fwd + bwd) / 2}
+        logging.info("retrieval %s (%d pairs): %.1f / %.1f", key, len(a), fwd, bwd)
+    results = {
+        "init": source.description,
+        "row_length": length,
+        "pairs": per_pair,
+        "average": {
+            k: float(np.mean([v[k] for v in per_pair.values()]))
+            for k in ("xx->en", "en->xx", "mean")
+        },
+        "skipped": skipped,
+        "seconds": time.perf_counter() - t0,
+    }
+    if jax.process_index() == 0:
+        write_retrieval(workdir, results)
+    return results
+
+
+def _read_pairs(data: ml_collections.ConfigDict) -> tuple[dict[str, Pair], dict[str, str]]:
+    """The sentences of ``data.pairs`` by pair key, and the keys skipped with the reason: those
+    whose held-out range is empty. Bad keys or entries, or nothing left to probe: ``DataError``."""
+    root, kw = data.root, corpus_lib.read_options(data)
+    texts: dict[str, Pair] = {}
     skipped: dict[str, str] = {}
-    for key, specs in corpus_lib.parse_sources(config.data.pairs, "data.pairs").items():
+    for key, specs in corpus_lib.parse_sources(data.pairs, "data.pairs").items():
         parts = key.split("-")
         if len(parts) != 2 or not all(p.isalnum() for p in parts):
             raise DataError(f"data.pairs: key {key!r}; expected 'xx-en'")
@@ -143,31 +184,38 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
             texts[key] = (parts[0], parts[1], src, tgt)
     if not texts:
         raise DataError(f"data.pairs: nothing to probe (skipped: {skipped or 'no entries'})")
+    return texts, skipped
 
+
+def _encoder_source(
+    config: ml_collections.ConfigDict, workdir: Path, texts: Mapping[str, Pair]
+) -> pretrained.EncoderSource:
+    """The pretrained encoder, or a random init whose tokenizer (trained in ``workdir`` unless
+    already there) learns from the probe's own sentences, read only if it must be trained."""
     if config.init_checkpoint:
-        source = pretrained.load_pretrained(config.init_checkpoint, config.init_step)
-    else:
+        return pretrained.load_pretrained(config.init_checkpoint, config.init_step)
 
-        def texts_fn():
-            out: dict[str, list[str]] = {}
-            for l1, l2, a, b in texts.values():
-                out.setdefault(l1, []).extend(a)
-                out.setdefault(l2, []).extend(b)
-            return out
+    def texts_fn() -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for l1, l2, a, b in texts.values():
+            out.setdefault(l1, []).extend(a)
+            out.setdefault(l2, []).extend(b)
+        return out
 
-        source = pretrained.random_source(config, workdir, texts_fn)
-    tokenizer, mcfg = source.tokenizer, source.model
-    encoded = {
-        key: (tokenizer.encode_many(a, l1), tokenizer.encode_many(b, l2))
-        for key, (l1, l2, a, b) in texts.items()
-    }
-    needed = max(
-        nli.sentence_length(ids, config.max_len) for a, b in encoded.values() for ids in [*a, *b]
-    )
-    length = xnli.row_length(needed, config, mcfg)
+    return pretrained.random_source(config, workdir, texts_fn)
 
-    model = XLMEncoder(mcfg)
-    state, shardings = train.init_state(
+
+def _embedder(
+    config: ml_collections.ConfigDict,
+    runner: xnli.Runner,
+    source: pretrained.EncoderSource,
+    length: int,
+) -> Callable[[Sequence[np.ndarray], str, str], np.ndarray]:
+    """``embed(sentences, lang, key)``: the mean-pooled vectors (float32, one row per sentence)
+    of encoded sentences in ``lang``, packed in rows of ``length``, under the source's params
+    (or the random init) placed on the runner's mesh; ``key`` names the pair in errors."""
+    model = XLMEncoder(source.model)
+    state, shardings = train_state.init_state(
         model, optax.identity(), jax.random.key(config.seed), runner.mesh, runner.rules, runner.dp
     )
     params = state.params
@@ -191,27 +239,7 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
             ]
         return np.concatenate(jax.device_get(outs))[: len(rows)]
 
-    per_pair = {}
-    t0 = time.perf_counter()
-    for key, (l1, l2, _, _) in texts.items():
-        a, b = encoded[key]
-        fwd, bwd = retrieval_accuracy(embed(a, l1, key), embed(b, l2, key))
-        per_pair[key] = {"n": len(a), "xx->en": fwd, "en->xx": bwd, "mean": (fwd + bwd) / 2}
-        logging.info("retrieval %s (%d pairs): %.1f / %.1f", key, len(a), fwd, bwd)
-    results = {
-        "init": source.description,
-        "row_length": length,
-        "pairs": per_pair,
-        "average": {
-            k: float(np.mean([v[k] for v in per_pair.values()]))
-            for k in ("xx->en", "en->xx", "mean")
-        },
-        "skipped": skipped,
-        "seconds": time.perf_counter() - t0,
-    }
-    if jax.process_index() == 0:
-        write_retrieval(workdir, results)
-    return results
+    return embed
 
 
 def write_retrieval(workdir: Path, results: Mapping[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 XLM learns one BPE vocabulary on a sample of the monolingual corpora in which language l is drawn
 with probability p_l ∝ (n_l / N)^α (α = 0.5), so that low-resource languages are not split into
-characters. The ids of the special symbols are fixed (they are baked into the model and data code):
+characters. The ids of the special symbols are fixed (they are baked into the model and data code;
+defined in `specials`, imported from here):
 
     <s>=0  </s>=1 (sentence separator)  <pad>=2  <unk>=3  <special0..9>=4..13, <special1> = mask
 
@@ -10,7 +11,9 @@ characters. The ids of the special symbols are fixed (they are baked into the mo
 `encode`, so a literal "<special1>" in a corpus is ordinary text, not a mask token.
 
 Models imported from XLM / HuggingFace keep XLM's own tokenization (Moses + fastBPE, same special
-ids): `xlm_bpe.XLMBPETokenizer`, which `Tokenizer.from_bytes` / `load` return for its bytes.
+ids): `xlm_bpe.XLMBPETokenizer`, which `Tokenizer.from_bytes` / `load` return for its bytes. It
+has the same interface, but is no subclass: this module imports `xlm_bpe` to dispatch to it, so
+`xlm_bpe` must not import this module back.
 """
 
 from __future__ import annotations
@@ -28,27 +31,21 @@ import numpy as np
 import sentencepiece as spm
 
 from xlm_jax.core.files import write_atomic
-
-BOS_ID = 0
-EOS_ID = 1
-PAD_ID = 2
-UNK_ID = 3
-N_SPECIAL_SYMBOLS = 10
-MASK_ID = 5  # <special1>, as in XLM's dictionary
-N_SPECIAL = 14  # first ordinary piece id
-
-# First bytes of a serialized `xlm_bpe.XLMBPETokenizer` (XLM's fastBPE tokenization of imported
-# models): `Tokenizer.from_bytes` tells it from a SentencePiece model proto by this header.
-XLM_BPE_MAGIC = b"xlm_jax:xlm-fastbpe\n"
-
-BOS_PIECE, EOS_PIECE, PAD_PIECE, UNK_PIECE = "<s>", "</s>", "<pad>", "<unk>"
-SPECIAL_PIECES: tuple[str, ...] = (
+from xlm_jax.text.specials import (  # the special ids: callers import them from this module
+    BOS_ID,
     BOS_PIECE,
+    EOS_ID,
     EOS_PIECE,
+    N_SPECIAL,
+    PAD_ID,
     PAD_PIECE,
+    SPECIAL_PIECES,
+    UNK_ID,
     UNK_PIECE,
-    *(f"<special{i}>" for i in range(N_SPECIAL_SYMBOLS)),
+    XLM_BPE_MAGIC,
 )
+from xlm_jax.text.specials import MASK_ID as MASK_ID  # re-exported, unused here
+from xlm_jax.text.xlm_bpe import XLMBPETokenizer
 
 _log = logging.getLogger(__name__)
 
@@ -72,7 +69,7 @@ class Tokenizer:
         self._serialized = serialized
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
+    def load(cls, path: str | os.PathLike) -> Tokenizer | XLMBPETokenizer:
         data = Path(path).read_bytes()
         try:
             return cls.from_bytes(data)
@@ -80,12 +77,10 @@ class Tokenizer:
             raise ValueError(f"{os.fspath(path)}: {e}") from e
 
     @classmethod
-    def from_bytes(cls, serialized: bytes) -> Tokenizer:
+    def from_bytes(cls, serialized: bytes) -> Tokenizer | XLMBPETokenizer:
         """The tokenizer of `serialized`: a SentencePiece model, or (by its header) an imported
         XLM model's fastBPE tokenizer (`xlm_bpe.XLMBPETokenizer`, same interface)."""
         if isinstance(serialized, bytes) and serialized.startswith(XLM_BPE_MAGIC):
-            from xlm_jax.text.xlm_bpe import XLMBPETokenizer  # imports this module: import lazily
-
             return XLMBPETokenizer.from_bytes(serialized)
         return cls(serialized)
 
@@ -262,7 +257,7 @@ def train_tokenizer(
         model_writer=writer,
         **_trainer_options(vocab_size, character_coverage),
     )
-    tokenizer = Tokenizer.from_bytes(writer.getvalue())
+    tokenizer = Tokenizer(writer.getvalue())  # a SentencePiece model proto
     path = Path(model_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, tokenizer.serialized)
@@ -281,7 +276,7 @@ def load_or_train(
     model_path: str | os.PathLike,
     texts_fn: Callable[[], Mapping[str, Sequence[str]]],
     **train_kwargs: Any,
-) -> Tokenizer:
+) -> Tokenizer | XLMBPETokenizer:
     """The model at `model_path` if it exists (a resumed run must keep its vocabulary, even if the
     training options changed); otherwise `train_tokenizer(texts_fn(), model_path, **train_kwargs)`.
     `texts_fn` is only called when training, so corpora are not read needlessly."""

@@ -13,12 +13,13 @@ The released XLM models were trained on text prepared by shell pipelines (XLM's 
   6. XLM's `Dictionary.index`: a word missing from the (`max_vocab`-truncated) dictionary is
      `<unk>`; a special word found in the text (`<s>`, `<special1>`, ...) is dropped.
 
-Ids follow XLM's dictionary, whose first 14 entries are fixed (the constants of `tokenizer.py`):
+Ids follow XLM's dictionary, whose first 14 entries are fixed (the constants of `specials.py`):
 `<s>`0 `</s>`1 `<pad>`2 `<unk>`3 `<special0..9>`4-13 (mask = `<special1>` = 5).
 
-`XLMBPETokenizer` has the `Tokenizer` interface; its `serialized` form is a JSON document behind a
-magic header, so checkpoints embed it like a SentencePiece model and `Tokenizer.from_bytes` brings
-back the right class. XLM used other segmenters for zh (Stanford), th (PyThaiNLP) and ja (KyTea);
+`XLMBPETokenizer` has the interface of `tokenizer.Tokenizer` (without subclassing it: `tokenizer`
+imports this module to dispatch to it); its `serialized` form is a JSON document behind a magic
+header, so checkpoints embed it like a SentencePiece model and `Tokenizer.from_bytes` brings back
+the right class. XLM used other segmenters for zh (Stanford), th (PyThaiNLP) and ja (KyTea);
 here every language goes through Moses (a warning says so once).
 """
 
@@ -33,12 +34,15 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sacremoses
 
 from xlm_jax.core.files import write_atomic
-from xlm_jax.text.tokenizer import N_SPECIAL, SPECIAL_PIECES, UNK_ID, XLM_BPE_MAGIC, Tokenizer
+from xlm_jax.text.specials import N_SPECIAL, SPECIAL_PIECES, UNK_ID, XLM_BPE_MAGIC
+
+if TYPE_CHECKING:
+    import sacremoses
 
 _log = logging.getLogger(__name__)
 
@@ -236,6 +240,7 @@ class MosesPipeline:
         self.lang = lang
         self.lowercase = lowercase
         self.romanian = romanian and lang == "ro"
+        sacremoses = _sacremoses()
         self._normalizer = sacremoses.MosesPunctNormalizer(
             lang=lang, pre_replace_unicode_punct=True, post_remove_control_chars=True
         )
@@ -260,8 +265,8 @@ class MosesPipeline:
 # --- the tokenizer -------------------------------------------------------------------------------
 
 
-class XLMBPETokenizer(Tokenizer):
-    """XLM's tokenization (Moses + fastBPE + dictionary) with the `Tokenizer` interface.
+class XLMBPETokenizer:
+    """XLM's tokenization (Moses + fastBPE + dictionary) with the `tokenizer.Tokenizer` interface.
 
     `encode`/`encode_many`/`decode` take an optional `lang` (Moses rules are per language);
     without it, `default_lang`. Build one with `from_files` (XLM's codes + vocabulary), `from_hf`
@@ -271,7 +276,7 @@ class XLMBPETokenizer(Tokenizer):
     FORMAT = "xlm-fastbpe"
     VERSION = 1
 
-    def __init__(  # Tokenizer.__init__ (a SentencePiece model) is deliberately not called
+    def __init__(
         self,
         words: Sequence[str],
         codes: Sequence[Code],
@@ -442,7 +447,15 @@ class XLMBPETokenizer(Tokenizer):
 
 @functools.cache
 def _detokenizer(lang: str) -> sacremoses.MosesDetokenizer:
-    return sacremoses.MosesDetokenizer(lang=lang)
+    return _sacremoses().MosesDetokenizer(lang=lang)
+
+
+def _sacremoses() -> Any:
+    """sacremoses, imported on first use: it takes ~0.2 s to import, and `tokenizer` imports this
+    module in every run, most of which never tokenize with Moses."""
+    import sacremoses
+
+    return sacremoses
 
 
 def truncate(words: Sequence[str], max_vocab: int) -> list[str]:

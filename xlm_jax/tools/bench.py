@@ -37,8 +37,7 @@ from xlm_jax.core import files, parallel, train_state
 from xlm_jax.data import batches as batches_lib
 from xlm_jax.model.encoder import XLMEncoder, xlm_flops_per_token
 from xlm_jax.model.seq2seq import EncoderDecoder
-from xlm_jax.tasks import nmt
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import nmt, pretrain
 from xlm_jax.text.tokenizer import EOS_ID, N_SPECIAL
 from xlm_jax.tools import roofline
 
@@ -96,7 +95,7 @@ def bench_steps(
     rules = parallel.rules_from_config(config.mesh.rules)
     mesh = parallel.make_mesh(config.mesh.shape)
     vocab = config.tokenizer.vocab_size
-    model = XLMEncoder(train.model_config(config, vocab))
+    model = XLMEncoder(pretrain.model_config(config, vocab))
     tx = train_state.make_optimizer(config.optimizer)
     dp = parallel.data_parallel_size(mesh, rules)
     abstract, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp)
@@ -105,7 +104,7 @@ def bench_steps(
         if memory_only
         else train_state.init_state(model, tx, jax.random.key(0), mesh, rules, dp)[0]
     )
-    steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
+    steps = pretrain.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
     rng = np.random.default_rng(0)
     kinds = {
         "mlm": ("masked", config.batch_size, config.bptt, False, config.word_pred),
@@ -187,7 +186,7 @@ def bench_decoding(
     ``floor``: the decoder's matrix products timed alone (the loop body's ``out_tokens`` times),
     as the sentences/s no other change could exceed.
     """
-    mcfg = train.model_config(config, config.tokenizer.vocab_size)
+    mcfg = pretrain.model_config(config, config.tokenizer.vocab_size)
     mcfg = dataclasses.replace(mcfg, dropout=0.0, attention_dropout=0.0)
     model = EncoderDecoder(mcfg, mcfg)
     params = jax.jit(lambda r: nn.meta.unbox(model.init(r, *nmt.example_batch(1))["params"]))(

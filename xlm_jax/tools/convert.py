@@ -57,7 +57,7 @@ from xlm_jax.model import pretrained
 from xlm_jax.model.decoder import XLMDecoder
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
 from xlm_jax.model.layers import sinusoidal_table
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import pretrain
 from xlm_jax.tasks import pretrain_config as config_lib
 from xlm_jax.text.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, UNK_ID, Tokenizer
 from xlm_jax.text.xlm_bpe import (
@@ -697,7 +697,7 @@ def write_workdir(model: Imported, workdir: str | Path, *, params_only: bool = F
         config = pretraining_config(model.encoder, model.langs)
         meta = {
             "config": config.to_dict(),
-            "fingerprint": train.config_fingerprint(config, model.tokenizer),
+            "fingerprint": pretrain.config_fingerprint(config, model.tokenizer),
             "tokenizer": tokenizer_b64,
             "versions": _versions(),
             "imported": imported,

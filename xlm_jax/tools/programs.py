@@ -21,8 +21,7 @@ from xlm_jax.model import pretrained
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import XLMEncoder
 from xlm_jax.model.seq2seq import EncoderDecoder
-from xlm_jax.tasks import nmt, xnli
-from xlm_jax.tasks import pretrain as train
+from xlm_jax.tasks import nmt, pretrain, xnli
 
 MODES = ["pretrain", "nmt", "xnli"]
 
@@ -54,12 +53,12 @@ _STEP, _LAM, _LANG = np.int32(1), np.float32(1.0), np.int32(0)  # runtime scalar
 def pretrain_programs(config, mesh, rules, all_shapes: bool = False) -> list[Program]:
     """The MLM, TLM and CLM steps the configured objectives use, and their evaluations."""
     vocab = config.tokenizer.vocab_size
-    model = XLMEncoder(train.model_config(config, vocab))
+    model = XLMEncoder(pretrain.model_config(config, vocab))
     tx = train_state.make_optimizer(config.optimizer)
     dp = parallel.data_parallel_size(mesh, rules)
     state, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp)
-    steps = train.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
-    used = {s.objective for specs in train.build_steps(config) for s in specs}
+    steps = pretrain.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
+    used = {s.objective for specs in pretrain.build_steps(config) for s in specs}
     shapes = {
         "mlm": ("masked", config.batch_size, config.bptt),
         "tlm": ("masked", config.tlm_batch_size, config.tlm_length),

@@ -1,0 +1,31 @@
+"""XLM's fixed special ids and pieces, shared by both tokenizations of the package.
+
+`tokenizer` (SentencePiece, and the loader of either kind) and `xlm_bpe` (XLM's Moses + fastBPE,
+for imported models) both need them: they live here, below both, so that `tokenizer` can import
+`xlm_bpe` without `xlm_bpe` importing it back. Callers import them from `tokenizer`.
+
+    <s>=0  </s>=1 (sentence separator)  <pad>=2  <unk>=3  <special0..9>=4..13, <special1> = mask
+"""
+
+from __future__ import annotations
+
+BOS_ID = 0
+EOS_ID = 1
+PAD_ID = 2
+UNK_ID = 3
+N_SPECIAL_SYMBOLS = 10
+MASK_ID = 5  # <special1>, as in XLM's dictionary
+N_SPECIAL = 14  # first ordinary piece id
+
+# First bytes of a serialized `xlm_bpe.XLMBPETokenizer` (XLM's fastBPE tokenization of imported
+# models): `Tokenizer.from_bytes` tells it from a SentencePiece model proto by this header.
+XLM_BPE_MAGIC = b"xlm_jax:xlm-fastbpe\n"
+
+BOS_PIECE, EOS_PIECE, PAD_PIECE, UNK_PIECE = "<s>", "</s>", "<pad>", "<unk>"
+SPECIAL_PIECES: tuple[str, ...] = (
+    BOS_PIECE,
+    EOS_PIECE,
+    PAD_PIECE,
+    UNK_PIECE,
+    *(f"<special{i}>" for i in range(N_SPECIAL_SYMBOLS)),
+)
