@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from tests import toy_task
-from tests.conftest import needs_xnli, tiny_nmt
+from tests.conftest import needs_xnli, tiny_config, tiny_nmt
 from tests.test_old_workdirs import needs_multi30k, xnli_config
 from xlm_jax.core import loop
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.core.metrics import read_jsonl
 from xlm_jax.core.preemption import Preempted
-from xlm_jax.tasks import nmt, xnli
+from xlm_jax.tasks import nmt, pretrain, xnli
 
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 
@@ -104,3 +104,23 @@ def test_xnli_logs_mfu_and_falls_back_past_an_unreadable_checkpoint(tmp_path, ca
     config.keep_checkpoints = 2  # updates 40 and 50 (and the best epoch's)
     first, again = check_rates_and_fallback(xnli.finetune, config, tmp_path, caplog, previous=40)
     assert again["history"] == first["history"]
+
+
+def test_evaluators_are_chosen_by_name_in_the_config(tmp_path):
+    # the retrieval probe runs during pretraining, every 2nd evaluation, beside the validation
+    config = tiny_config(
+        max_steps=8, eval_every=2, evals="valid,retrieval@2", probe_pairs="fr-en: val.fr|val.en"
+    )
+    config.best_metric = "retrieval/avg"
+    config.best_mode = "max"
+    pretrain.train_and_evaluate(config, tmp_path)
+    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "valid/mlm_en/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    assert ["retrieval/fr-en" in r for r in evals] == [False, True, False, True]
+    for r in evals[1::2]:
+        assert 0 <= r["retrieval/fr-en"] <= 100 and r["retrieval/avg"] == r["retrieval/fr-en"]
+
+    for evals, error in [("valid,bleu", "no evaluator 'bleu'"), ("retrieval@0", "NAME@K")]:
+        with pytest.raises(ValueError, match=error):
+            pretrain.train_and_evaluate(tiny_config(evals=evals), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before anything ran

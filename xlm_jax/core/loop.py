@@ -404,7 +404,7 @@ def run(
                     writer.write(step, scalars, prefix="train/")
                     last.update({f"train/{k}": v for k, v in scalars.items()})
                 metrics = evaluate(step) if cad.evaluates(step) else None
-                if metrics is not None and best_metric:
+                if metrics is not None and best_metric in metrics:  # evaluators may skip some
                     value = metrics[best_metric]
                     loop["stopped"] = track_best(
                         loop, value, best_metric, best_mode, config.patience

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from xlm_jax.core import loop, parallel
+from xlm_jax.core import evaluators, loop, parallel
 from xlm_jax.core.metrics import summarize
 from xlm_jax.core.train_state import (
     TrainState,
@@ -40,6 +40,7 @@ from xlm_jax.data.corpus import lang_list
 from xlm_jax.data.toy import write_toy_corpus
 from xlm_jax.model import objectives, pretrained
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder, xlm_flops_per_token
+from xlm_jax.tasks import retrieval, xnli
 from xlm_jax.text.tokenizer import PAD_ID, Tokenizer, load_or_train
 
 Sums = dict[str, jax.Array]
@@ -179,6 +180,7 @@ class Data:
     valid: dict[str, list[dict[str, np.ndarray]]]  # step key -> batches
     sizes: dict[str, int]  # step key -> training tokens (for language sampling)
     token_counts: np.ndarray  # training-token frequencies (for sample_alpha)
+    root: str = ""  # where the sources were read (data.root, or the toy corpus)
 
 
 def resolve_root(config: ml_collections.ConfigDict, workdir: Path) -> str:
@@ -247,7 +249,7 @@ def build_data(
     )
     train_tok = corpus_lib.tokenize_split(train, tokenizer)
     valid_tok = corpus_lib.tokenize_split(valid, tokenizer)
-    data = Data({}, {}, {}, np.zeros(tokenizer.vocab_size, np.int64))
+    data = Data({}, {}, {}, np.zeros(tokenizer.vocab_size, np.int64), root)
     for spec in (s for steps in step_lists for s in steps):
         if spec.lang2 is None:
             add_stream(data, spec, config, train_tok, valid_tok, rows_of)
@@ -462,6 +464,44 @@ def batch_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
     return sizes
 
 
+EVALUATORS = ("valid", "retrieval")  # config.evals picks among them (core/evaluators.py)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    evaluators.parse(config.evals, EVALUATORS)
+
+
+def read_probe(config: ml_collections.ConfigDict, data: Data, tokenizer) -> retrieval.Probe:
+    """The retrieval evaluator's pairs (``probe_pairs``), read from the training text's root."""
+    if not config.probe_pairs.strip():
+        raise ValueError("evals lists retrieval but probe_pairs is empty: give 'xx-en: SRC|EN'")
+    where = ml_collections.ConfigDict(
+        {**config.data.to_dict(), "root": data.root, "pairs": config.probe_pairs}
+    )
+    return retrieval.Probe.read(where, tokenizer, config.model.max_positions, lang_list(config))
+
+
+def programs_of(config, env, model, tx, data: Data, probe) -> Callable[[Any], loop.Programs]:
+    """The compiled steps and the evaluators ``config.evals`` chose, for the state's shardings."""
+    chosen = evaluators.parse(config.evals, EVALUATORS)
+
+    def compile_programs(shardings) -> loop.Programs:
+        steps = Steps(config, model, tx, env.mesh, env.rules, shardings, data.token_counts)
+        built = {
+            "valid": lambda params, step: evaluate(steps, params, data, config.eval_batch_size)
+        }
+        if probe is not None:
+            runner = xnli.Runner.on(env.mesh, env.rules)
+            langs = lang_list(config)
+            built["retrieval"] = probe.evaluator(
+                model, shardings.params, runner, langs, config.eval_batch_size
+            )
+        evaluate_all = evaluators.combine(chosen, built, config.eval_every)
+        return loop.Programs(steps.train, evaluate_all, steps.compilations)
+
+    return compile_programs
+
+
 def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     """Text, tokenizer and iterators; XLM's schedule of CLM/MLM/TLM updates; the encoder."""
     tokenizer_path = env.workdir / "tokenizer.model"
@@ -504,13 +544,10 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
             flops_per_token=lambda length: flops_per_token[spec.objective],
         )
 
-    def compile_programs(shardings) -> loop.Programs:
-        steps = Steps(config, model, tx, env.mesh, env.rules, shardings, data.token_counts)
-        return loop.Programs(
-            steps.train,
-            lambda params, step: evaluate(steps, params, data, config.eval_batch_size),
-            steps.compilations,
-        )
+    chosen = evaluators.parse(config.evals, EVALUATORS)
+    probe = read_probe(config, data, tokenizer) if "retrieval" in chosen else None
+    metric_names = eval_metric_names(data) if "valid" in chosen else []
+    metric_names += probe.metric_names() if probe is not None else []
 
     meta = {
         "config": config.to_dict(),
@@ -521,7 +558,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     return loop.Plan(
         model=model,
         tx=tx,
-        compile=compile_programs,
+        compile=programs_of(config, env, model, tx, data, probe),
         update=update,
         cadence=loop.Cadence.of(config),
         meta=meta,
@@ -530,12 +567,12 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         f"{schedule.probs or '(shuffled lists)'}",
         pad_id=PAD_ID,
         iterators=data.train,
-        metric_names=eval_metric_names(data),
+        metric_names=metric_names,
         lr=lambda updates: learning_rate(config, updates),
     )
 
 
-TASK = loop.Task("pretrain", setup, batch_sizes)
+TASK = loop.Task("pretrain", setup, batch_sizes, check=check)
 
 
 def train_and_evaluate(

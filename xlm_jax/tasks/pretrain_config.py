@@ -80,6 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
     # (xlm_jax/core/mfu.py), or no MFU (a CPU: `python -m xlm_jax.bench` measures its peak)
     c.peak_flops_per_device = 0.0
     c.eval_every = 2_000  # 0 = never
+    # Evaluators at each evaluation, "NAME[@K]" (K: only every K-th): valid = the loss,
+    # accuracy and perplexity of data.valid per objective; retrieval = the Tatoeba probe
+    # (--mode=retrieval) on probe_pairs, with the encoder being trained (core/evaluators.py)
+    c.evals = "valid"
+    c.probe_pairs = ""  # "xx-en: SRC|EN; ..." under data.root, as --mode=retrieval's data.pairs
     c.checkpoint_every = 2_000
     c.keep_checkpoints = 3  # the last N, plus the best by best_metric
     c.best_metric = "valid/mlm_ppl"  # "" = no best tracking

@@ -134,13 +134,8 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     length = xnli.row_length(needed, config, source.model)
     embed = _embedder(config, runner, source, length)
 
-    per_pair = {}
     t0 = time.perf_counter()
-    for key, (l1, l2, _, _) in texts.items():
-        a, b = encoded[key]
-        fwd, bwd = retrieval_accuracy(embed(a, l1, key), embed(b, l2, key))
-        per_pair[key] = {"n": len(a), "xx->en": fwd, "en->xx": bwd, "mean": (fwd + bwd) / 2}
-        logging.info("retrieval %s (%d pairs): %.1f / %.1f", key, len(a), fwd, bwd)
+    per_pair = scores(texts, encoded, embed)
     results = {
         "init": source.description,
         "row_length": length,
@@ -155,6 +150,21 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     if jax.process_index() == 0:
         write_retrieval(workdir, results)
     return results
+
+
+def scores(
+    texts: Mapping[str, Pair],
+    encoded: Mapping[str, tuple[list[np.ndarray], list[np.ndarray]]],
+    embed: Callable[[Sequence[np.ndarray], str, str], np.ndarray],
+) -> dict[str, dict[str, float]]:
+    """Retrieval accuracy of every pair in both directions, and their mean."""
+    per_pair = {}
+    for key, (l1, l2, _, _) in texts.items():
+        a, b = encoded[key]
+        fwd, bwd = retrieval_accuracy(embed(a, l1, key), embed(b, l2, key))
+        per_pair[key] = {"n": len(a), "xx->en": fwd, "en->xx": bwd, "mean": (fwd + bwd) / 2}
+        logging.info("retrieval %s (%d pairs): %.1f / %.1f", key, len(a), fwd, bwd)
+    return per_pair
 
 
 def _read_pairs(data: ml_collections.ConfigDict) -> tuple[dict[str, Pair], dict[str, str]]:
@@ -229,17 +239,81 @@ def _embedder(
 
     def embed(sentences: Sequence[np.ndarray], lang: str, key: str) -> np.ndarray:
         lid = source.lang_id(lang, f"data.pairs.{key}")
-        packed = [
-            nli.pack_sentence(s, lid, max_len=config.max_len, length=length) for s in sentences
-        ]
-        rows = nli.Rows.stack(packed, np.zeros(len(packed), np.int32))
-        with runner.context():
-            outs = [
-                embed_fn(params, runner.put(b)) for b in nli.eval_batches(rows, config.batch_size)
-            ]
-        return np.concatenate(jax.device_get(outs))[: len(rows)]
+        rows = sentence_rows(sentences, lid, config.max_len, length)
+        return embed_rows(embed_fn, params, rows, runner, config.batch_size)
 
     return embed
+
+
+def sentence_rows(sentences: Sequence[np.ndarray], lid: int, max_len: int, length: int) -> nli.Rows:
+    packed = [nli.pack_sentence(s, lid, max_len=max_len, length=length) for s in sentences]
+    return nli.Rows.stack(packed, np.zeros(len(packed), np.int32))
+
+
+def embed_rows(
+    embed_fn, params, rows: nli.Rows, runner: xnli.Runner, batch_size: int
+) -> np.ndarray:
+    """The mean-pooled vectors of ``rows`` (float32, in order), batches split over the mesh."""
+    with runner.context():
+        outs = [embed_fn(params, runner.put(b)) for b in nli.eval_batches(rows, batch_size)]
+    return np.concatenate(jax.device_get(outs))[: len(rows)]
+
+
+# --- the probe as an evaluator of another run (e.g. pretraining's ``evals = "retrieval"``) ----
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """The probe's sentence pairs, read, checked and encoded once; scored at any parameters."""
+
+    texts: dict[str, Pair]
+    encoded: dict[str, tuple[list[np.ndarray], list[np.ndarray]]]
+    length: int  # one row length for every sentence: one compilation
+    max_len: int
+
+    @classmethod
+    def read(
+        cls, data: ml_collections.ConfigDict, tokenizer, max_positions: int, langs: Sequence[str]
+    ) -> Probe:
+        """``data.pairs`` (as ``--mode=retrieval`` reads them) for an encoder of ``langs``."""
+        texts, _ = _read_pairs(data)
+        for key, (l1, l2, _, _) in texts.items():
+            if l1 not in langs or l2 not in langs:
+                raise DataError(f"probe pair {key}: the model's languages are {list(langs)}")
+        encoded = {
+            key: (tokenizer.encode_many(a, l1), tokenizer.encode_many(b, l2))
+            for key, (l1, l2, a, b) in texts.items()
+        }
+        max_len = max_positions - 2
+        needed = max(
+            nli.sentence_length(ids, max_len) for a, b in encoded.values() for ids in [*a, *b]
+        )
+        return cls(texts, encoded, int(min(-(-needed // 8) * 8, max_positions)), max_len)
+
+    def metric_names(self) -> list[str]:
+        return [f"retrieval/{key}" for key in self.texts] + ["retrieval/avg"]
+
+    def evaluator(
+        self, model: XLMEncoder, param_shardings, runner: xnli.Runner, langs, batch_size: int
+    ):
+        """``(params, step) -> {"retrieval/xx-en": mean accuracy of both directions, ...,
+        "retrieval/avg"}`` for the encoder ``model`` whose languages are ``langs``."""
+        embed_fn = jax.jit(
+            functools.partial(mean_pooled, model=model),
+            in_shardings=(param_shardings, runner.batch_sharding),
+            out_shardings=runner.replicated,
+        )
+
+        def evaluate(params, step: int) -> dict[str, float]:
+            def embed(sentences, lang: str, key: str) -> np.ndarray:
+                rows = sentence_rows(sentences, list(langs).index(lang), self.max_len, self.length)
+                return embed_rows(embed_fn, params, rows, runner, batch_size)
+
+            per_pair = scores(self.texts, self.encoded, embed)
+            out = {f"retrieval/{key}": v["mean"] for key, v in per_pair.items()}
+            return out | {"retrieval/avg": float(np.mean(list(out.values())))}
+
+        return evaluate
 
 
 def write_retrieval(workdir: Path, results: Mapping[str, Any]) -> None:
