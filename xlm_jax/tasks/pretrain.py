@@ -58,13 +58,13 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """How a batch becomes inputs and targets (masked MLM/TLM or causal CLM), and its scoring.
+    """How a batch becomes inputs and targets (``PROGRAMS[program]``), and its scoring.
 
     Scoring runs under ``shard_map`` over ``mesh``: rows split over ``batch_axes``, vocabulary
     over ``vocab_axes`` (``objectives.sharded_token_loss_sums``).
     """
 
-    causal: bool
+    program: str
     vocab_size: int
     mesh: Mesh
     batch_axes: tuple[str, ...] = ()
@@ -73,18 +73,13 @@ class Objective:
     mask_keep_rand: tuple[float, float, float] = (0.8, 0.1, 0.1)
     log_weights: jax.Array | None = dataclasses.field(default=None, compare=False)
 
+    @property
+    def causal(self) -> bool:
+        return PROGRAMS[self.program].causal
+
     def prepare(self, batch, rng):
         """Adds ``targets`` and ``weights`` (and, for MLM/TLM, corrupts tokens, ``pred_index``)."""
-        if self.causal:
-            return objectives.causal_targets(batch)
-        return objectives.mask_tokens(
-            batch,
-            rng,
-            vocab_size=self.vocab_size,
-            word_pred=self.word_pred,
-            mask_keep_rand=self.mask_keep_rand,
-            log_weights=self.log_weights,
-        )
+        return PROGRAMS[self.program].prepare(self, batch, rng)
 
     def loss_sums(self, model: XLMEncoder, params, batch, rng, *, deterministic: bool) -> Sums:
         """A prepared batch → loss sums (``rng`` is the dropout key)."""
@@ -341,8 +336,62 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
         raise ValueError(f"{where} was written by a different config:\n  " + "\n  ".join(diffs))
 
 
+# --- the objectives: one table -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A compiled step that objectives share: how it prepares a batch on device."""
+
+    causal: bool
+    prepare: Callable[[Objective, Batch, jax.Array], Batch]
+
+
+PROGRAMS = {
+    "clm": Program(True, lambda obj, batch, rng: objectives.causal_targets(batch)),
+    "masked": Program(
+        False,
+        lambda obj, batch, rng: objectives.mask_tokens(
+            batch,
+            rng,
+            vocab_size=obj.vocab_size,
+            word_pred=obj.word_pred,
+            mask_keep_rand=obj.mask_keep_rand,
+            log_weights=obj.log_weights,
+        ),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """A pretraining objective: its program, its rows, its loss weight, and the share of tokens
+    at which the output layer runs (model FLOPs for MFU)."""
+
+    program: str  # a PROGRAMS key
+    pairs: bool  # rows of sentence pairs (TLM), or windows of one language's stream
+    batch_setting: str
+    length_setting: str
+    lambda_setting: str
+    pred_fraction: Callable[[ml_collections.ConfigDict], float]
+
+    def rows(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
+        return config[self.batch_setting], config[self.length_setting]
+
+
+# The ``objective`` of a ``clm_steps`` / ``mlm_steps`` entry (batches.StepSpec) -> its kind.
+OBJECTIVES = {
+    "mlm": Kind("masked", False, "batch_size", "bptt", "lambda_mlm", lambda c: c.word_pred),
+    # XLM: TLM is an mlm_steps entry (a language pair), weighted by lambda_mlm
+    "tlm": Kind(
+        "masked", True, "tlm_batch_size", "tlm_length", "lambda_mlm", lambda c: c.word_pred
+    ),
+    "clm": Kind("clm", False, "batch_size", "bptt", "lambda_clm", lambda c: 1.0),
+}
+
+
 class Steps:
-    """The compiled step functions, one per objective kind; shapes fixed, so each compiles once."""
+    """The compiled step functions, one per program; shapes fixed, so each compiles once."""
 
     def __init__(self, config, model, tx, mesh, rules, state_shardings, token_counts):
         self.mesh, self.rules = mesh, rules
@@ -359,7 +408,7 @@ class Steps:
         )
         self.objectives = {
             kind: Objective(
-                causal=kind == "clm",
+                program=kind,
                 vocab_size=vocab,
                 mesh=mesh,
                 batch_axes=parallel.mesh_axes_of("batch", rules),
@@ -368,7 +417,7 @@ class Steps:
                 mask_keep_rand=split,
                 log_weights=log_weights,
             )
-            for kind in ("clm", "masked")
+            for kind in PROGRAMS
         }
         batch_sh = parallel.batch_sharding(mesh, rules)
         repl = parallel.replicated(mesh)
@@ -408,7 +457,7 @@ class Steps:
 
     @staticmethod
     def kind(spec: batches_lib.StepSpec) -> str:
-        return "clm" if spec.objective == "clm" else "masked"
+        return OBJECTIVES[spec.objective].program
 
     def compilations(self) -> int:
         """Number of compiled programs so far (tests check the alternation never recompiles)."""
@@ -430,7 +479,7 @@ def evaluate(steps: Steps, params, data: Data, n_rows: int) -> dict[str, float]:
     sums: dict[str, dict[str, float]] = {}
     with parallel.mesh_context(steps.mesh, steps.rules):
         for key, batches in data.valid.items():
-            kind = "clm" if key.startswith("clm_") else "masked"
+            kind = OBJECTIVES[key.split("_", 1)[0]].program
             out = [
                 steps.eval[kind](
                     params,
@@ -442,7 +491,7 @@ def evaluate(steps: Steps, params, data: Data, n_rows: int) -> dict[str, float]:
             totals = jax.device_get(out)
             sums[key] = {k: float(sum(t[k] for t in totals)) for k in totals[0]}
     scalars = summarize(sums)
-    for kind in ("mlm", "tlm", "clm"):
+    for kind in OBJECTIVES:
         ppls = [v for k, v in scalars.items() if k.startswith(f"{kind}_") and k.endswith("/ppl")]
         if ppls:
             scalars[f"{kind}_ppl"] = float(np.mean(ppls))
@@ -518,18 +567,13 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     schedule = batches_lib.Schedule(
         step_lists, data.sizes, sampling_factor=config.lg_sampling_factor, seed=config.seed
     )
-    lambdas = {
-        "clm": batches_lib.parse_lambda(config.lambda_clm),
-        "mlm": batches_lib.parse_lambda(config.lambda_mlm),
-        "tlm": batches_lib.parse_lambda(config.lambda_mlm),  # XLM: TLM is an mlm_steps entry
-    }
+    lambdas = {k: batches_lib.parse_lambda(config[o.lambda_setting]) for k, o in OBJECTIVES.items()}
     mcfg = model_config(config, tokenizer.vocab_size)
     model, tx = XLMEncoder(mcfg), make_optimizer(config.optimizer)
     # MFU: model FLOPs of the tokens each objective processes (padding counts as waste)
     flops_per_token = {
-        "clm": xlm_flops_per_token(mcfg, config.bptt, 1.0),
-        "mlm": xlm_flops_per_token(mcfg, config.bptt, config.word_pred),
-        "tlm": xlm_flops_per_token(mcfg, config.tlm_length, config.word_pred),
+        k: xlm_flops_per_token(mcfg, o.rows(config)[1], o.pred_fraction(config))
+        for k, o in OBJECTIVES.items()
     }
 
     def update(step: int) -> loop.Update:

@@ -107,9 +107,8 @@ def bench_steps(
     steps = pretrain.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
     rng = np.random.default_rng(0)
     kinds = {
-        "mlm": ("masked", config.batch_size, config.bptt, False, config.word_pred),
-        "tlm": ("masked", config.tlm_batch_size, config.tlm_length, True, config.word_pred),
-        "clm": ("clm", config.batch_size, config.bptt, False, 1.0),
+        name: (o.program, *o.rows(config), o.pairs, o.pred_fraction(config))
+        for name, o in pretrain.OBJECTIVES.items()
     }
     results = {}
     with parallel.mesh_context(mesh, rules):

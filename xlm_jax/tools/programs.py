@@ -59,11 +59,7 @@ def pretrain_programs(config, mesh, rules, all_shapes: bool = False) -> list[Pro
     state, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp)
     steps = pretrain.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
     used = {s.objective for specs in pretrain.build_steps(config) for s in specs}
-    shapes = {
-        "mlm": ("masked", config.batch_size, config.bptt),
-        "tlm": ("masked", config.tlm_batch_size, config.tlm_length),
-        "clm": ("clm", config.batch_size, config.bptt),
-    }
+    shapes = {name: (o.program, *o.rows(config)) for name, o in pretrain.OBJECTIVES.items()}
     out = []
     for name, (kind, rows, length) in shapes.items():
         if name not in used:
