@@ -15,6 +15,7 @@ task adds. The step index fixes everything random about a step, so resumed = uni
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import math
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import ml_collections
@@ -143,6 +145,17 @@ class Plan:
     on_eval: Callable[[dict, int, dict], dict] | None = None  # -> the checkpoint's metrics
     eval_at_start: bool = False  # also evaluate before the first update (a fresh run)
     finish: Callable[[dict, dict], Any] | None = None  # (loop, last scalars) -> the result
+
+
+def run_meta(config: ml_collections.ConfigDict, tokenizer_bytes: bytes, **fields: Any) -> dict:
+    """A checkpoint's metadata: the config, the task's ``fields``, the tokenizer (a resumed or
+    fine-tuned run never retrains it) and the library versions that wrote it."""
+    return {
+        "config": config.to_dict(),
+        **fields,
+        "tokenizer": base64.b64encode(tokenizer_bytes).decode("ascii"),
+        "versions": {"jax": jax.__version__, "flax": flax.__version__},
+    }
 
 
 def default_best(config: ml_collections.ConfigDict) -> tuple[str | None, str]:

@@ -814,15 +814,14 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         logging.info("initialised from %s; fresh: %s", source.description, fresh)
         return state.replace(params=params)
 
-    meta = {
-        "config": config.to_dict(),
-        "encoder": enc_cfg.to_dict(),
-        "decoder": dec_cfg.to_dict(),
-        "model_langs": source.langs,
-        "init": source.info,
-        "tokenizer": base64.b64encode(tokenizer.serialized).decode("ascii"),
-        "versions": {"jax": jax.__version__, "flax": flax.__version__},
-    }
+    meta = loop.run_meta(
+        config,
+        tokenizer.serialized,
+        encoder=enc_cfg.to_dict(),
+        decoder=dec_cfg.to_dict(),
+        model_langs=source.langs,
+        init=source.info,
+    )
     return loop.Plan(
         model=model,
         tx=tx,

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -593,12 +592,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     metric_names = eval_metric_names(data) if "valid" in chosen else []
     metric_names += probe.metric_names() if probe is not None else []
 
-    meta = {
-        "config": config.to_dict(),
-        "fingerprint": fingerprint,
-        "tokenizer": base64.b64encode(tokenizer.serialized).decode("ascii"),
-        "versions": {"jax": jax.__version__, "flax": flax.__version__},
-    }
+    meta = loop.run_meta(config, tokenizer.serialized, fingerprint=fingerprint)
     return loop.Plan(
         model=model,
         tx=tx,

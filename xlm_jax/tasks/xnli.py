@@ -35,7 +35,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -595,15 +594,14 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         for k in SUM_KEYS:
             loop_state["epoch_sums"][k] += sums[k]
 
-    meta = {
-        "config": config.to_dict(),
-        "tokenizer": base64.b64encode(source.tokenizer.serialized).decode("ascii"),
-        "model": source.model.to_dict(),
-        "langs": source.langs,
-        "init": source.info,
-        "row_length": length,
-        "versions": {"jax": jax.__version__, "flax": flax.__version__},
-    }
+    meta = loop.run_meta(
+        config,
+        source.tokenizer.serialized,
+        model=source.model.to_dict(),
+        langs=source.langs,
+        init=source.info,
+        row_length=length,
+    )
     return loop.Plan(
         model=model,
         tx=tx,
