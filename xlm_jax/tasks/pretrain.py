@@ -539,7 +539,7 @@ def programs_of(config, env, model, tx, data: Data, probe) -> Callable[[Any], lo
             "valid": lambda params, step: evaluate(steps, params, data, config.eval_batch_size)
         }
         if probe is not None:
-            runner = xnli.Runner.on(env.mesh, env.rules)
+            runner = xnli.Runner(env.mesh, env.rules)
             langs = lang_list(config)
             built["retrieval"] = probe.evaluator(
                 model, shardings.params, runner, langs, config.eval_batch_size

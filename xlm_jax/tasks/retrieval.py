@@ -120,7 +120,7 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    runner = xnli.Runner(config, {"batch_size": config.batch_size})
+    runner = xnli.Runner.for_config(config, {"batch_size": config.batch_size})
     texts, skipped = _read_pairs(config.data)
     source = _encoder_source(config, workdir, texts)
     encoded = {

@@ -237,24 +237,20 @@ def make_steps(config, model, tx, mesh: Mesh, rules, shardings) -> tuple[Callabl
 class Runner:
     """Mesh, rules, batch sharding and the placement of host batches (this process's rows)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, batch_sizes: Mapping[str, int]):
-        self.rules = parallel.rules_from_config(config.mesh.rules)
-        self.mesh: Mesh = parallel.make_mesh(config.mesh.shape)
-        for what, n in batch_sizes.items():
-            parallel.check_batch_size(n, self.mesh, self.rules, what)
-        self.batch_sharding: NamedSharding = parallel.batch_sharding(self.mesh, self.rules)
-        self.replicated = parallel.replicated(self.mesh)
-        self.dp = parallel.data_parallel_size(self.mesh, self.rules)
+    def __init__(self, mesh: Mesh, rules) -> None:
+        self.mesh, self.rules = mesh, rules
+        self.batch_sharding: NamedSharding = parallel.batch_sharding(mesh, rules)
+        self.replicated = parallel.replicated(mesh)
+        self.dp = parallel.data_parallel_size(mesh, rules)
 
     @classmethod
-    def on(cls, mesh: Mesh, rules) -> Runner:
-        """A runner on a mesh the loop made (batch sizes already checked)."""
-        runner = cls.__new__(cls)
-        runner.mesh, runner.rules = mesh, rules
-        runner.batch_sharding = parallel.batch_sharding(mesh, rules)
-        runner.replicated = parallel.replicated(mesh)
-        runner.dp = parallel.data_parallel_size(mesh, rules)
-        return runner
+    def for_config(cls, config: ml_collections.ConfigDict, batch_sizes: Mapping[str, int]):
+        """The mesh of ``config.mesh``, checked to split each of ``batch_sizes``."""
+        rules = parallel.rules_from_config(config.mesh.rules)
+        mesh = parallel.make_mesh(config.mesh.shape)
+        for what, n in batch_sizes.items():
+            parallel.check_batch_size(n, mesh, rules, what)
+        return cls(mesh, rules)
 
     def put(self, batch: Batch) -> dict[str, jax.Array]:
         n = len(batch["tokens"])
@@ -559,7 +555,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
 
     def compile_programs(shardings) -> loop.Programs:
         step_fn, predict_fn = make_steps(config, model, tx, env.mesh, env.rules, shardings)
-        runner = Runner.on(env.mesh, env.rules)
+        runner = Runner(env.mesh, env.rules)
         return loop.Programs(
             {"xnli": step_fn},
             lambda params, step: evaluate_sets(
