@@ -147,7 +147,7 @@ from xlm_jax.tasks import nmt, pretrain, xnli
 
 root = sys.argv[1]
 modes = {
-    "pretrain": (train.train_and_evaluate, tiny_config),
+    "pretrain": (pretrain.train_and_evaluate, tiny_config),
     "nmt": (nmt.train_and_evaluate, tiny_nmt),
     "xnli": (xnli.finetune, lambda **kw: _finetune_config("/no/pretraining", **kw)),
 }
