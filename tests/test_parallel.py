@@ -43,6 +43,10 @@ def _run_jobs(tmp: Path, jobs: list[dict], devices: int) -> None:
     spec.write_text(json.dumps(jobs))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}"
+    # A run resumed on a mesh compiles what an earlier job on that mesh did: reuse it.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     out = subprocess.run(
         [sys.executable, "-m", "tests.parallel_worker", str(spec)],
         cwd=REPO,
