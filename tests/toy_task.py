@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.peak_flops_per_device = 0.0
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1), "rules": parallel.DEFAULT_RULES})
     loop.nonfinite_settings(c)
+    loop.resume_settings(c)  # restart_from_scratch
     return c
 
 

@@ -237,7 +237,7 @@ class Checkpointer:
                 return (step, *self.restore(step, abstract_state=abstract_state))
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 fallback = steps[i + 1] if i + 1 < len(steps) else None
-                kept = self._set_aside(step)
+                kept = self.set_aside(step)
                 logging.warning(
                     "checkpoint %d in %s cannot be restored (%s: %s); moved to %s; %s",
                     step,
@@ -253,7 +253,7 @@ class Checkpointer:
             raise RuntimeError(f"no checkpoint in {self.directory} can be restored: {steps}")
         return None
 
-    def _set_aside(self, step: int) -> epath.Path:
+    def set_aside(self, step: int) -> epath.Path:
         """Moves an unreadable checkpoint out of the manager's directory (kept for inspection),
         so the run can write that step again."""
         target = self.directory.parent / f"{self.directory.name}_unreadable" / str(step)

@@ -180,6 +180,44 @@ def nonfinite_settings(c: ml_collections.ConfigDict) -> None:
     c.debug_nonfinite_steps = ""  # test hook: "5,6" makes those steps' loss NaN
 
 
+def resume_settings(c: ml_collections.ConfigDict) -> None:
+    """What a run does with a workdir whose checkpoints all fail to read (``prepare``)."""
+    c.restart_from_scratch = False  # True: set them aside and start over; False: refuse to run
+
+
+LEAST = {"max_steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}
+
+
+def check_loop_settings(config: ml_collections.ConfigDict) -> None:
+    """The loop's own settings, before anything is read: each an integer of at least LEAST
+    (``checkpoint_every`` 0 = after evaluations, at the end and on preemption only)."""
+    for name, least in LEAST.items():
+        if name in config and config[name] < least:
+            raise ValueError(f"{name}={config[name]}: must be at least {least}")
+    if config.keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints={config.keep_checkpoints}: must be at least 1")
+
+
+def refuse_silent_restart(ckpt: Checkpointer, newest, config: ml_collections.ConfigDict) -> None:
+    """A workdir with checkpoints of which none reads back (or only set-aside ones) is not a
+    fresh start: refuse, unless ``restart_from_scratch``, which sets the unreadable ones aside."""
+    steps = ckpt.all_steps()
+    aside = ckpt.directory.parent / f"{ckpt.directory.name}_unreadable"
+    set_aside = sorted(p.name for p in aside.iterdir()) if aside.exists() else []
+    if newest is not None or not (steps or set_aside):
+        return
+    if not config.restart_from_scratch:
+        raise RuntimeError(
+            f"{ckpt.directory} holds no readable checkpoint (unreadable metadata: steps "
+            f"{steps}; set aside earlier as unreadable: {set_aside} in {aside}). Refusing to "
+            "start over: repair or remove them, or rerun with "
+            "--config.restart_from_scratch=true to set them aside and train from step 0"
+        )
+    for step in steps:
+        logging.warning("restart_from_scratch: setting aside checkpoint %d", step)
+        ckpt.set_aside(step)
+
+
 def poisoned_steps(config: ml_collections.ConfigDict) -> set[int]:
     """The loop steps whose loss ``debug_nonfinite_steps`` makes NaN (a test hook)."""
     return {int(x) for x in str(config.debug_nonfinite_steps).split(",") if x.strip()}
@@ -286,6 +324,7 @@ class Window:
 def prepare(task: Task, config: ml_collections.ConfigDict, workdir: Path, ckpt_kw: dict):
     """Checks settings, mesh and batch sizes (milliseconds), opens the checkpoint directory and
     reads the newest readable checkpoint's metadata: what a task's setup starts from."""
+    check_loop_settings(config)
     task.check(config)
     rules = parallel.rules_from_config(config.mesh.rules)
     mesh = parallel.make_mesh(config.mesh.shape)
@@ -296,6 +335,7 @@ def prepare(task: Task, config: ml_collections.ConfigDict, workdir: Path, ckpt_k
         workdir / "checkpoints", best_metric=best_metric, best_mode=best_mode, **ckpt_kw
     )
     newest = ckpt.newest_readable_meta()
+    refuse_silent_restart(ckpt, newest, config)
     latest, saved = newest if newest is not None else (None, None)
     where = f"checkpoint {latest} in {ckpt.directory}"
     env = Env(workdir, mesh, rules, parallel.batch_sharding(mesh, rules), saved, where)
@@ -322,6 +362,14 @@ def start_state(plan: Plan, env: Env, ckpt: Checkpointer, seed: int):
     return state, shardings, loop
 
 
+def check_measured(best_metric: str | None, names: Sequence[str] | None) -> None:
+    if best_metric and names is not None and best_metric not in names:
+        raise ValueError(
+            f"best_metric {best_metric!r} will not be measured; the evaluation reports "
+            f"{sorted(names)}"
+        )
+
+
 def one_update(
     plan: Plan, programs: Programs, env: Env, window: Window, state, step: int, poisoned: set[int]
 ) -> TrainState:
@@ -344,6 +392,22 @@ def one_update(
     return state
 
 
+def start(task: Task, config: ml_collections.ConfigDict, workdir: Path, guard: PreemptionGuard):
+    """Everything before the first update: checks, the task's setup, the state (restored or
+    initialised) and the compiled programs. A stop requested meanwhile ends it, unsaved."""
+    env, ckpt, best = prepare(task, config, workdir, {"keep_last": config.keep_checkpoints})
+    plan = task.setup(config, env)
+    check_measured(best[0], plan.metric_names)
+    state, shardings, loop = start_state(plan, env, ckpt, config.seed)
+    programs = plan.compile(shardings)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("%s; %d parameters; mesh %s", plan.describe, n_params, dict(env.mesh.shape))
+    if guard.should_stop(loop["step"]):  # nothing trained yet: nothing to save
+        ckpt.close()
+        raise Preempted(loop["step"], saved=False)
+    return env, ckpt, plan, (state, loop, programs), best
+
+
 def run(
     task: Task,
     config: ml_collections.ConfigDict,
@@ -359,86 +423,87 @@ def run(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    env, ckpt, (best_metric, best_mode) = prepare(
-        task, config, workdir, {"keep_last": config.keep_checkpoints}
-    )
-    plan = task.setup(config, env)
-    if best_metric and plan.metric_names is not None and best_metric not in plan.metric_names:
-        raise ValueError(
-            f"best_metric {best_metric!r} will not be measured; the evaluation reports "
-            f"{sorted(plan.metric_names)}"
+    # Installed first: a signal while starting up also ends with Preempted (exit 75).
+    with PreemptionGuard() as guard:
+        env, ckpt, plan, (state, loop, programs), (best_metric, best_mode) = start(
+            task, config, workdir, guard
         )
-    state, shardings, loop = start_state(plan, env, ckpt, config.seed)
-    programs = plan.compile(shardings)
-    cad = plan.cadence
-    writer = MetricWriter(workdir, total_steps=cad.max_steps, is_primary=jax.process_index() == 0)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("%s; %d parameters; mesh %s", plan.describe, n_params, dict(env.mesh.shape))
-
-    def guard_nonfinite(flags: list[float]) -> None:
-        count_nonfinite(flags, loop, config.max_nonfinite_steps, ckpt)
-
-    window = Window(loop, guard_nonfinite, plan.observe)
-    peak = mfu.peak_flops_per_device(config.peak_flops_per_device)
-    poisoned = poisoned_steps(config)
-    last: dict[str, float] = {}
-
-    def save(metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
-        window.count()  # a task's observed sums (e.g. the epoch's loss) go into the checkpoint
-        data_state = plan.save_state(plan, loop)
-        ckpt.save(
-            loop["step"], state, data_state=data_state, meta=plan.meta, metrics=metrics, force=force
+        cad = plan.cadence
+        writer = MetricWriter(
+            workdir, total_steps=cad.max_steps, is_primary=jax.process_index() == 0
         )
 
-    def evaluate(step: int) -> dict[str, float]:
-        metrics = programs.evaluate(state.params, step)
-        writer.write(step, metrics)
-        logging.info(
-            "eval step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
-        )
-        last.update(metrics)
-        return plan.on_eval(loop, step, metrics) if plan.on_eval is not None else metrics
+        def guard_nonfinite(flags: list[float]) -> None:
+            count_nonfinite(flags, loop, config.max_nonfinite_steps, ckpt)
 
-    try:
-        with parallel.mesh_context(env.mesh, env.rules), PreemptionGuard() as guard:
-            if plan.eval_at_start and env.saved is None:
-                evaluate(0)
-            while loop["step"] < cad.max_steps and not loop.get("stopped"):
-                state = one_update(plan, programs, env, window, state, loop["step"], poisoned)
-                loop["step"] += 1
-                step = loop["step"]
-                if on_step is not None:
-                    on_step(step, state)
-                if cad.logs(step):
-                    scalars = window.scalars(peak)
-                    if plan.lr is not None:
-                        scalars["lr"] = plan.lr(int(state.step))
-                    writer.progress(step, scalars, tokens=window.tokens)
-                    writer.write(step, scalars, prefix="train/")
-                    last.update({f"train/{k}": v for k, v in scalars.items()})
-                metrics = evaluate(step) if cad.evaluates(step) else None
-                if metrics is not None and best_metric in metrics:  # evaluators may skip some
-                    value = metrics[best_metric]
-                    loop["stopped"] = track_best(
-                        loop, value, best_metric, best_mode, config.patience
-                    )
-                if cad.logs(step):
-                    window.restart()  # after the evaluation: a window times only its updates
-                done = step >= cad.max_steps or bool(loop.get("stopped"))
-                preempted = guard.should_stop(step) and not done
-                if metrics is not None or cad.checkpoints(step) or done or preempted:
-                    save(metrics, force=done or preempted)
-                if preempted:
-                    ckpt.close()  # waits for the save: its error, if it failed, not Preempted
-                    writer.close()
-                    raise Preempted(step)
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error that stopped the run is the one to see
-            ckpt.close()  # a crash, too, waits for a save in flight: the newest good checkpoint
+        window = Window(loop, guard_nonfinite, plan.observe)
+        peak = mfu.peak_flops_per_device(config.peak_flops_per_device)
+        poisoned = poisoned_steps(config)
+        last: dict[str, float] = {}
+
+        def save(metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
+            window.count()  # a task's observed sums (e.g. the epoch's loss) go into the checkpoint
+            data_state = plan.save_state(plan, loop)
+            ckpt.save(
+                loop["step"],
+                state,
+                data_state=data_state,
+                meta=plan.meta,
+                metrics=metrics,
+                force=force,
+            )
+
+        def evaluate(step: int) -> dict[str, float]:
+            metrics = programs.evaluate(state.params, step)
+            writer.write(step, metrics)
+            logging.info(
+                "eval step %d: %s",
+                step,
+                ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())),
+            )
+            last.update(metrics)
+            return plan.on_eval(loop, step, metrics) if plan.on_eval is not None else metrics
+
+        try:
+            with parallel.mesh_context(env.mesh, env.rules):
+                if plan.eval_at_start and env.saved is None:
+                    evaluate(0)
+                while loop["step"] < cad.max_steps and not loop.get("stopped"):
+                    state = one_update(plan, programs, env, window, state, loop["step"], poisoned)
+                    loop["step"] += 1
+                    step = loop["step"]
+                    if on_step is not None:
+                        on_step(step, state)
+                    if cad.logs(step):
+                        scalars = window.scalars(peak)
+                        if plan.lr is not None:
+                            scalars["lr"] = plan.lr(int(state.step))
+                        writer.progress(step, scalars, tokens=window.tokens)
+                        writer.write(step, scalars, prefix="train/")
+                        last.update({f"train/{k}": v for k, v in scalars.items()})
+                    metrics = evaluate(step) if cad.evaluates(step) else None
+                    if metrics is not None and best_metric in metrics:  # evaluators may skip some
+                        value = metrics[best_metric]
+                        loop["stopped"] = track_best(
+                            loop, value, best_metric, best_mode, config.patience
+                        )
+                    if cad.logs(step):
+                        window.restart()  # after the evaluation: a window times only its updates
+                    done = step >= cad.max_steps or bool(loop.get("stopped"))
+                    preempted = guard.should_stop(step) and not done
+                    if metrics is not None or cad.checkpoints(step) or done or preempted:
+                        save(metrics, force=done or preempted)
+                    if preempted:
+                        ckpt.close()  # waits for the save: its error, if it failed, not Preempted
+                        writer.close()
+                        raise Preempted(step)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error that stopped the run is the one to see
+                ckpt.close()  # a crash, too, waits for a save in flight: the newest good checkpoint
+            writer.close()
+            raise
+        ckpt.close()  # waits for pending saves first
         writer.close()
-        raise
-    ckpt.close()  # waits for pending saves first
-    writer.close()
-    last["compiled_programs"] = programs.compilations()
-    logging.info("compiled programs: %d", last["compiled_programs"])
-    return plan.finish(loop, last) if plan.finish is not None else last
+        last["compiled_programs"] = programs.compilations()
+        logging.info("compiled programs: %d", last["compiled_programs"])
+        return plan.finish(loop, last) if plan.finish is not None else last

@@ -109,6 +109,8 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules, what: str = "batch_size") -> None:
+    if batch_size < 1:
+        raise ValueError(f"{what}={batch_size}: a batch needs at least one row")
     n = data_parallel_size(mesh, rules)
     if batch_size % n:
         raise ValueError(

@@ -23,9 +23,11 @@ EXIT_PREEMPTED = 75
 class Preempted(Exception):
     """Raised by the loop after it saved a checkpoint because a stop was requested."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, *, saved: bool = True) -> None:
         super().__init__(
             f"stopped at step {step} on request; the checkpoint is saved, rerun to resume"
+            if saved
+            else f"stopped on request while starting (step {step}); nothing was written, rerun"
         )
         self.step = step
 

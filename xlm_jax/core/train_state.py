@@ -44,11 +44,21 @@ def learning_rate(config: ml_collections.ConfigDict, updates: int) -> float:
     return float(inverse_sqrt_schedule(o.lr, o.warmup_steps, o.warmup_init_lr)(max(updates - 1, 0)))
 
 
+def check_optimizer(cfg: ml_collections.ConfigDict, where: str = "optimizer") -> None:
+    """Learning rates of at least 0 (0 freezes the parameters; below 0 ascends the loss)."""
+    for name in ("lr", "warmup_init_lr"):
+        if cfg[name] < 0:
+            raise ValueError(f"{where}.{name}={cfg[name]}: a learning rate must be >= 0")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"{where}.warmup_steps={cfg.warmup_steps}: must be >= 0")
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam with XLM's schedule, global-norm clipping and optional decoupled weight decay.
 
     Weight decay skips biases and LayerNorm parameters (1-D leaves), the usual practice.
     """
+    check_optimizer(cfg)
     schedule = inverse_sqrt_schedule(cfg.lr, cfg.warmup_steps, cfg.warmup_init_lr)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     return optax.chain(

@@ -112,6 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.best_mode = "max"
     c.patience = -1
     loop.nonfinite_settings(c)
+    loop.resume_settings(c)  # restart_from_scratch
     return c
 
 
@@ -845,7 +846,9 @@ def batch_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
     return {what: config[what] for what in ("batch_size", "eval_batch_size")}
 
 
-TASK = loop.Task("nmt", setup, batch_sizes)
+TASK = loop.Task(
+    "nmt", setup, batch_sizes, check=lambda c: train_state.check_optimizer(c.optimizer)
+)
 
 
 def train_and_evaluate(

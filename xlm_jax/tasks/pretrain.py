@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from xlm_jax.core import evaluators, loop, parallel
+from xlm_jax.core import evaluators, loop, parallel, train_state
 from xlm_jax.core.metrics import summarize
 from xlm_jax.core.train_state import (
     TrainState,
@@ -516,7 +516,15 @@ EVALUATORS = ("valid", "retrieval")  # config.evals picks among them (core/evalu
 
 
 def check(config: ml_collections.ConfigDict) -> None:
+    """Settings that cannot work, refused before anything is read."""
     evaluators.parse(config.evals, EVALUATORS)
+    train_state.check_optimizer(config.optimizer)
+    for name in ("bptt", "tlm_length"):  # a row's positions must have embeddings
+        if not 1 <= config[name] <= config.model.max_positions:
+            raise ValueError(
+                f"{name}={config[name]}: rows need 1..model.max_positions="
+                f"{config.model.max_positions} positions"
+            )
 
 
 def read_probe(config: ml_collections.ConfigDict, data: Data, tokenizer) -> retrieval.Probe:

@@ -92,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.patience = -1  # stop after this many evaluations without improvement; -1 = never
     c.max_nonfinite_steps = 20  # stop after this many consecutive skipped (NaN/inf) updates
     c.debug_nonfinite_steps = ""  # test hook: "5,6" makes those steps' loss NaN
+    # A workdir whose checkpoints all fail to read: True = set them aside and start over;
+    # False = refuse to run (never a silent restart)
+    c.restart_from_scratch = False
 
     # --- devices ---
     c.mesh = ml_collections.ConfigDict()

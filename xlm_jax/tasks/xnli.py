@@ -120,6 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
     # SIGINT); resuming from one is exact. Only epoch checkpoints are ranked for the best one.
     c.checkpoint_every = 0
     loop.nonfinite_settings(c)  # a NaN/inf update is skipped; too many in a row stop the run
+    loop.resume_settings(c)  # restart_from_scratch
 
     c.sweep = ml_collections.ConfigDict()  # --mode=xnli_sweep: every (lr, batch size) pair
     c.sweep.lrs = "5e-6,2.5e-5,1.25e-4"  # sets optimizer_e.lr and optimizer_p.lr
@@ -273,6 +274,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"max_len={config.max_len}: a sentence needs its two </s> and a token")
     if config.epoch_size == 0 or config.epoch_size < -1:
         raise ValueError(f"epoch_size={config.epoch_size}: a positive count, or -1 for all")
+    for name in ("optimizer_e", "optimizer_p"):
+        if config[name].lr < 0:
+            raise ValueError(f"{name}.lr={config[name].lr}: a learning rate must be >= 0")
     for what in ("train", "valid"):
         if not config.data[what].strip():
             raise ValueError(f"data.{what} is empty: give 'LANG: SOURCE' entries")
