@@ -1,13 +1,20 @@
 """XLM's fixed special ids and pieces, shared by both tokenizations of the package.
 
 `tokenizer` (SentencePiece, and the loader of either kind) and `xlm_bpe` (XLM's Moses + fastBPE,
-for imported models) both need them: they live here, below both, so that `tokenizer` can import
-`xlm_bpe` without `xlm_bpe` importing it back. Callers import them from `tokenizer`.
+for imported models) both need them, and both are `Serialized`: they live here, below both, so
+that `tokenizer` can import `xlm_bpe` without `xlm_bpe` importing it back. Callers import them
+from `tokenizer`.
 
     <s>=0  </s>=1 (sentence separator)  <pad>=2  <unk>=3  <special0..9>=4..13, <special1> = mask
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from xlm_jax.core.files import write_atomic
 
 BOS_ID = 0
 EOS_ID = 1
@@ -29,3 +36,23 @@ SPECIAL_PIECES: tuple[str, ...] = (
     UNK_PIECE,
     *(f"<special{i}>" for i in range(N_SPECIAL_SYMBOLS)),
 )
+
+
+class Serialized:
+    """What both tokenizers share: their model as bytes (embedded in every checkpoint), its hash
+    (a resumed run must use the same vocabulary) and the atomic save of those bytes."""
+
+    _serialized: bytes
+
+    @property
+    def serialized(self) -> bytes:
+        """The model, byte for byte as loaded (checkpoints embed it)."""
+        return self._serialized
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self._serialized).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the model file atomically (a resumed run restores it from its checkpoint)."""
+        write_atomic(Path(path), self._serialized)

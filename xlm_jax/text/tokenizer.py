@@ -18,7 +18,6 @@ has the same interface, but is no subclass: this module imports `xlm_bpe` to dis
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -43,6 +42,7 @@ from xlm_jax.text.specials import (  # the special ids: callers import them from
     UNK_ID,
     UNK_PIECE,
     XLM_BPE_MAGIC,
+    Serialized,
 )
 from xlm_jax.text.specials import MASK_ID as MASK_ID  # re-exported, unused here
 from xlm_jax.text.xlm_bpe import XLMBPETokenizer
@@ -53,7 +53,7 @@ _log = logging.getLogger(__name__)
 # --- the vocabulary -----------------------------------------------------------------------------
 
 
-class Tokenizer:
+class Tokenizer(Serialized):
     """A loaded SentencePiece model whose special ids were checked against the constants above."""
 
     def __init__(self, serialized: bytes) -> None:
@@ -83,19 +83,6 @@ class Tokenizer:
         if isinstance(serialized, bytes) and serialized.startswith(XLM_BPE_MAGIC):
             return XLMBPETokenizer.from_bytes(serialized)
         return cls(serialized)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the model file atomically (a resumed run restores it from its checkpoint)."""
-        write_atomic(Path(path), self._serialized)
-
-    @property
-    def serialized(self) -> bytes:
-        """The model proto, byte for byte as loaded (checkpoints embed it)."""
-        return self._serialized
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self._serialized).hexdigest()
 
     @property
     def vocab_size(self) -> int:

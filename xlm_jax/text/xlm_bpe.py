@@ -26,7 +26,6 @@ here every language goes through Moses (a warning says so once).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xlm_jax.core.files import write_atomic
-from xlm_jax.text.specials import N_SPECIAL, SPECIAL_PIECES, UNK_ID, XLM_BPE_MAGIC
+from xlm_jax.text.specials import N_SPECIAL, SPECIAL_PIECES, UNK_ID, XLM_BPE_MAGIC, Serialized
 
 if TYPE_CHECKING:
     import sacremoses
@@ -265,7 +264,7 @@ class MosesPipeline:
 # --- the tokenizer -------------------------------------------------------------------------------
 
 
-class XLMBPETokenizer:
+class XLMBPETokenizer(Serialized):
     """XLM's tokenization (Moses + fastBPE + dictionary) with the `tokenizer.Tokenizer` interface.
 
     `encode`/`encode_many`/`decode` take an optional `lang` (Moses rules are per language);
@@ -358,9 +357,6 @@ class XLMBPETokenizer:
         codes = read_codes(Path(merges_txt).read_text(encoding="utf-8"))
         return cls(words_from_hf_vocab(vocab), codes, **options)
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_atomic(Path(path), self._serialized)
-
     def save_hf(self, directory: str | os.PathLike) -> None:
         """Writes `vocab.json` and `merges.txt` as HF's `XLMTokenizer` reads them."""
         d = Path(directory)
@@ -368,14 +364,6 @@ class XLMBPETokenizer:
         write_atomic(d / "vocab.json", (vocab + "\n").encode("utf-8"))
         merges = "".join(f"{a} {b} {c}\n" for a, b, c in self._codes)
         write_atomic(d / "merges.txt", merges.encode("utf-8"))
-
-    @property
-    def serialized(self) -> bytes:
-        return self._serialized
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self._serialized).hexdigest()
 
     @property
     def vocab_size(self) -> int:
