@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
 
 from xlm_jax.core.files import write_atomic
 
@@ -43,6 +46,17 @@ class Serialized:
     (a resumed run must use the same vocabulary) and the atomic save of those bytes."""
 
     _serialized: bytes
+    vocab_size: int
+
+    def checked_ids(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """``ids`` to decode, as a 1-D int64 array, each a piece of this vocabulary."""
+        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"decode takes a 1-D sequence of ids, got shape {arr.shape}")
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise ValueError(f"ids out of range [0, {self.vocab_size}): {bad[:5].tolist()}")
+        return arr
 
     @property
     def serialized(self) -> bytes:

@@ -103,12 +103,7 @@ class Tokenizer(Serialized):
 
     def decode(self, ids: Iterable[int] | np.ndarray, lang: str | None = None) -> str:
         """Text of `ids`; special ids (< N_SPECIAL, including <unk>) are dropped, not rendered."""
-        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
-        if arr.ndim != 1:
-            raise ValueError(f"decode takes a 1-D sequence of ids, got shape {arr.shape}")
-        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
-        if bad.size:
-            raise ValueError(f"ids out of range [0, {self.vocab_size}): {bad[:5].tolist()}")
+        arr = self.checked_ids(ids)
         return self._sp.Decode(arr[arr >= N_SPECIAL].tolist())
 
     def id_to_piece(self, i: int) -> str:

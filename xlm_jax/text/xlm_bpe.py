@@ -410,12 +410,7 @@ class XLMBPETokenizer(Serialized):
 
     def decode(self, ids: Iterable[int] | np.ndarray, lang: str | None = None) -> str:
         """Text of `ids`: special ids dropped, `@@` subwords joined, Moses-detokenized."""
-        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
-        if arr.ndim != 1:
-            raise ValueError(f"decode takes a 1-D sequence of ids, got shape {arr.shape}")
-        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
-        if bad.size:
-            raise ValueError(f"ids out of range [0, {self.vocab_size}): {bad[:5].tolist()}")
+        arr = self.checked_ids(ids)
         text = " ".join(self._words[i] for i in arr[arr >= N_SPECIAL].tolist())
         text = (text + " ").replace(CONTINUATION + " ", "").strip()
         return _detokenizer(lang or self.default_lang).detokenize(text.split(), unescape=False)
