@@ -44,7 +44,7 @@ DOCS = [
 ]
 HOWTOS = ["pretrain.md", "xnli.md", "nmt.md", "interop.md", "launch.md", "notebooks.md"]
 MODE_FAMILY = {name: mode.family for name, mode in registry.MODES.items()}
-ABSL_MODULES = {"main", "bench", "translate"}
+ABSL_MODULES = {"main", "bench", "translate", "tools.bench_checkpoint"}
 ARGPARSE_MODULES = {
     "convert": "xlm_jax.tools.convert",
     "plots": "xlm_jax.tools.plots",
@@ -130,7 +130,7 @@ def doc_text(path: Path) -> str:
 def absl_flags(module: str) -> dict[str, str]:
     """{flag name: DEFINE kind} of an absl module, read from its source (importing several such
     modules in one process would define --config twice)."""
-    text = (REPO / "xlm_jax" / f"{module}.py").read_text(encoding="utf-8")
+    text = (REPO / "xlm_jax" / f"{module.replace('.', '/')}.py").read_text(encoding="utf-8")
     runs = re.search(r'run_module\("([\w.]+)"', text)  # a short entry point: the module it runs
     if runs:
         text = (REPO / (runs.group(1).replace(".", "/") + ".py")).read_text(encoding="utf-8")

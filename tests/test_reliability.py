@@ -1,7 +1,6 @@
 """Stopping and faults: preemption checkpoints and resumes exactly; NaN steps are skipped."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -35,18 +34,28 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(seen[8].params))
 
 
-def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
+def test_too_many_nonfinite_steps_stop_the_run_naming_the_verified_good_checkpoint(tmp_path):
     config = tiny_config(
         max_steps=12,
         eval_every=0,
-        checkpoint_every=2,
-        max_nonfinite_steps=3,
+        checkpoint_every=1,
+        keep_checkpoints=1,
+        max_nonfinite_steps=4,
         debug_nonfinite_steps="4,5,6,7,8",
     )
-    with pytest.raises(FloatingPointError, match="3 consecutive steps with a non-finite loss"):
+    with pytest.raises(FloatingPointError, match="4 consecutive steps with a non-finite loss") as e:
         pretrain.train_and_evaluate(config, tmp_path)
     ckpt = Checkpointer(tmp_path / "checkpoints")
-    state = ckpt.restore_numpy()
+    # keep-last-1 kept 4 too: the newest checkpoint saved with no update being skipped
+    assert ckpt.all_steps() == [4, 7] and ckpt.newest_good() == 4
+    message = str(e.value)
+    assert "The newest verified good checkpoint is 4" in message
+    assert "checkpoints [7] were saved while updates were being skipped" in message
+    aside = tmp_path / "checkpoints_superseded"
+    assert f"mkdir -p {aside} && mv {tmp_path / 'checkpoints' / '7'} {aside}/" in message
+    subprocess.run(message.split("and rerun: ")[1], shell=True, check=True)  # the advice works
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 4
+    state = ckpt.restore_numpy(4)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
@@ -106,7 +115,7 @@ def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
     assert step is not None and step >= 5
 
 
-@pytest.mark.parametrize("damage", ["garble", "truncate"])
+@pytest.mark.parametrize("damage", ["bitflip", "truncate"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, damage):
     full = {}
     pretrain.train_and_evaluate(
@@ -119,9 +128,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
     assert Checkpointer(work / "checkpoints").all_steps() == [6, 12]
     files = [f for f in (work / "checkpoints" / "12" / "state").rglob("*") if f.is_file()]
     assert files
-    for f in files:  # every array file of the newest checkpoint damaged
-        size = f.stat().st_size
-        f.write_bytes(os.urandom(size) if damage == "garble" else b"")
+    if damage == "bitflip":  # one bit in the middle of the largest array file: it still reads
+        f = max(files, key=lambda f: f.stat().st_size)
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x04
+        f.write_bytes(bytes(data))
+    else:  # every array file of the newest checkpoint emptied
+        for f in files:
+            f.write_bytes(b"")
     caplog.set_level("WARNING")
     resumed = {}
     pretrain.train_and_evaluate(
@@ -135,6 +149,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
         and "checkpoint 12" in warnings[0]
         and "falling back to checkpoint 6" in warnings[0]
     )
+    if damage == "bitflip":  # only the fingerprints see it: it would restore without a word
+        assert "IntegrityError: checkpoint 12: the checksums of 1 arrays" in warnings[0]
     assert min(resumed) == 7  # redone from step 6
     jax.tree.map(np.testing.assert_array_equal, full[12], resumed[12])
 

@@ -1,6 +1,7 @@
 """What the loop refuses before it trains (issue "never lose a good checkpoint", part): settings
 that cannot work, a silent restart over unreadable checkpoints; and a stop requested while it
-starts. On the toy task of tests/toy_task.py (milliseconds) and pretraining's own checks."""
+starts. On the toy task of tests/toy_task.py (milliseconds) and the tasks' own checks (language
+codes among them: a typo is refused before anything is read)."""
 
 import os
 import signal
@@ -13,7 +14,11 @@ from tests.test_loop import params_by_step
 from xlm_jax.core import loop
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.core.preemption import Preempted
-from xlm_jax.tasks import nmt, pretrain
+from xlm_jax.data import corpus
+from xlm_jax.data.sources import DataError
+from xlm_jax.tasks import nmt, pretrain, registry, xnli
+from xlm_jax.text.languages import KNOWN
+from xlm_jax.tools import config_doc, tutorial
 
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 
@@ -49,6 +54,8 @@ def test_loop_settings_that_cannot_work_are_refused_first(tmp_path, overrides, m
         (pretrain, {"tlm_length": 100}, r"tlm_length=100: rows need 1..model.max_positions=64"),
         (pretrain, {"optimizer.lr": -1.0}, r"optimizer.lr=-1.0: a learning rate must be >= 0"),
         (nmt, {"optimizer.lr": -1.0}, r"optimizer.lr=-1.0: a learning rate must be >= 0"),
+        (pretrain, {"langs": "en,fx"}, r"langs: \['fx'\] not in the known language codes"),
+        (nmt, {"langs": "en,fx"}, r"langs: \['fx'\] not in the known language codes"),
     ],
 )
 def test_task_settings_that_cannot_work_are_refused_first(tmp_path, run, overrides, message):
@@ -57,6 +64,88 @@ def test_task_settings_that_cannot_work_are_refused_first(tmp_path, run, overrid
     with pytest.raises(ValueError, match=message):
         run.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def xnli_config(**overrides):
+    c = xnli.default_config()
+    c.data.train, c.data.valid = "en: train.tsv", "en: valid.tsv; fr: valid.tsv"
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+# Each mode's up-front check (what loop.prepare calls before anything is read), and its config.
+CHECKS = {
+    "pretrain": (pretrain.TASK.check, tiny_config),
+    "nmt": (nmt.TASK.check, nmt.default_config),
+    "xnli": (xnli.TASK.check, xnli_config),
+}
+
+
+@pytest.mark.parametrize("mode", CHECKS)
+def test_a_language_code_typo_is_refused_with_near_codes_and_the_way_out(mode):
+    check, make = CHECKS[mode]
+    config = make()
+    config.langs = "en,fx"
+    with pytest.raises(DataError) as refused:
+        check(config)
+    message = str(refused.value)
+    assert message.startswith("langs: ['fx'] not in the known language codes"), message
+    suggested = message.split("'fx': did you mean ")[1].split("?")[0].split(", ")
+    assert "fr" in suggested and set(suggested) <= KNOWN, message
+    assert "--config.new_langs=fx" in message
+
+    config.new_langs = "fx"  # a language the list does not have, said so
+    check(config)
+    config.langs = "en,zh_classical"  # XLM-100's codes have "_"
+    config.new_langs = ""
+    check(config)
+
+
+@pytest.mark.parametrize(
+    "langs, message",
+    [
+        ("en,EN", r"\['EN'\] not in the known .*'EN': did you mean en,"),  # case matters
+        ("en,en-fr", r"langs \['en-fr'\]: a language code is letters, digits and '_'"),
+        ("en,qqqq", r"\['qqqq'\] not in the known .*languages\.py\)\. A language"),  # none near
+    ],
+)
+def test_language_codes_are_refused_by_their_shape_and_the_known_list(langs, message):
+    with pytest.raises(DataError, match=message):
+        pretrain.check(tiny_config(langs=langs))
+
+
+@pytest.mark.parametrize(
+    "overrides, where",
+    [
+        ({"data.valid": "en: v.tsv; fx: v.tsv"}, "data.valid"),
+        ({"data.test": "fx: t.tsv"}, "data.test"),
+        ({"data.translate_test": "fx: t.tsv"}, "data.translate_test"),
+        ({"select_lang": "fx"}, "select_lang"),
+    ],
+)
+def test_xnli_refuses_an_unknown_language_in_its_data_before_reading_it(overrides, where):
+    with pytest.raises(DataError, match=rf"^{where}: \['fx'\] not in the known .*new_langs=fx"):
+        xnli.TASK.check(xnli_config(**overrides))
+    xnli.TASK.check(xnli_config(new_langs="fx", **overrides))
+
+
+# By config family (registry.families); the retrieval probe has no loop: its languages only.
+FAMILY_CHECKS = {
+    "Pretraining": pretrain.TASK.check,
+    "XNLI fine-tuning": xnli.TASK.check,
+    "Retrieval probe": corpus.checked_langs,
+    "Translation": nmt.TASK.check,
+}
+
+
+@pytest.mark.parametrize(
+    "path", sorted(tutorial.repo_root().glob("configs/[!_]*.py")), ids=lambda p: p.stem
+)
+def test_every_config_file_passes_its_modes_check(path):
+    config = tutorial.load_config(str(path))
+    keys = set(config_doc.flatten(config))
+    (title,) = [t for t, _, fn in registry.families() if set(config_doc.flatten(fn())) == keys]
+    FAMILY_CHECKS[title](config)
 
 
 def test_checkpoint_every_zero_saves_after_evaluations_and_at_the_end(tmp_path):

@@ -322,9 +322,10 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(pretrained, tmp_path):
     assert _loop_state(tmp_path / "b" / "checkpoints", 3)["nonfinite_run"] == 2
     with pytest.raises(FloatingPointError) as e:
         xnli.finetune(_finetune_config(pretrained, **stop), tmp_path / "b")
-    assert str(e.value) == (
+    assert str(e.value) == (  # 3 was saved while updates were being skipped: not good
         "3 consecutive steps with a non-finite loss or gradient before step 4; their updates "
-        "were skipped. The last checkpoint (3) holds finite parameters."
+        f"were skipped. No checkpoint in {tmp_path / 'b' / 'checkpoints'} is verified good "
+        "(finite when saved, no update being skipped): steps [3]."
     )
     with Checkpointer(tmp_path / "b" / "checkpoints") as ck:
         assert ck.all_steps() == [3]

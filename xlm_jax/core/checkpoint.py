@@ -8,6 +8,13 @@ One `Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` (typically in
   data_state  JSON: the data iterators' integers, so a resumed run sees the same batches.
   meta        JSON: config dict, base64 tokenizer model, versions; readable on its own
               (`restore_meta`) to compare configs before building a model.
+  integrity   JSON: a fingerprint of every array of `state` and whether each was finite, and
+              whether the run was skipping non-finite updates when it saved (`core.integrity`).
+              A restore recomputes the fingerprints and refuses a checkpoint that differs.
+
+Retention keeps the newest N, the best by a metric, and the newest *good* checkpoint (finite when
+saved, no non-finite updates being skipped): a run that goes bad keeps saving, but never pushes
+its last good state out of keep-last-N.
 
 Multi-process: every process calls `save`/`restore`/`wait`/`close` with the same arguments, in
 the same order. Orbax coordinates them (barriers), writes each array shard from the process that
@@ -26,10 +33,13 @@ safe next to a run that is still writing there.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,6 +49,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from xlm_jax.core import integrity
 
 # A full disk (or quota). Orbax re-raises its writers' OSError without any path; tensorstore (the
 # array data) raises ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']") instead.
@@ -53,6 +65,29 @@ def _disk_full_errno(e: Exception) -> int | None:
     return next((code for code in _DISK_FULL if f"[os_error_code='{code}']" in text), None)
 
 
+# Errors worth reading again before a checkpoint is set aside: a network filesystem's hiccups.
+# Damaged files fail the same way every time (DATA_LOSS, bad JSON, missing files): not retried.
+_TRANSIENT_ERRNOS = (errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET)
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
+
+
+def _transient(e: Exception) -> bool:
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        return True
+    return any(f"{status}:" in str(e) for status in _TRANSIENT_STATUS)  # tensorstore's statuses
+
+
+@dataclasses.dataclass
+class NewestGood:
+    """An orbax preservation policy: keep the newest checkpoint that ``is_good``."""
+
+    is_good: Callable[[int], bool]
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        newest = max((c.step for c in checkpoints if self.is_good(c.step)), default=None)
+        return [c.step == newest for c in checkpoints]
+
+
 def _jsonable(x: Any) -> Any:
     """Converts numpy scalars/arrays and tuples to plain JSON types (orbax's JSON writer won't)."""
     if isinstance(x, Mapping):
@@ -65,10 +100,12 @@ def _jsonable(x: Any) -> Any:
 
 
 class Checkpointer:
-    """Save/restore training checkpoints with keep-last-N plus best-by-metric retention.
+    """Save/restore training checkpoints with keep-last-N, best-by-metric and newest-good
+    retention.
 
-    Retention is `AnyPreservationPolicy([LatestN(keep_last), BestN(n=1)])`: a checkpoint
-    survives if it is among the newest `keep_last` OR it is the best by `best_metric`. Only
+    Retention is `AnyPreservationPolicy([LatestN(keep_last), NewestGood, BestN(n=1)])`: a
+    checkpoint survives if it is among the newest `keep_last`, OR it is the newest good one (see
+    the module's docstring), OR it is the best by `best_metric`. Only
     checkpoints whose metrics contain a non-NaN `best_metric` take part in the ranking; the
     others are kept by recency alone (`keep_checkpoints_without_metrics=False`), so saves
     without an evaluation neither pin themselves forever nor displace the best one.
@@ -83,6 +120,7 @@ class Checkpointer:
         best_mode: str = "min",
         async_save: bool = True,
         read_only: bool = False,
+        retry_delays: Sequence[float] = (2.0, 8.0),
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (resume needs the latest), got {keep_last}")
@@ -93,8 +131,13 @@ class Checkpointer:
             path = path.resolve()
         self._best_metric = best_metric
         self._read_only = read_only
+        self._retry_delays = tuple(retry_delays)  # seconds before each new attempt at a read
+        self._good: dict[int, bool] = {}  # step -> finite and healthy when saved
 
-        policies: list[ocm.PreservationPolicy] = [ocm.LatestN(n=keep_last)]
+        policies: list[ocm.PreservationPolicy] = [
+            ocm.LatestN(n=keep_last),
+            NewestGood(self.is_good),  # a run gone bad never pushes out its last good state
+        ]
         best_fn = None
         if best_metric is not None:
             # Only called on metrics that contain the key (see `save`).
@@ -129,6 +172,7 @@ class Checkpointer:
             "state": ocp.StandardCheckpointHandler(),
             "data_state": ocp.JsonCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
+            "integrity": ocp.JsonCheckpointHandler(),
         }
         self._manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
         self._last_saved: int | None = None  # the newest step handed to the manager
@@ -164,6 +208,18 @@ class Checkpointer:
     def directory(self) -> epath.Path:
         return self._manager.directory
 
+    def _ranking(self, step: int, metrics: Mapping[str, float] | None) -> dict | None:
+        """The metrics the manager ranks ``step`` by, or None (recency alone keeps it)."""
+        if metrics is None or self._best_metric is None:
+            return None
+        value = metrics.get(self._best_metric)
+        if value is None or math.isnan(float(value)):
+            # The manager must see "no metrics", otherwise best_fn fails (missing key) or
+            # sorting breaks (NaN).
+            logging.info("checkpoint %d: no usable %r, not ranked", step, self._best_metric)
+            return None
+        return {k: float(v) for k, v in metrics.items()}
+
     def save(
         self,
         step: int,
@@ -173,32 +229,30 @@ class Checkpointer:
         meta: dict,
         metrics: Mapping[str, float] | None = None,
         force: bool = False,
+        healthy: bool = True,
     ) -> bool:
         """Starts saving `step` (asynchronously if enabled); returns False if skipped.
 
         Orbax skips steps <= the latest saved one unless `force` (and raises if the step
         directory already exists). With async saving, arrays are copied off the device before
         this returns, so the caller may donate/overwrite `state` right away; the write and the
-        deletion of old steps finish in the background (see `wait`).
+        deletion of old steps finish in the background (see `wait`). ``healthy=False`` says the
+        run is skipping non-finite updates: the checkpoint is kept but not counted as good.
         """
         if self._read_only:
             raise PermissionError(f"{self.directory}: opened read-only, cannot save step {step}")
-        manager_metrics = None
-        if metrics is not None and self._best_metric is not None:
-            value = metrics.get(self._best_metric)
-            if value is not None and not math.isnan(float(value)):
-                manager_metrics = {k: float(v) for k, v in metrics.items()}
-            else:
-                # No ranking value: the manager must see "no metrics", otherwise best_fn fails
-                # (missing key) or sorting breaks (NaN). Recency alone decides its retention.
-                logging.info("checkpoint %d: no usable %r, not ranked", step, self._best_metric)
+        record = integrity.record(state)  # every process: the fingerprints are collectives
+        self._good[step] = record.finite and healthy
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_state=ocp.args.JsonSave(_jsonable(data_state)),
             meta=ocp.args.JsonSave(_jsonable(meta)),
+            integrity=ocp.args.JsonSave(record.to_json(healthy)),
         )
         try:
-            saved = self._manager.save(step, args=args, metrics=manager_metrics, force=force)
+            saved = self._manager.save(
+                step, args=args, metrics=self._ranking(step, metrics), force=force
+            )
         except Exception as e:
             if (code := _disk_full_errno(e)) is None:
                 raise
@@ -206,6 +260,27 @@ class Checkpointer:
         if saved:
             self._last_saved = step
         return saved
+
+    def _integrity_record(self, step: int) -> dict | None:
+        """The step's integrity record; None for a checkpoint written before records existed."""
+        if not (self.directory / str(step) / "integrity").exists():
+            return None
+        args = ocp.args.Composite(integrity=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args)["integrity"]
+
+    def is_good(self, step: int) -> bool:
+        """Finite when saved and saved while no update was being skipped. A checkpoint without
+        a record (older code) counts as good; one whose record cannot be read does not."""
+        if step not in self._good:
+            try:
+                saved = self._integrity_record(step)
+                self._good[step] = saved is None or (saved["finite"] and saved["healthy"])
+            except Exception:
+                self._good[step] = False
+        return self._good[step]
+
+    def newest_good(self) -> int | None:
+        return max((s for s in self.all_steps() if self.is_good(s)), default=None)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -225,25 +300,44 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return step
 
-    def restore_newest_readable(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-        """Restores the newest checkpoint that reads back whole, as (step, state, data, meta).
+    def _read(self, what: str, step: int, read: Callable[[], Any]) -> Any:
+        """``read()``, tried again after each of ``retry_delays`` when it fails the way a
+        network filesystem does for a while (a damaged file fails at once, the same way)."""
+        for delay in (*self._retry_delays, None):
+            try:
+                return read()
+            except Exception as e:
+                if delay is None or not _transient(e):
+                    raise
+                logging.warning(
+                    "checkpoint %d in %s: reading its %s failed (%s: %s); trying again in %g s",
+                    step, self.directory, what, type(e).__name__, str(e)[:200], delay,
+                )  # fmt: skip
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
-        A checkpoint that fails to restore (truncated or corrupt files) is skipped with a warning
-        naming it and the one used instead; None when there is no checkpoint at all.
+    def restore_newest_readable(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+        """Restores the newest checkpoint that reads back whole and verified, as (step, state,
+        data, meta).
+
+        A checkpoint that fails to restore (truncated or corrupt files, after retries of
+        transient errors) or to verify (`integrity.verify`) is set aside with a warning naming
+        it, the failed check and the one used instead; None when there is no checkpoint at all.
         """
         steps = sorted(self.all_steps(), reverse=True)
         for i, step in enumerate(steps):
             try:
-                return (step, *self.restore(step, abstract_state=abstract_state))
+                read = functools.partial(self.restore, step, abstract_state=abstract_state)
+                return (step, *self._read("state", step, read))
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 fallback = steps[i + 1] if i + 1 < len(steps) else None
-                kept = self.set_aside(step)
+                why = f"{type(e).__name__}: {str(e)[:300]}"
+                kept = self.set_aside(step, why)
                 logging.warning(
-                    "checkpoint %d in %s cannot be restored (%s: %s); moved to %s; %s",
+                    "checkpoint %d in %s cannot be restored (%s); moved to %s; %s",
                     step,
                     self.directory,
-                    type(e).__name__,
-                    str(e)[:300],
+                    why,
                     kept,
                     f"falling back to checkpoint {fallback}"
                     if fallback is not None
@@ -253,25 +347,30 @@ class Checkpointer:
             raise RuntimeError(f"no checkpoint in {self.directory} can be restored: {steps}")
         return None
 
-    def set_aside(self, step: int) -> epath.Path:
-        """Moves an unreadable checkpoint out of the manager's directory (kept for inspection),
-        so the run can write that step again."""
-        target = self.directory.parent / f"{self.directory.name}_unreadable" / str(step)
+    def set_aside(self, step: int, why: str = "", folder: str = "unreadable") -> epath.Path:
+        """Moves a checkpoint out of the manager's directory to ``<dir>_<folder>/`` (kept for
+        inspection, with ``why`` in its ``SET_ASIDE.txt``), so the run can write that step
+        again."""
+        target = self.directory.parent / f"{self.directory.name}_{folder}" / str(step)
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 target = target.parent / f"{step}.{len(list(target.parent.iterdir()))}"
             (self.directory / str(step)).rename(target)
+            if why:
+                (target / "SET_ASIDE.txt").write_text(why + "\n")
         if jax.process_count() > 1:  # every process must see the move before it reloads
             multihost_utils.sync_global_devices(f"xlm_jax: set aside checkpoint {step}")
         self._manager.reload()
+        self._good.pop(step, None)
         return target
 
     def newest_readable_meta(self) -> tuple[int, dict] | None:
         """(step, meta) of the newest checkpoint whose metadata reads back; see above."""
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                return step, self.restore_meta(step)
+                read = functools.partial(self.restore_meta, step)
+                return step, self._read("metadata", step, read)
             except Exception as e:
                 logging.warning(
                     "checkpoint %d in %s: metadata unreadable (%s); trying an older one",
@@ -298,7 +397,16 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
+        self._verify(step, restored["state"])
         return restored["state"], restored["data_state"], restored["meta"]
+
+    def _verify(self, step: int, state: Any) -> None:
+        """Raises `IntegrityError` unless ``state`` is what ``step`` saved (see `integrity`)."""
+        saved = self._integrity_record(step)
+        if saved is None:
+            logging.info("checkpoint %d: no integrity record (older code), not verified", step)
+            return
+        integrity.verify(state, saved, step)
 
     def restore_numpy(self, step: int | None = None) -> Any:
         """The `state` of `step` (default: latest) as nested dicts of numpy arrays on the host.
@@ -315,8 +423,8 @@ class Checkpointer:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )
-        restored = {"state": jax.tree.map(np.asarray, restored["state"])}
-        return restored["state"]
+        self._verify(step, restored["state"])
+        return jax.tree.map(np.asarray, restored["state"])
 
     def restore_meta(self, step: int | None = None) -> dict:
         """Reads only the JSON `meta` of `step` (default: latest); touches no arrays."""

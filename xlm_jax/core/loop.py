@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,7 +34,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from xlm_jax.core import mfu, parallel
+from xlm_jax.core import data_sources, mfu, parallel
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.core.metrics import MetricWriter, summarize
 from xlm_jax.core.preemption import Preempted, PreemptionGuard
@@ -57,6 +58,7 @@ class Env:
     batch_sharding: NamedSharding
     saved: dict[str, Any] | None
     where: str  # "checkpoint N in DIR", for messages about ``saved``
+    saved_step: int | None = None  # N
 
     def rows_of(self, n: int) -> tuple[int, int]:
         return parallel.process_rows(self.batch_sharding, n)
@@ -145,6 +147,7 @@ class Plan:
     on_eval: Callable[[dict, int, dict], dict] | None = None  # -> the checkpoint's metrics
     eval_at_start: bool = False  # also evaluate before the first update (a fresh run)
     finish: Callable[[dict, dict], Any] | None = None  # (loop, last scalars) -> the result
+    sources: Sequence[Path] = ()  # the data files (or dataset directories) the run reads
 
 
 def run_meta(config: ml_collections.ConfigDict, tokenizer_bytes: bytes, **fields: Any) -> dict:
@@ -181,8 +184,12 @@ def nonfinite_settings(c: ml_collections.ConfigDict) -> None:
 
 
 def resume_settings(c: ml_collections.ConfigDict) -> None:
-    """What a run does with a workdir whose checkpoints all fail to read (``prepare``)."""
+    """What a run does with a workdir whose checkpoints all fail to read (``prepare``), and a
+    resume whose data changed (``data_sources``)."""
     c.restart_from_scratch = False  # True: set them aside and start over; False: refuse to run
+    # A resume whose data files changed (size or hash): True = go on, warn and record it in the
+    # checkpoint; False = refuse (the saved data positions index into the old data)
+    c.allow_data_change = False
 
 
 LEAST = {"max_steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}
@@ -224,25 +231,50 @@ def poisoned_steps(config: ml_collections.ConfigDict) -> set[int]:
 
 
 def count_nonfinite(
-    flags: Iterable[float], loop: dict[str, Any], limit: int, ckpt: Checkpointer
+    flags: Iterable[float], loop: dict[str, Any], limit: int, advice: Callable[[], str]
 ) -> None:
     """Follows the steps' ``nonfinite`` flags, in order, in ``loop["nonfinite_run"]`` (saved with
     the loop state, so a resume counts on); raises ``FloatingPointError`` after ``limit`` skips in
-    a row."""
+    a row, with ``advice()``: which checkpoint to go on from."""
     for flag in flags:
         loop["nonfinite_run"] = loop["nonfinite_run"] + 1 if flag else 0
         if loop["nonfinite_run"] >= limit:
-            ckpt.wait()  # the checkpoint named below is complete, not a save still in flight
-            latest = ckpt.latest_step()
             raise FloatingPointError(
                 f"{loop['nonfinite_run']} consecutive steps with a non-finite loss or gradient "
-                f"before step {loop['step']}; their updates were skipped. "
-                + (
-                    f"The last checkpoint ({latest}) holds finite parameters."
-                    if latest is not None
-                    else "No checkpoint was written yet."
-                )
+                f"before step {loop['step']}; their updates were skipped. {advice()}"
             )
+
+
+def good_checkpoint_advice(ckpt: Checkpointer, abstract: Any) -> str:
+    """Names the newest good checkpoint (finite when saved, no update being skipped), verified
+    by reading it back now, and the command that makes a rerun resume from it. Reading it needs
+    memory for a second copy of the state, as a resume does."""
+    ckpt.wait()  # the checkpoints named are complete, not saves still in flight
+    steps = ckpt.all_steps()
+    if not steps:
+        return "No checkpoint was written yet."
+    for step in sorted((s for s in steps if ckpt.is_good(s)), reverse=True):
+        try:
+            ckpt.restore(step, abstract_state=abstract)  # raises if it does not verify
+        except Exception as e:
+            logging.warning("checkpoint %d does not verify: %s: %s", step, type(e).__name__, e)
+            continue
+        later = [s for s in steps if s > step]
+        if not later:
+            return f"The newest verified good checkpoint is {step}; rerun to resume from it."
+        aside = ckpt.directory.parent / f"{ckpt.directory.name}_superseded"
+        mv = "gcloud storage mv" if "://" in str(aside) else "mv"
+        moved = " ".join(str(ckpt.directory / str(s)) for s in later)
+        return (
+            f"The newest verified good checkpoint is {step} (finite when saved, no update being "
+            f"skipped, checksums verified just now); checkpoints {later} were saved while updates "
+            f"were being skipped. To go on from {step}, fix the cause, move the later ones "
+            f"aside and rerun: mkdir -p {aside} && {mv} {moved} {aside}/"
+        )
+    return (
+        f"No checkpoint in {ckpt.directory} is verified good (finite when saved, no update "
+        f"being skipped): steps {steps}."
+    )
 
 
 def track_best(loop: dict[str, Any], value: float, metric: str, mode: str, patience: int) -> bool:
@@ -338,7 +370,7 @@ def prepare(task: Task, config: ml_collections.ConfigDict, workdir: Path, ckpt_k
     refuse_silent_restart(ckpt, newest, config)
     latest, saved = newest if newest is not None else (None, None)
     where = f"checkpoint {latest} in {ckpt.directory}"
-    env = Env(workdir, mesh, rules, parallel.batch_sharding(mesh, rules), saved, where)
+    env = Env(workdir, mesh, rules, parallel.batch_sharding(mesh, rules), saved, where, latest)
     return env, ckpt, (best_metric, best_mode)
 
 
@@ -351,15 +383,18 @@ def start_state(plan: Plan, env: Env, ckpt: Checkpointer, seed: int):
     )
     loop = {"step": 0, "best": None, "bad_evals": 0, "nonfinite_run": 0, **plan.loop}
     if env.saved is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-        )  # the state just built: restoring reads straight into its shardings
-        latest, state, data_state, _ = ckpt.restore_newest_readable(abstract)
+        # the state just built: restoring reads straight into its shardings
+        latest, state, data_state, _ = ckpt.restore_newest_readable(abstract_of(state))
         loop = {**loop, **plan.restore_state(plan, data_state, latest)}
         logging.info("resumed from step %d (%d updates)", loop["step"], int(state.step))
     elif plan.init_params is not None:
         state = plan.init_params(state)
     return state, shardings, loop
+
+
+def abstract_of(tree: Any) -> Any:
+    """The arrays' shapes, dtypes and shardings: what a restore reads into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def check_measured(best_metric: str | None, names: Sequence[str] | None) -> None:
@@ -397,6 +432,9 @@ def start(task: Task, config: ml_collections.ConfigDict, workdir: Path, guard: P
     initialised) and the compiled programs. A stop requested meanwhile ends it, unsaved."""
     env, ckpt, best = prepare(task, config, workdir, {"keep_last": config.keep_checkpoints})
     plan = task.setup(config, env)
+    # Before anything compiles: a resume over changed data is refused (or, allowed, recorded).
+    allow, step = config.allow_data_change, env.saved_step
+    plan.meta.update(data_sources.check(env.saved, plan.sources, allow, step, env.where))
     check_measured(best[0], plan.metric_names)
     state, shardings, loop = start_state(plan, env, ckpt, config.seed)
     programs = plan.compile(shardings)
@@ -434,7 +472,8 @@ def run(
         )
 
         def guard_nonfinite(flags: list[float]) -> None:
-            count_nonfinite(flags, loop, config.max_nonfinite_steps, ckpt)
+            advise = functools.partial(good_checkpoint_advice, ckpt, abstract_of(state))
+            count_nonfinite(flags, loop, config.max_nonfinite_steps, advise)
 
         window = Window(loop, guard_nonfinite, plan.observe)
         peak = mfu.peak_flops_per_device(config.peak_flops_per_device)
@@ -443,15 +482,9 @@ def run(
 
         def save(metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
             window.count()  # a task's observed sums (e.g. the epoch's loss) go into the checkpoint
-            data_state = plan.save_state(plan, loop)
-            ckpt.save(
-                loop["step"],
-                state,
-                data_state=data_state,
-                meta=plan.meta,
-                metrics=metrics,
-                force=force,
-            )
+            healthy = loop["nonfinite_run"] == 0  # else kept, but not as the good one
+            kw = {"data_state": plan.save_state(plan, loop), "meta": plan.meta, "healthy": healthy}
+            ckpt.save(loop["step"], state, metrics=metrics, force=force, **kw)
 
         def evaluate(step: int) -> dict[str, float]:
             metrics = programs.evaluate(state.params, step)

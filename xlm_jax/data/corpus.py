@@ -15,12 +15,16 @@ compiled, so a bad file fails the run in seconds, not hours.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from difflib import get_close_matches
+from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-from xlm_jax.data.sources import DataError, read_lines, read_parallel
+from xlm_jax.data.sources import DataError, read_lines, read_parallel, source_path
+from xlm_jax.text.languages import KNOWN
 from xlm_jax.text.tokenizer import Tokenizer
 
 Pair = tuple[str, str]
@@ -48,20 +52,57 @@ def parse_key(key: str, langs: Sequence[str], where: str) -> str | Pair:
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
+def codes(text: str) -> list[str]:
+    """A comma-separated setting (``"en, fr"``) as a list of codes."""
+    return [code.strip() for code in text.split(",") if code.strip()]
+
+
 def lang_list(config: ml_collections.ConfigDict) -> list[str]:
     """``config.langs`` ("en,fr") as a list."""
-    return [lang.strip() for lang in config.langs.split(",") if lang.strip()]
+    return codes(config.langs)
 
 
-def check_langs(langs: Sequence[str]) -> None:
+def checked_langs(config: ml_collections.ConfigDict) -> list[str]:
+    """``config.langs`` as a list, checked, with the codes of ``config.new_langs`` accepted."""
+    langs = lang_list(config)
+    check_langs(langs, codes(config.new_langs))
+    return langs
+
+
+def check_langs(langs: Sequence[str], new_langs: Collection[str] = ()) -> None:
+    """Distinct codes, each known (``text/languages.py``) or one of ``new_langs``."""
     if not langs:
         raise DataError("langs is empty: list the languages, e.g. 'en,fr'")
     dup = sorted({lang for lang in langs if list(langs).count(lang) > 1})
     if dup:
         raise DataError(f"langs lists {dup} more than once")
-    bad = [lang for lang in langs if not lang.isalnum()]
+    # "_" is in XLM-100's codes (zh_yue); "-" is not: it separates a pair's codes ("en-fr").
+    bad = [lang for lang in langs if not lang.replace("_", "").isalnum()]
     if bad:
-        raise DataError(f"langs {bad}: a language code must be alphanumeric, e.g. 'en'")
+        raise DataError(f"langs {bad}: a language code is letters, digits and '_', e.g. 'en'")
+    check_known(langs, new_langs, "langs")
+
+
+def check_known(langs: Iterable[str], new_langs: Collection[str], where: str) -> None:
+    """Every code is in ``languages.KNOWN`` or ``new_langs``, or a ``DataError`` says what is
+    near and how to accept a code the list does not know."""
+    unknown = [lang for lang in langs if lang not in KNOWN and lang not in new_langs]
+    if not unknown:
+        return
+    near = {u: nearest_known(u) for u in unknown}
+    hints = "; ".join(f"{u!r}: did you mean {', '.join(m)}?" for u, m in near.items() if m)
+    raise DataError(
+        f"{where}: {unknown} not in the known language codes (ISO 639-1, XLM-100; "
+        f"xlm_jax/text/languages.py){f' ({hints})' if hints else ''}. A language that list does "
+        f"not have is accepted with --config.new_langs={','.join(unknown)}"
+    )
+
+
+def nearest_known(code: str, n: int = 3) -> list[str]:
+    """The known codes closest to ``code``, those sharing its first letter first."""
+    # cutoff 0.5: two-letter codes one letter apart (fx, fr) score exactly 0.5.
+    close = get_close_matches(code.lower(), KNOWN, n=len(KNOWN), cutoff=0.5)
+    return sorted(close, key=lambda k: k[:1] != code[:1].lower())[:n]  # stable: by score
 
 
 @dataclasses.dataclass
@@ -120,6 +161,22 @@ def read_split(
                 tgt += t
             split.para[parsed] = (src, tgt)
     return split
+
+
+def split_paths(
+    splits: Mapping[str, str], *, root: str | os.PathLike, data_dir: str | None
+) -> list[Path]:
+    """The files (for a tfds: source, its dataset's directory) that ``splits`` (where -> sources
+    text, e.g. ``{"data.train": config.data.train}``) read, each once: a task's ``Plan.sources``."""
+    paths = [
+        source_path(side.strip(), root, data_dir=data_dir)
+        for where, text in splits.items()
+        for spec in parse_sources(text, where).values()
+        for item in spec.split(",")
+        if item.strip()
+        for side in item.split("|")
+    ]
+    return list(dict.fromkeys(paths))
 
 
 def tokenizer_texts(split: Split) -> dict[str, list[str]]:

@@ -272,6 +272,17 @@ def read_parallel(
     return src, tgt
 
 
+def source_path(
+    spec: str | Spec, root: str | os.PathLike = "", *, data_dir: str | os.PathLike | None = None
+) -> Path:
+    """What a spec reads on disk: its file, or a tfds: spec's prepared dataset directory (every
+    split's files). A resumed run checks these for changes (``xlm_jax.core.data_sources``)."""
+    s = _as_spec(spec)
+    if s.kind == "file":
+        return resolve_path(s, root)
+    return Path(os.fspath(prepared_builder(s, data_dir=data_dir, manual_dir=None).data_dir))
+
+
 # ---------------------------------------------------------------------------------------- TFDS
 
 

@@ -39,6 +39,9 @@ def source_settings(c: ml_collections.ConfigDict) -> None:
     c.init_checkpoint = ""
     c.init_step = -1  # -1 = the pretraining run's best checkpoint if it tracked one, else latest
     c.langs = "en,fr"  # random baseline only
+    # Comma-separated codes to accept beyond the known list (ISO 639-1 and XLM-100's, in
+    # xlm_jax/text/languages.py), for a language that list does not have; others are typos.
+    c.new_langs = ""
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # random baseline only; "" = train one into the workdir
     c.tokenizer.vocab_size = 8000
@@ -179,8 +182,7 @@ def random_source(
 def _configured_model(
     config: ml_collections.ConfigDict, vocab_size: int
 ) -> tuple[ModelConfig, list[str]]:
-    langs = corpus_lib.lang_list(config)
-    corpus_lib.check_langs(langs)
+    langs = corpus_lib.checked_langs(config)
     model = ModelConfig.from_dict(
         {**config.model.to_dict(), "vocab_size": vocab_size, "n_langs": len(langs)}
     )

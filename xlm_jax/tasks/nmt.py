@@ -399,6 +399,15 @@ def read_data(
     return train_split, evals
 
 
+def source_paths(config: ml_collections.ConfigDict) -> list[Path]:
+    """The files the run reads (``Plan.sources``): those of data.train, data.valid, data.test."""
+    return corpus_lib.split_paths(
+        {f"data.{split}": config.data[split] for split in ("train", "valid", "test")},
+        root=config.data.root or "",
+        data_dir=config.data.tfds_data_dir or None,
+    )
+
+
 def directions(
     split: corpus_lib.Split, only: str = "", where: str = "eval_directions"
 ) -> dict[tuple[str, str], tuple[list[str], list[str]]]:
@@ -753,8 +762,7 @@ def flops_per_token(enc: ModelConfig, dec: ModelConfig, objective: str) -> Calla
 
 def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     """Text, the source model, iterators; XLM's round of AE, MT and BT updates."""
-    langs = corpus_lib.lang_list(config)
-    corpus_lib.check_langs(langs)
+    langs = corpus_lib.checked_langs(config)
     entries = parse_entries(config, langs)
     train_split, eval_splits = read_data(config, langs, env.workdir, entries)
     source, dec_saved = source_of(config, env, train_split)
@@ -839,6 +847,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         example=example_batch,
         init_params=init_params,
         lr=lambda updates: train_state.learning_rate(config, updates),
+        sources=source_paths(config),
     )
 
 
@@ -846,9 +855,13 @@ def batch_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
     return {what: config[what] for what in ("batch_size", "eval_batch_size")}
 
 
-TASK = loop.Task(
-    "nmt", setup, batch_sizes, check=lambda c: train_state.check_optimizer(c.optimizer)
-)
+def check(config: ml_collections.ConfigDict) -> None:
+    """Settings that cannot work, refused before anything is read."""
+    train_state.check_optimizer(config.optimizer)
+    corpus_lib.checked_langs(config)
+
+
+TASK = loop.Task("nmt", setup, batch_sizes, check=check)
 
 
 def train_and_evaluate(

@@ -217,8 +217,7 @@ def build_data(
     ``rows_of(n)`` is the slice of a global batch of ``n`` rows that this process feeds: its
     iterators build only those rows, so the global batches do not depend on the number of hosts.
     """
-    langs = lang_list(config)
-    corpus_lib.check_langs(langs)
+    langs = corpus_lib.checked_langs(config)
     root = resolve_root(config, workdir)
     read_kw = {
         **corpus_lib.read_options(config.data),
@@ -519,6 +518,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     """Settings that cannot work, refused before anything is read."""
     evaluators.parse(config.evals, EVALUATORS)
     train_state.check_optimizer(config.optimizer)
+    corpus_lib.checked_langs(config)
     for name in ("bptt", "tlm_length"):  # a row's positions must have embeddings
         if not 1 <= config[name] <= config.model.max_positions:
             raise ValueError(
@@ -535,6 +535,16 @@ def read_probe(config: ml_collections.ConfigDict, data: Data, tokenizer) -> retr
         {**config.data.to_dict(), "root": data.root, "pairs": config.probe_pairs}
     )
     return retrieval.Probe.read(where, tokenizer, config.model.max_positions, lang_list(config))
+
+
+def source_paths(config: ml_collections.ConfigDict, data: Data, probe) -> list[Path]:
+    """The files the run reads (``Plan.sources``): data.train and data.valid, the probe's pairs."""
+    splits = {"data.train": config.data.train, "data.valid": config.data.valid}
+    if probe is not None:
+        splits["probe_pairs"] = config.probe_pairs
+    return corpus_lib.split_paths(
+        splits, root=data.root, data_dir=config.data.tfds_data_dir or None
+    )
 
 
 def programs_of(config, env, model, tx, data: Data, probe) -> Callable[[Any], loop.Programs]:
@@ -615,6 +625,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         iterators=data.train,
         metric_names=metric_names,
         lr=lambda updates: learning_rate(config, updates),
+        sources=source_paths(config, data, probe),
     )
 
 

@@ -16,6 +16,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Languages, in the order that defines their ids (the language-embedding rows).
     c.langs = "en,fr"
+    # Comma-separated codes to accept beyond the known list (ISO 639-1 and XLM-100's, in
+    # xlm_jax/text/languages.py), for a language that list does not have; others are typos.
+    c.new_langs = ""
 
     # --- data: sources per split, by language or pair (format: xlm_jax/data/corpus.py) ---
     c.data = ml_collections.ConfigDict()
@@ -95,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
     # A workdir whose checkpoints all fail to read: True = set them aside and start over;
     # False = refuse to run (never a silent restart)
     c.restart_from_scratch = False
+    # A resume whose data files changed (size or hash): True = go on, warn and record it in the
+    # checkpoint; False = refuse (the saved data positions index into the old data)
+    c.allow_data_change = False
 
     # --- devices ---
     c.mesh = ml_collections.ConfigDict()

@@ -280,6 +280,19 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     for what in ("train", "valid"):
         if not config.data[what].strip():
             raise ValueError(f"data.{what} is empty: give 'LANG: SOURCE' entries")
+    _check_languages(config)
+
+
+def _check_languages(config: ml_collections.ConfigDict) -> None:
+    """``langs``, the data's languages and ``select_lang`` are known codes or ``new_langs``: a
+    typo fails here, not once the text is read."""
+    corpus_lib.checked_langs(config)  # the random baseline's
+    new = corpus_lib.codes(config.new_langs)
+    for split in ("train", "valid", "test", "translate_test"):
+        where = f"data.{split}"
+        keys = corpus_lib.parse_sources(config.data[split], where)
+        corpus_lib.check_known(list(keys), new, where)
+    corpus_lib.check_known([config.select_lang], new, "select_lang")
 
 
 def accuracy(
@@ -337,6 +350,15 @@ def read_text(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
             f"(has {sorted(eval_text['valid'])}); model selection needs its validation set"
         )
     return train_sets, eval_text
+
+
+def source_paths(config: ml_collections.ConfigDict) -> list[Path]:
+    """The files the run reads (``Plan.sources``): those of ``read_text``'s splits."""
+    return corpus_lib.split_paths(
+        {f"data.{s}": config.data[s] for s in ("train", "valid", "test", "translate_test")},
+        root=config.data.root,
+        data_dir=config.data.tfds_data_dir or None,
+    )
 
 
 def source_of(
@@ -627,6 +649,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         observe=observe,
         on_eval=on_eval,
         eval_at_start=config.eval_at_start,
+        sources=source_paths(config),
         finish=lambda loop_state, last: final_results(
             summary_of(config, source, train_sets, len(train_rows), length),
             loop_state,

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +38,7 @@ from xlm_jax.model.seq2seq import EncoderDecoder
 from xlm_jax.tasks import nmt, pretrain
 from xlm_jax.text.tokenizer import EOS_ID, N_SPECIAL
 from xlm_jax.tools import roofline
+from xlm_jax.tools.roofline import machine
 
 
 def _median_seconds(fn: Callable[[], object], n: int, warmup: int = 2) -> float:
@@ -301,27 +300,6 @@ def bench_pipeline(config, n_batches: int = 200, n_sentences: int = 20_000) -> d
             "tokens_per_s": rows * length / seconds,
         }
     return results
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": _cpu_model() or platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
-    }
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def run(

@@ -18,6 +18,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -149,3 +151,25 @@ def time_dot_products(counts: collections.Counter) -> dict[str, Any]:
             }
         )
     return {"seconds": total_s, "flops": total_flops, "products": rows}
+
+
+def machine() -> dict:
+    """What a benchmark ran on: CPU model, core count, devices, JAX version."""
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
