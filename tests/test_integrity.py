@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from xlm_jax.core import integrity
-from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.checkpoint import Checkpointer, abstract_of
 from xlm_jax.core.integrity import IntegrityError
 
 
@@ -24,12 +24,6 @@ def _state(seed: int = 0) -> dict:
         "mu": jnp.asarray(rng.normal(size=(256,)), jnp.bfloat16),
         "step": jnp.int32(seed),
     }
-
-
-def _abstract(state: dict) -> dict:
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
 
 
 def _save(directory, steps, healthy=(), **kw) -> Checkpointer:
@@ -82,7 +76,7 @@ def test_a_flipped_bit_in_array_data_falls_back_to_the_previous_checkpoint(tmp_p
     data[int(len(data) * where)] ^= 0x10  # one bit, inside the array's values
     f.write_bytes(bytes(data))
     caplog.set_level(logging.WARNING)
-    step, state, _, _ = ckpt.restore_newest_readable(_abstract(_state()))
+    step, state, _, _ = ckpt.restore_newest_readable(abstract_of(_state()))
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, state, _state(1))
     warning = next(r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage())
@@ -101,9 +95,9 @@ def test_a_checkpoint_saved_with_nonfinite_values_is_not_restored(tmp_path, capl
     ckpt.save(2, bad, data_state={}, meta={})
     assert not ckpt.is_good(2) and ckpt.is_good(1)
     with pytest.raises(IntegrityError, match="saved with non-finite values in \\['mu'\\]"):
-        ckpt.restore(2, abstract_state=_abstract(bad))
+        ckpt.restore(2, abstract_state=abstract_of(bad))
     caplog.set_level(logging.WARNING)
-    assert ckpt.restore_newest_readable(_abstract(bad))[0] == 1
+    assert ckpt.restore_newest_readable(abstract_of(bad))[0] == 1
 
 
 def test_retention_never_drops_the_newest_good_checkpoint(tmp_path):
@@ -130,7 +124,7 @@ def test_a_transient_read_error_is_retried_not_set_aside(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(ckpt._manager, "restore", flaky)
     caplog.set_level(logging.WARNING)
-    assert ckpt.restore_newest_readable(_abstract(_state()))[0] == 2
+    assert ckpt.restore_newest_readable(abstract_of(_state()))[0] == 2
     assert ckpt.all_steps() == [1, 2] and not (tmp_path / "c_unreadable").exists()
     assert any("trying again" in r.getMessage() for r in caplog.records)
 
@@ -154,7 +148,7 @@ def test_a_failing_read_is_set_aside_after_its_retries_if_any(tmp_path, monkeypa
         return real(step, *a, **kw)
 
     monkeypatch.setattr(ckpt._manager, "restore", broken)
-    assert ckpt.restore_newest_readable(_abstract(_state()))[0] == 1
+    assert ckpt.restore_newest_readable(abstract_of(_state()))[0] == 1
     assert calls.count(2) == reads
 
 

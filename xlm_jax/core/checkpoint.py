@@ -88,6 +88,11 @@ class NewestGood:
         return [c.step == newest for c in checkpoints]
 
 
+def abstract_of(tree: Any) -> Any:
+    """The arrays' shapes, dtypes and shardings: what a restore reads into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def _jsonable(x: Any) -> Any:
     """Converts numpy scalars/arrays and tuples to plain JSON types (orbax's JSON writer won't)."""
     if isinstance(x, Mapping):

@@ -35,7 +35,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from xlm_jax.core import data_sources, mfu, parallel
-from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.checkpoint import Checkpointer, abstract_of
 from xlm_jax.core.metrics import MetricWriter, summarize
 from xlm_jax.core.preemption import Preempted, PreemptionGuard
 from xlm_jax.core.train_state import TrainState, init_state
@@ -390,11 +390,6 @@ def start_state(plan: Plan, env: Env, ckpt: Checkpointer, seed: int):
     elif plan.init_params is not None:
         state = plan.init_params(state)
     return state, shardings, loop
-
-
-def abstract_of(tree: Any) -> Any:
-    """The arrays' shapes, dtypes and shardings: what a restore reads into."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def check_measured(best_metric: str | None, names: Sequence[str] | None) -> None:

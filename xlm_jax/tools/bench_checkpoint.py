@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from xlm_jax.core import integrity, parallel, train_state
-from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.checkpoint import Checkpointer, abstract_of
 from xlm_jax.model.encoder import XLMEncoder
 from xlm_jax.tasks import pretrain
 from xlm_jax.tools.roofline import machine
@@ -46,9 +46,7 @@ def bench(config, workdir: Path, repeats: int) -> dict:
     tx = train_state.make_optimizer(config.optimizer)
     dp = parallel.data_parallel_size(mesh, rules)
     state = train_state.init_state(model, tx, jax.random.key(0), mesh, rules, dp)[0]
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
+    abstract = abstract_of(state)
     integrity.record(state)  # compiles the fingerprint program once, as a run does
     record = _times(lambda: integrity.record(state), repeats)
     shutil.rmtree(workdir, ignore_errors=True)
