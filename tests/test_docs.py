@@ -44,7 +44,9 @@ DOCS = [
 ]
 HOWTOS = ["pretrain.md", "xnli.md", "nmt.md", "interop.md", "launch.md", "notebooks.md"]
 MODE_FAMILY = {name: mode.family for name, mode in registry.MODES.items()}
-ABSL_MODULES = {"main", "bench", "translate", "tools.bench_checkpoint"}
+ABSL_MODULES = {"main", "bench", "translate", "tools.bench_checkpoint", "tools.bench_data"}
+# launch/ scripts whose arguments after `--` go to another module than xlm_jax.main
+LAUNCHED = {"launch/prepare_array.sbatch": "prepare"}
 ARGPARSE_MODULES = {
     "convert": "xlm_jax.tools.convert",
     "plots": "xlm_jax.tools.plots",
@@ -292,7 +294,7 @@ def validate(cmd: list[str], where: str, monkeypatch) -> str:
             return "skipped"  # python -m pip, ...
         module = args[1].removeprefix("xlm_jax.")
         rest = args[2:]
-        if module in ("main", "bench", "aot"):
+        if module in ("main", "bench", "aot", "prepare"):
             check_main_args(rest, where, module)
         elif module in ABSL_MODULES:
             check_absl_module(module, rest, where)
@@ -315,7 +317,8 @@ def validate(cmd: list[str], where: str, monkeypatch) -> str:
     if prog.startswith("launch/"):
         assert (REPO / prog).is_file(), f"{where}: {prog} does not exist"
         if "--" in args:
-            check_main_args([a for a in args[args.index("--") + 1 :] if a != "..."], where)
+            launched = [a for a in args[args.index("--") + 1 :] if a != "..."]
+            check_main_args(launched, where, LAUNCHED.get(prog, "main"))
         if env.get("DRY_RUN") == "1" and "..." not in args:
             run = subprocess.run(
                 ["bash", prog, *args],
@@ -332,7 +335,7 @@ def validate(cmd: list[str], where: str, monkeypatch) -> str:
         assert (REPO / script).is_file(), f"{where}: {script}"
         rest = args[args.index(script) + 1 :]
         if "--" in rest and "..." not in rest:
-            check_main_args(rest[rest.index("--") + 1 :], where)
+            check_main_args(rest[rest.index("--") + 1 :], where, LAUNCHED.get(script, "main"))
         return "launch"
     return "skipped"
 

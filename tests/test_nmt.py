@@ -55,7 +55,11 @@ def test_bad_input_is_refused_before_compiling(tmp_path):
     short = write_lines(tmp_path / "short.fr", ["un", "deux"])
     with pytest.raises(DataError, match="line"):
         nmt.train_and_evaluate(
-            tiny_nmt(**{"data.train": f"en-fr: {M30K}/train.en@0:3|{short}", "data.root": ""}),
+            tiny_nmt(
+                **{
+                    "data.train": f"en: {short}; fr: {short}; en-fr: train.en@0:3|{short}",
+                }
+            ),
             tmp_path / "d",
         )
 

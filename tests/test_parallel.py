@@ -4,6 +4,7 @@ CPU devices by XLA_FLAGS, or 2 processes x 2 devices through launch/local.sh).""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +230,10 @@ def test_two_processes_equal_one(tmp_path):
     )
     assert single.returncode == 0, single.stderr[-3000:]
     _assert_same_run(tmp_path / "single", tmp_path / "multi")
+    # each process read its own rows of the prepared data: half of the windows and pairs each
+    reads = [_reads((tmp_path / f"process_{i}.log").read_text()) for i in range(2)]
+    whole = _reads(single.stderr)
+    assert reads[0] == reads[1] == (whole[0] // 2, whole[1] // 2) and min(whole) > 0
     # both processes wrote one checkpoint together; it equals the single process's
     a = Checkpointer(tmp_path / "single" / "checkpoints").restore_numpy()
     b = Checkpointer(tmp_path / "multi" / "checkpoints").restore_numpy()
@@ -236,6 +241,13 @@ def test_two_processes_equal_one(tmp_path):
     assert flat_a.keys() == flat_b.keys()
     for k in flat_a:
         np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=TOL, atol=TOL, err_msg=k)
+
+
+def _reads(log: str) -> tuple[int, int]:
+    """(stream windows, sentence pairs) that the process of ``log`` read (pretrain's last log)."""
+    m = re.search(r"read (\d+) stream windows and (\d+) sentence pairs of prepared data", log)
+    assert m, log[-2000:]
+    return int(m[1]), int(m[2])
 
 
 def _flatten(tree, prefix=""):

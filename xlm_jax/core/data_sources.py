@@ -31,19 +31,23 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _file(path: Path) -> dict[str, Any]:
+def _file(path: Path, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
     with open(path, "rb") as f:  # size and hash of the same open file
-        return {
-            "size": os.fstat(f.fileno()).st_size,
-            "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
-        }
+        stat = os.fstat(f.fileno())
+        if known and (known["size"], known["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+            return {"size": stat.st_size, "sha256": known["sha256"]}  # make's rule: unchanged
+        return {"size": stat.st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
-def fingerprint(paths: Iterable[str | os.PathLike]) -> Fingerprint:
+def fingerprint(
+    paths: Iterable[str | os.PathLike], known: Mapping[str, Mapping[str, Any]] | None = None
+) -> Fingerprint:
     """Size and sha256 of every file of ``paths`` (a directory: each file in it), by absolute
-    path. A path that does not exist is left out: ``changes`` reports it as missing."""
+    path. A path that does not exist is left out: ``changes`` reports it as missing. A file in
+    ``known`` (path -> size, mtime_ns, sha256) with the same size and mtime is not hashed again."""
     files = [f for p in paths for f in _files(Path(os.path.abspath(p)))]
-    return {str(f): _file(f) for f in sorted(set(files)) if f.exists()}
+    known = known or {}
+    return {str(f): _file(f, known.get(str(f))) for f in sorted(set(files)) if f.exists()}
 
 
 def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -91,6 +95,7 @@ def check(
     allow: bool,
     step: int | None,
     where: str,
+    known: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Compares the data ``paths`` with what the checkpoint ``saved_meta`` (None: a fresh run)
     recorded; returns the metadata fields to save from now on: ``data_sources`` (the current
@@ -99,7 +104,7 @@ def check(
     A change raises ``RuntimeError`` naming each file, unless ``allow``: then it is logged and
     appended to ``data_changes`` as ``{"step": step, "changed": ...}``.
     """
-    now = fingerprint(paths)
+    now = fingerprint(paths, known)
     history = list((saved_meta or {}).get("data_changes", []))
     fields = {"data_sources": now, "data_changes": history}
     if saved_meta is None:

@@ -148,6 +148,9 @@ class Plan:
     eval_at_start: bool = False  # also evaluate before the first update (a fresh run)
     finish: Callable[[dict, dict], Any] | None = None  # (loop, last scalars) -> the result
     sources: Sequence[Path] = ()  # the data files (or dataset directories) the run reads
+    # path -> {"size", "mtime_ns", "sha256"} already taken (e.g. when the data was prepared): a
+    # file whose size and mtime are unchanged is not hashed again at every start
+    known_sources: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def run_meta(config: ml_collections.ConfigDict, tokenizer_bytes: bytes, **fields: Any) -> dict:
@@ -429,7 +432,11 @@ def start(task: Task, config: ml_collections.ConfigDict, workdir: Path, guard: P
     plan = task.setup(config, env)
     # Before anything compiles: a resume over changed data is refused (or, allowed, recorded).
     allow, step = config.allow_data_change, env.saved_step
-    plan.meta.update(data_sources.check(env.saved, plan.sources, allow, step, env.where))
+    plan.meta.update(
+        data_sources.check(
+            env.saved, plan.sources, allow, step, env.where, known=plan.known_sources
+        )
+    )
     check_measured(best[0], plan.metric_names)
     state, shardings, loop = start_state(plan, env, ckpt, config.seed)
     programs = plan.compile(shardings)

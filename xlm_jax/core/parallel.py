@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -164,6 +165,15 @@ def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding, n_row
         k: jax.make_array_from_process_local_data(sharding, v, (n_rows, *v.shape[1:]))
         for k, v in batch.items()
     }
+
+
+def on_first_process(fn: Callable[[], Any], name: str) -> None:
+    """``fn()`` on process 0 while the others wait at a barrier named ``name`` (e.g. writing a
+    shared directory once). If process 0 fails, its launcher stops the others."""
+    if jax.process_index() == 0:
+        fn()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def initialize_distributed(

@@ -23,7 +23,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from xlm_jax.data.batches import Batch, EpochIterator, _check_rows, _rng
+from xlm_jax.data.batches import (
+    Batch,
+    EpochIterator,
+    _check_rows,
+    _rng,
+    lengths_of,
+    permutation,
+)
 from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 _log = logging.getLogger(__name__)
@@ -77,7 +84,7 @@ class _BucketedBatches(EpochIterator):
         if self._order is None:
             n, bs = len(self._keys), self.batch_size
             rng = _rng(self.seed, self.name, self.epoch)
-            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            order = permutation(rng, n) if self.shuffle else np.arange(n)
             order = np.resize(order, -(-n // bs) * bs)  # top up with its own first sentences
             pool = POOL_BATCHES * bs
             for i in range(0, len(order), pool):
@@ -87,6 +94,10 @@ class _BucketedBatches(EpochIterator):
             self._order = batches[rng.permutation(len(batches))] if self.shuffle else batches
         return self._order
 
+    def _read(self, sentences: Sequence[np.ndarray], i: int) -> np.ndarray:
+        """Kept sentence ``i``: read only now, for a row this process builds."""
+        return np.asarray(sentences[int(self.keep[i])], np.int32)
+
     def _next_indices(self) -> np.ndarray:
         """The global batch's sentence indices; advances the state."""
         batches = self._epoch_batches()
@@ -95,10 +106,6 @@ class _BucketedBatches(EpochIterator):
         if self.cursor == len(batches):
             self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
         return idx
-
-
-def _fits(s: np.ndarray, max_len: int) -> bool:
-    return 0 < len(s) <= max_len
 
 
 class SentenceBatches(_BucketedBatches):
@@ -118,18 +125,18 @@ class SentenceBatches(_BucketedBatches):
     ) -> None:
         max_len = max(buckets) - 2
         # Empty sentences teach nothing and long ones do not fit: dropped, counted.
-        self.sentences = [np.asarray(s, np.int32) for s in sentences if _fits(s, max_len)]
-        self.n_dropped = len(sentences) - len(self.sentences)
-        if not self.sentences:
+        lengths = lengths_of(sentences)
+        self.keep = np.flatnonzero((lengths > 0) & (lengths <= max_len))
+        self.n_dropped = len(sentences) - len(self.keep)
+        if not len(self.keep):
             raise ValueError(f"{name}: no sentence is non-empty and at most {max_len} tokens")
-        self.lang_id, self.buckets = lang_id, tuple(buckets)
-        keys = np.array([len(s) for s in self.sentences])
-        self._setup(keys, batch_size, seed, name, shuffle, rows)
+        self.sentences, self.lang_id, self.buckets = sentences, lang_id, tuple(buckets)
+        self._setup(lengths[self.keep], batch_size, seed, name, shuffle, rows)
 
     def __next__(self) -> Batch:
         idx = self._next_indices()
         length = bucket_length(int(self._keys[idx].max()) + 2, self.buckets)
-        mine = [self.sentences[i] for i in idx[self.rows[0] : self.rows[1]]]
+        mine = [self._read(self.sentences, i) for i in idx[self.rows[0] : self.rows[1]]]
         return _rows(mine, length, self.lang_id)
 
 
@@ -152,15 +159,15 @@ class ParallelBatches(_BucketedBatches):
     ) -> None:
         _check_aligned(src, tgt, name)
         max_len = max(buckets) - 2
-        keep = [i for i in range(len(src)) if _fits(src[i], max_len) and _fits(tgt[i], max_len)]
-        self.n_dropped = len(src) - len(keep)
-        if not keep:
+        n_src, n_tgt = lengths_of(src), lengths_of(tgt)
+        fits = (n_src > 0) & (n_src <= max_len) & (n_tgt > 0) & (n_tgt <= max_len)
+        self.keep = np.flatnonzero(fits)
+        self.n_dropped = len(src) - len(self.keep)
+        if not len(self.keep):
             raise ValueError(f"{name}: no pair has both sides non-empty and <= {max_len} tokens")
-        self.src = [np.asarray(src[i], np.int32) for i in keep]
-        self.tgt = [np.asarray(tgt[i], np.int32) for i in keep]
+        self.src, self.tgt = src, tgt
         self.src_lang, self.tgt_lang, self.buckets = src_lang, tgt_lang, tuple(buckets)
-        self._src_len = np.array([len(s) for s in self.src])
-        self._tgt_len = np.array([len(t) for t in self.tgt])
+        self._src_len, self._tgt_len = n_src[self.keep], n_tgt[self.keep]
         keys = self._tgt_len * (max_len + 1) + self._src_len
         self._setup(keys, batch_size, seed, name, shuffle, rows)
 
@@ -170,8 +177,8 @@ class ParallelBatches(_BucketedBatches):
         src_len = bucket_length(int(self._src_len[idx].max()) + 2, self.buckets)
         tgt_len = bucket_length(int(self._tgt_len[idx].max()) + 2, self.buckets)
         return {
-            **_rows([self.src[i] for i in mine], src_len, self.src_lang, "src_"),
-            **_rows([self.tgt[i] for i in mine], tgt_len, self.tgt_lang, "tgt_"),
+            **_rows([self._read(self.src, i) for i in mine], src_len, self.src_lang, "src_"),
+            **_rows([self._read(self.tgt, i) for i in mine], tgt_len, self.tgt_lang, "tgt_"),
         }
 
 

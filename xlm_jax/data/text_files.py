@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 MAX_CHARS = 10_000  # default limit on a line's length: a longer one means a broken file
@@ -20,19 +21,40 @@ class DataError(ValueError):
 def read_text_file(path: Path, *, max_chars: int, on_invalid_utf8: str) -> list[str]:
     """Reads and validates a whole text file (a source's line range only selects from it, so both
     halves of a split report the same defects)."""
-    try:
+    with reading(path):
         data = path.read_bytes()
+    lines = decode_lines(
+        data, path, first_line=0, max_chars=max_chars, on_invalid_utf8=on_invalid_utf8
+    )
+    if not lines:
+        raise DataError(f"{path}: empty file; expected at least one line")
+    return lines
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turns the errors of reading ``path`` into a ``DataError`` that names it."""
+    try:
+        yield
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a text file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from e
+
+
+def decode_lines(
+    data: bytes, path: Path, *, first_line: int, max_chars: int, on_invalid_utf8: str
+) -> list[str]:
+    """Decodes and checks whole lines of ``path`` (``data``: its bytes from the start of its
+    0-based line ``first_line``); errors name the file's own line numbers. A prepared corpus
+    reads its shards through this too, so both report the same defects the same way."""
     try:
-        text = data.decode("utf-8")  # one pass over the file; errors located below
+        text = data.decode("utf-8")  # one pass over the bytes; errors located below
     except UnicodeDecodeError as e:
         if on_invalid_utf8 == "error":
-            line = data.count(b"\n", 0, e.start) + 1
+            line = first_line + data.count(b"\n", 0, e.start) + 1
             col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
             raise DataError(
                 f"{path}:{line}: invalid UTF-8 (byte {data[e.start : e.start + 1]!r} at byte "
@@ -41,9 +63,8 @@ def read_text_file(path: Path, *, max_chars: int, on_invalid_utf8: str) -> list[
             ) from None
         # '\n' can never be swallowed into an invalid sequence, so lines stay aligned.
         text = data.decode("utf-8", errors="replace")
-    text = text.removeprefix("\ufeff")  # a BOM is an encoding marker, not text
-    if not text:
-        raise DataError(f"{path}: empty file; expected at least one line")
+    if first_line == 0:
+        text = text.removeprefix("\ufeff")  # a BOM is an encoding marker, not text
     # Split on '\n' only: str.splitlines() also breaks on U+2028, \x0c, \x85, ... which would
     # silently misalign parallel corpora.
     lines = text.split("\n")
@@ -54,7 +75,7 @@ def read_text_file(path: Path, *, max_chars: int, on_invalid_utf8: str) -> list[
             line = lines[i] = line[:-1]
         if len(line) > max_chars:
             raise DataError(
-                f"{path}:{i + 1}: line is {len(line)} characters long; expected at "
+                f"{path}:{first_line + i + 1}: line is {len(line)} characters long; expected at "
                 f"most max_chars={max_chars}"
             )
     return lines

@@ -180,9 +180,10 @@ class XLMEncoder(nn.Module):
     """XLM Transformer encoder with a prediction layer tied to the token embedding.
 
     Methods (all take `(batch, length)` int32 arrays):
-      encode(tokens, positions, langs, *, causal, deterministic) -> (batch, length, emb_dim)
+      encode(tokens, positions, langs, *, causal, deterministic, segments)
+        -> (batch, length, emb_dim)
       logits(hidden) -> (..., vocab_size) float32
-      __call__(tokens, positions, langs, *, causal, deterministic, pred_index) -> logits
+      __call__(tokens, positions, langs, *, causal, deterministic, pred_index, segments) -> logits
     Dropout draws from the rng stream 'dropout'.
     """
 
@@ -233,20 +234,25 @@ class XLMEncoder(nn.Module):
         *,
         causal: bool = False,
         deterministic: bool = True,
+        segments: Array | None = None,
     ) -> Array:
         """XLM's `fwd`: hidden states `(batch, length, emb_dim)`, exactly zero at pad tokens.
 
         `causal=True` restricts attention to positions <= t (CLM). `langs` is ignored when the
         model has no language embedding. `positions` must be < max_positions: out-of-range
-        lookups are NaN (jnp.take's fill mode), never a silently clipped row.
+        lookups are NaN (jnp.take's fill mode), never a silently clipped row. `segments`
+        (`(batch, length)` ints, 0 at padding) packs several sequences per row (packed TLM): a
+        token attends only within its segment; None = one sequence per row.
         """
         if tokens.ndim != 2 or positions.shape != tokens.shape or langs.shape != tokens.shape:
             raise ValueError(
                 "tokens, positions and langs must all be (batch, length); got "
                 f"{tokens.shape}, {positions.shape}, {langs.shape}"
             )
+        if segments is not None and segments.shape != tokens.shape:
+            raise ValueError(f"segments must be {tokens.shape} as tokens, got {segments.shape}")
         x, valid = self.embed(tokens, positions, langs, deterministic=deterministic)
-        mask = layers.make_attention_mask(valid, causal=causal)
+        mask = layers.make_attention_mask(valid, causal=causal, segments=segments)
         for layer in self.layers:
             x = layer(x, mask, valid, deterministic)
         return x
@@ -287,13 +293,22 @@ class XLMEncoder(nn.Module):
         causal: bool = False,
         deterministic: bool = True,
         pred_index: Array | None = None,
+        segments: Array | None = None,
     ) -> Array:
         """Logits `(batch, length, vocab)`, or `(batch, n_slots, vocab)` at `pred_index`.
 
         `pred_index` (int32 `(batch, n_slots)`) selects, per row, the positions to predict, so
-        the (large) output layer runs only there, as XLM's `predict` does for MLM.
+        the (large) output layer runs only there, as XLM's `predict` does for MLM. `segments`:
+        see `encode`.
         """
-        hidden = self.encode(tokens, positions, langs, causal=causal, deterministic=deterministic)
+        hidden = self.encode(
+            tokens,
+            positions,
+            langs,
+            causal=causal,
+            deterministic=deterministic,
+            segments=segments,
+        )
         if pred_index is not None:
             if pred_index.ndim != 2 or pred_index.shape[0] != tokens.shape[0]:
                 raise ValueError(

@@ -239,13 +239,22 @@ def padding_mask(tokens: Array, pad_id: int) -> Array:
     return tokens != pad_id
 
 
-def make_attention_mask(key_valid: Array, *, causal: bool = False) -> Array:
+def make_attention_mask(
+    key_valid: Array, *, causal: bool = False, segments: Array | None = None
+) -> Array:
     """Boolean attention mask (True = may attend), `(batch, 1 | q_len, kv_len)`.
 
     `key_valid` is `(batch, kv_len)`. The causal variant is for self-attention over the whole
     sequence (q_len == kv_len); query rows are not masked since padded outputs are zeroed anyway.
+    `segments` (`(batch, length)` ints, self-attention; 0 at padding) packs several sequences
+    into a row: a token attends only to valid tokens of its own segment.
     """
     mask = key_valid[:, None, :]
+    if segments is not None:
+        same = segments[:, :, None] == segments[:, None, :]
+        # Padding queries (segment 0) keep attending to every valid key as without segments:
+        # no row is fully masked (a fused kernel may give NaN there, and NaN * 0 stays NaN).
+        mask = mask & (same | (segments == 0)[:, :, None])
     if causal:
         length = key_valid.shape[-1]
         mask = mask & jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None]

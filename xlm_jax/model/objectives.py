@@ -2,12 +2,12 @@
 
 MLM/TLM follow XLM's recipe (``Trainer.mask_out``): 15% of the tokens are prediction targets, of
 which 80% are replaced by the mask token, 10% kept and 10% replaced by a random token. Padding and
-the first column are never predicted. Instead of a Bernoulli draw per token, each row predicts
-``floor(rate * n_valid + u)`` tokens (``u ~ U[0, 1)``, so the expected rate is exact) chosen by
-Gumbel top-k, which is sampling without replacement; with ``sample_alpha > 0`` the choice is
-weighted by ``count(token) ** -sample_alpha`` as in XLM. The chosen positions go into a fixed
-number of slots per row, so the output layer is computed only where a target is (as XLM does)
-while every shape stays static.
+the first column (in packed TLM rows, each pair's first token) are never predicted. Instead of a
+Bernoulli draw per token, each row predicts ``floor(rate * n_valid + u)`` tokens (``u ~ U[0, 1)``,
+so the expected rate is exact) chosen by Gumbel top-k, which is sampling without replacement; with
+``sample_alpha > 0`` the choice is weighted by ``count(token) ** -sample_alpha`` as in XLM. The
+chosen positions go into a fixed number of slots per row, so the output layer is computed only
+where a target is (as XLM does) while every shape stays static.
 
 Losses are returned as sums and counts (``loss_sum``, ``n_pred``, ``n_correct``): means are taken
 only when logging, so reductions across devices and steps stay exact. On a mesh,
@@ -70,7 +70,11 @@ def mask_tokens(
     n_slots = n_pred_slots(length, word_pred)
     k_count, k_choose, k_how, k_rand = jax.random.split(rng, 4)
 
-    candidates = (tokens != PAD_ID) & (jnp.arange(length) > 0)[None, :]
+    first = jnp.broadcast_to(jnp.arange(length) == 0, tokens.shape)
+    if "segments" in batch:  # packed rows: no pair's first token, as no row's first token
+        segments = batch["segments"]
+        first = first | (segments != jnp.pad(segments, ((0, 0), (1, 0)))[:, :-1])
+    candidates = (tokens != PAD_ID) & ~first
     n_valid = candidates.sum(axis=1).astype(jnp.float32)
     u = jax.random.uniform(k_count, (n_rows,))
     n_pred = jnp.minimum(jnp.floor(word_pred * n_valid + u), n_valid).astype(jnp.int32)

@@ -158,16 +158,22 @@ def load_pretrained(path: str | os.PathLike, step: int = -1) -> EncoderSource:
 def random_source(
     config: ml_collections.ConfigDict,
     workdir: Path,
-    texts_fn: Callable[[], Mapping[str, Sequence[str]]],
+    texts_fn: Callable[[], Mapping[str, Sequence[str]]] | None = None,
+    *,
+    train: Callable[[Path], Tokenizer] | None = None,
 ) -> EncoderSource:
-    """The baseline: a fresh encoder sized by ``config.model``, tokenizer from ``tokenizer.path``
-    or trained on ``texts_fn()`` into the workdir."""
+    """The baseline: a fresh encoder sized by ``config.model``, tokenizer from ``tokenizer.path``,
+    else the workdir's, else trained into the workdir: by ``train(path)`` (e.g. on a sample read
+    while streaming, ``data/prepare.py``) or on ``texts_fn()``."""
     t = config.tokenizer
+    path = workdir / "tokenizer.model"
     if t.path:
         tokenizer = Tokenizer.load(t.path)
+    elif train is not None:
+        tokenizer = Tokenizer.load(path) if path.exists() else train(path)
     else:
         tokenizer = load_or_train(
-            workdir / "tokenizer.model",
+            path,
             texts_fn,
             vocab_size=t.vocab_size,
             alpha=t.alpha,

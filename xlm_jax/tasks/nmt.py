@@ -42,6 +42,8 @@ from xlm_jax.core import loop, parallel, train_state
 from xlm_jax.core.files import write_atomic
 from xlm_jax.core.metrics import summarize
 from xlm_jax.data import corpus as corpus_lib
+from xlm_jax.data import prepare as prepare_lib
+from xlm_jax.data import prepared as prepared_lib
 from xlm_jax.data import sentences
 from xlm_jax.data.batches import lambda_at, parse_lambda
 from xlm_jax.data.sources import DataError
@@ -74,6 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train = "en: train.en@0:14500; fr: train.fr@14500:29000"
     c.data.valid = "en-fr: val.en|val.fr"
     c.data.test = "en-fr: test_2016_flickr.en|test_2016_flickr.fr"
+    prepare_lib.add_settings(c)
+    c.data.prepare_splits = "train"  # valid and test are read as text: BLEU needs it
     c.eval_directions = ""  # e.g. "en-de": only these; "" = both directions of every pair
 
     # --- objectives (XLM's flags) ---
@@ -363,40 +367,68 @@ def check_lengths(config: ml_collections.ConfigDict, max_positions: int) -> None
             )
 
 
-def read_data(
-    config: ml_collections.ConfigDict,
-    langs: Sequence[str],
-    workdir: Path,
-    entries: Sequence[Entry],
-) -> tuple[corpus_lib.Split, dict[str, corpus_lib.Split]]:
-    """All text, checked against the steps before anything is tokenized or compiled."""
-    root = config.data.root or ""
+def read_eval_text(
+    config: ml_collections.ConfigDict, langs: Sequence[str]
+) -> dict[str, corpus_lib.Split]:
+    """The valid and test text, whole: BLEU needs the raw references (small sets)."""
     read_kw = corpus_lib.read_options(config.data)
-    train_split = corpus_lib.read_split(
-        config.data.train, langs, root=root, where="data.train", **read_kw
-    )
-    evals = {
+    return {
         split: corpus_lib.read_split(
-            config.data[split], langs, root=root, where=f"data.{split}", **read_kw
+            config.data[split], langs, root=config.data.root or "", where=f"data.{split}", **read_kw
         )
         for split in ("valid", "test")
         if config.data[split]
     }
+
+
+def check_entries_have_text(config: ml_collections.ConfigDict, entries: Sequence[Entry]) -> None:
+    """Every AE/BT language has monolingual text in data.train, and every MT pair parallel text
+    (either way): checked on the setting, before anything is read."""
+    have = corpus_lib.parse_sources(config.data.train, "data.train")
     for e in entries:
         if e.objective == "mt":
-            if (e.lang1, e.lang2) not in train_split.para and (
-                e.lang2,
-                e.lang1,
-            ) not in train_split.para:
+            if f"{e.lang1}-{e.lang2}" not in have and f"{e.lang2}-{e.lang1}" not in have:
                 raise DataError(
                     f"mt_steps lists {e.lang1}-{e.lang2} but data.train has no parallel text for it"
                 )
-        elif e.lang1 not in train_split.mono:
+        elif e.lang1 not in have:
             raise DataError(
                 f"{e.objective}_steps lists {e.lang1!r} but data.train has no monolingual "
                 f"text for it"
             )
-    return train_split, evals
+
+
+def open_prepared(
+    config: ml_collections.ConfigDict, workdir: Path, tokenizer: Tokenizer
+) -> prepared_lib.PreparedSet:
+    """data.train tokenized with the source model's tokenizer: ``data.prepared``, or prepared into
+    WORKDIR/prepared by process 0 (reused while the sources and the tokenizer are unchanged)."""
+    if config.data.prepared:
+        prepared_set = prepared_lib.PreparedSet.open(config.data.prepared)
+        prepare_lib.check_same_text(prepared_set, config)
+        if prepared_set.tokenizer_sha256 != tokenizer.sha256:
+            raise DataError(
+                f"data.prepared={prepared_set.path} was prepared with tokenizer sha256 "
+                f"{prepared_set.tokenizer_sha256[:12]}, the model's is {tokenizer.sha256[:12]}: "
+                "prepare it with --tokenizer=<the model's tokenizer.model>"
+            )
+        return prepared_set
+    out = workdir / "prepared"
+    tokenizer_path = out / prepared_lib.TOKENIZER
+
+    def prepare() -> None:
+        if not tokenizer_path.exists() or tokenizer_path.read_bytes() != tokenizer.serialized:
+            write_atomic(tokenizer_path, tokenizer.serialized)
+        prepare_lib.ensure(
+            config,
+            out,
+            root=config.data.root or "",
+            tokenizer_path=tokenizer_path,
+            workers=config.data.prepare_workers,
+        )
+
+    parallel.on_first_process(prepare, "xlm_jax: data prepared")
+    return prepared_lib.PreparedSet.open(out)
 
 
 def source_paths(config: ml_collections.ConfigDict) -> list[Path]:
@@ -429,19 +461,12 @@ def directions(
 def build_iterators(
     config: ml_collections.ConfigDict,
     entries: Sequence[Entry],
-    train_split: corpus_lib.Split,
-    tokenizer: Tokenizer,
+    prepared_set: prepared_lib.PreparedSet,
     lang_id: Callable[[str], int],
     rows_of: Callable[[int], tuple[int, int]],
 ) -> dict[str, Any]:
     buckets = _buckets(config)
-    cache: dict[Any, list[np.ndarray]] = {}
-
-    def tok(key: Any, lines: Sequence[str], lang: str) -> list[np.ndarray]:
-        if key not in cache:
-            cache[key] = tokenizer.encode_many(lines, lang)
-        return cache[key]
-
+    have = prepared_set.keys("train")
     iterators: dict[str, Any] = {}
     common = dict(
         batch_size=config.batch_size,
@@ -451,14 +476,13 @@ def build_iterators(
     )
     for e in entries:
         if e.objective == "mt":
-            pair = (e.lang1, e.lang2)
-            if pair in train_split.para:
-                a, b = train_split.para[pair]
+            if f"{e.lang1}-{e.lang2}" in have:
+                a, b = prepared_set.sentences("train", f"{e.lang1}-{e.lang2}")
             else:
-                b, a = train_split.para[(e.lang2, e.lang1)]
+                b, a = prepared_set.sentences("train", f"{e.lang2}-{e.lang1}")
             it = sentences.ParallelBatches(
-                tok(("para", pair, 0), a, e.lang1),
-                tok(("para", pair, 1), b, e.lang2),
+                a,
+                b,
                 src_lang=lang_id(e.lang1),
                 tgt_lang=lang_id(e.lang2),
                 name=e.key,
@@ -466,7 +490,7 @@ def build_iterators(
             )
         else:
             it = sentences.SentenceBatches(
-                tok(("mono", e.lang1), train_split.mono[e.lang1], e.lang1),
+                prepared_set.sentences("train", e.lang1)[0],
                 lang_id=lang_id(e.lang1),
                 name=e.key,
                 **common,
@@ -703,9 +727,7 @@ def eval_metric_names(data: Data) -> list[str]:
 # --- the task -----------------------------------------------------------------------------------
 
 
-def load_source(
-    config: ml_collections.ConfigDict, workdir: Path, train_split: corpus_lib.Split
-) -> pretrained.EncoderSource:
+def load_source(config: ml_collections.ConfigDict, workdir: Path) -> pretrained.EncoderSource:
     """The pretrained model (or a random init) the translation model starts from."""
     if config.init_checkpoint is None:
         raise ValueError(
@@ -714,19 +736,24 @@ def load_source(
         )
     if config.init_checkpoint:
         return pretrained.load_pretrained(config.init_checkpoint, config.init_step)
-    return pretrained.random_source(
-        config, workdir, lambda: corpus_lib.tokenizer_texts(train_split)
-    )
+
+    def train(path: Path) -> Tokenizer:  # on XLM's α-sample of data.train, read while streaming
+        root = config.data.root or ""
+        return prepare_lib.prepare_tokenizer(
+            config, workdir / "prepared", root=root, tokenizer_path=path
+        )[1]
+
+    return pretrained.random_source(config, workdir, train=train)
 
 
 def source_of(
-    config: ml_collections.ConfigDict, env: loop.Env, train_split: corpus_lib.Split
+    config: ml_collections.ConfigDict, env: loop.Env
 ) -> tuple[pretrained.EncoderSource, ModelConfig | None]:
     """Where the model comes from, and the decoder's config when resuming: a resumed run
     rebuilds its model from its own metadata, never from the source again."""
     saved = env.saved
     if saved is None:
-        return load_source(config, env.workdir, train_split), None
+        return load_source(config, env.workdir), None
     keys = ("dropout", "attention_dropout", "dec_layers")
     pretrained.check_same_source(saved["config"], config, env.where, *keys)
     source = pretrained.EncoderSource(
@@ -764,9 +791,11 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     """Text, the source model, iterators; XLM's round of AE, MT and BT updates."""
     langs = corpus_lib.checked_langs(config)
     entries = parse_entries(config, langs)
-    train_split, eval_splits = read_data(config, langs, env.workdir, entries)
-    source, dec_saved = source_of(config, env, train_split)
+    check_entries_have_text(config, entries)
+    eval_splits = read_eval_text(config, langs)
+    source, dec_saved = source_of(config, env)
     tokenizer = source.tokenizer
+    prepared_set = open_prepared(config, env.workdir, tokenizer)
     enc_cfg, dec_cfg = seq2seq_configs(source.model, config)
     dec_cfg = dec_saved or dec_cfg
     check_lengths(config, dec_cfg.max_positions)
@@ -775,7 +804,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         return source.lang_id(lang, "langs")
 
     data = Data(
-        build_iterators(config, entries, train_split, tokenizer, lang_id, env.rows_of),
+        build_iterators(config, entries, prepared_set, lang_id, env.rows_of),
         {split: directions(s, config.eval_directions) for split, s in eval_splits.items()},
     )
     lambdas = {k: parse_lambda(config[f"lambda_{k}"]) for k in ("ae", "mt", "bt")}
@@ -848,6 +877,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         init_params=init_params,
         lr=lambda updates: train_state.learning_rate(config, updates),
         sources=source_paths(config),
+        known_sources=prepared_set.manifest["sources"],
     )
 
 

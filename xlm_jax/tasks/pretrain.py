@@ -35,12 +35,13 @@ from xlm_jax.core.train_state import (
 )
 from xlm_jax.data import batches as batches_lib
 from xlm_jax.data import corpus as corpus_lib
+from xlm_jax.data import prepare as prepare_lib
+from xlm_jax.data import prepared as prepared_lib
 from xlm_jax.data.corpus import lang_list
-from xlm_jax.data.toy import write_toy_corpus
 from xlm_jax.model import objectives, pretrained
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder, xlm_flops_per_token
 from xlm_jax.tasks import retrieval, xnli
-from xlm_jax.text.tokenizer import PAD_ID, Tokenizer, load_or_train
+from xlm_jax.text.tokenizer import PAD_ID, Tokenizer
 
 Sums = dict[str, jax.Array]
 Batch = dict[str, np.ndarray]
@@ -90,6 +91,7 @@ class Objective:
             causal=self.causal,
             deterministic=deterministic,
             pred_index=batch.get("pred_index"),
+            segments=batch.get("segments"),  # packed TLM rows (tlm_pack); else None
             rngs={"dropout": rng},
         )
         return objectives.sharded_token_loss_sums(
@@ -177,14 +179,6 @@ class Data:
     root: str = ""  # where the sources were read (data.root, or the toy corpus)
 
 
-def resolve_root(config: ml_collections.ConfigDict, workdir: Path) -> str:
-    """``data.root`` or, when empty, the generated toy corpus (so the demo needs no data)."""
-    if config.data.root:
-        return config.data.root
-    logging.info("data.root is empty: using the generated toy corpus (synthetic text)")
-    return str(write_toy_corpus(workdir / "toy_corpus", langs=tuple(lang_list(config))))
-
-
 def build_steps(config: ml_collections.ConfigDict) -> list[list[batches_lib.StepSpec]]:
     langs = lang_list(config)
     return [
@@ -193,62 +187,80 @@ def build_steps(config: ml_collections.ConfigDict) -> list[list[batches_lib.Step
     ]
 
 
-def check_steps_have_text(step_lists: list[list[batches_lib.StepSpec]], train) -> None:
+def check_steps_have_text(step_lists: list[list[batches_lib.StepSpec]], prepared_set) -> None:
+    have = prepared_set.keys("train")
     for spec in (s for steps in step_lists for s in steps):
-        have = train.para if spec.lang2 else train.mono
-        if ((spec.lang1, spec.lang2) if spec.lang2 else spec.lang1) not in have:
+        key = f"{spec.lang1}-{spec.lang2}" if spec.lang2 else spec.lang1
+        if key not in have:
             raise corpus_lib.DataError(
-                f"{'clm' if spec.objective == 'clm' else 'mlm'}_steps lists "
-                f"{spec.key.split('_', 1)[1]!r} but data.train has no "
-                f"{'parallel' if spec.lang2 else 'monolingual'} text for it"
+                f"{'clm' if spec.objective == 'clm' else 'mlm'}_steps lists {key!r} but "
+                f"data.train has no {'parallel' if spec.lang2 else 'monolingual'} text for it "
+                f"(prepared in {prepared_set.path}: {sorted(have)})"
             )
+
+
+def open_prepared(
+    config: ml_collections.ConfigDict, workdir: Path, root: str
+) -> tuple[Tokenizer, prepared_lib.PreparedSet]:
+    """The prepared tokens this run reads, and their tokenizer (also the workdir's).
+
+    ``data.prepared`` names a directory prepared beforehand; else process 0 prepares into
+    ``WORKDIR/prepared`` unless what is there is still the preparation of this config's sources
+    with the workdir's tokenizer (a restart tokenizes nothing).
+    """
+    tokenizer_path = workdir / "tokenizer.model"
+    if not config.data.prepared:
+        out = workdir / "prepared"
+        parallel.on_first_process(
+            lambda: prepare_lib.ensure(
+                config,
+                out,
+                root=root,
+                tokenizer_path=tokenizer_path,
+                workers=config.data.prepare_workers,
+            ),
+            "xlm_jax: data prepared",
+        )
+        return Tokenizer.load(tokenizer_path), prepared_lib.PreparedSet.open(out)
+    prepared_set = prepared_lib.PreparedSet.open(config.data.prepared)
+    prepare_lib.check_same_text(prepared_set, config)
+    tokenizer = Tokenizer.load(prepared_set.path / prepared_lib.TOKENIZER)
+    if tokenizer_path.exists():
+        mine = Tokenizer.load(tokenizer_path)
+        if mine.sha256 != tokenizer.sha256:
+            raise corpus_lib.DataError(
+                f"{prepared_set.path} was prepared with tokenizer sha256 {tokenizer.sha256[:12]}, "
+                f"but this workdir's ({tokenizer_path}) is {mine.sha256[:12]}: its ids would "
+                "mean other pieces; prepare again with --tokenizer=" + str(tokenizer_path)
+            )
+    else:
+        tokenizer.save(tokenizer_path)
+    return tokenizer, prepared_set
 
 
 def build_data(
     config: ml_collections.ConfigDict,
     workdir: Path,
-    tokenizer_path: Path,
     step_lists: list[list[batches_lib.StepSpec]],
     *,
     rows_of: Callable[[int], tuple[int, int]] = lambda n: (0, n),
-) -> tuple[Tokenizer, Data]:
-    """Reads and checks all text, trains (or reuses) the tokenizer, builds the iterators.
+) -> tuple[Tokenizer, Data, prepared_lib.PreparedSet]:
+    """The prepared tokens (prepared first if need be), the tokenizer, the iterators.
 
     ``rows_of(n)`` is the slice of a global batch of ``n`` rows that this process feeds: its
-    iterators build only those rows, so the global batches do not depend on the number of hosts.
+    iterators read only those rows, so the global batches do not depend on the number of hosts.
     """
-    langs = corpus_lib.checked_langs(config)
-    root = resolve_root(config, workdir)
-    read_kw = {
-        **corpus_lib.read_options(config.data),
-        "manual_dir": config.data.tfds_manual_dir or None,  # prepares the local TFDS builders
-    }
-    train = corpus_lib.read_split(
-        config.data.train, langs, root=root, where="data.train", **read_kw
-    )
-    valid = corpus_lib.read_split(
-        config.data.valid, langs, root=root, where="data.valid", **read_kw
-    )
-    check_steps_have_text(step_lists, train)
-    tok = config.tokenizer
-    tokenizer = load_or_train(
-        tokenizer_path,
-        lambda: corpus_lib.tokenizer_texts(train),
-        vocab_size=tok.vocab_size,
-        alpha=tok.alpha,
-        n_sentences=tok.n_sentences,
-        seed=config.seed,
-        character_coverage=tok.character_coverage,
-    )
-    train_tok = corpus_lib.tokenize_split(train, tokenizer)
-    valid_tok = corpus_lib.tokenize_split(valid, tokenizer)
+    corpus_lib.checked_langs(config)
+    root = prepare_lib.root_or_toy(config, workdir)
+    tokenizer, prepared_set = open_prepared(config, workdir, root)
+    check_steps_have_text(step_lists, prepared_set)
     data = Data({}, {}, {}, np.zeros(tokenizer.vocab_size, np.int64), root)
     for spec in (s for steps in step_lists for s in steps):
         if spec.lang2 is None:
-            add_stream(data, spec, config, train_tok, valid_tok, rows_of)
+            add_stream(data, spec, config, prepared_set, rows_of)
         else:
-            add_pairs(data, spec, config, train_tok, valid_tok, rows_of)
-    return tokenizer, data
+            add_pairs(data, spec, config, prepared_set, rows_of)
+    return tokenizer, data, prepared_set
 
 
 def _eval_rows(batches: list[Batch], config, rows_of) -> list[Batch]:
@@ -257,10 +269,10 @@ def _eval_rows(batches: list[Batch], config, rows_of) -> list[Batch]:
     return [{k: v[start:stop] for k, v in b.items()} for b in batches]
 
 
-def add_stream(data: Data, spec, config, train_tok, valid_tok, rows_of) -> None:
+def add_stream(data: Data, spec, config, prepared_set, rows_of) -> None:
     """An MLM/CLM entry: the language's stream cut into ``bptt`` windows."""
     lid = lang_list(config).index(spec.lang1)
-    stream = batches_lib.make_stream(train_tok.mono[spec.lang1])
+    stream = prepared_set.stream("train", spec.lang1)
     data.train[spec.key] = batches_lib.StreamBatches(
         stream,
         lang_id=lid,
@@ -271,10 +283,10 @@ def add_stream(data: Data, spec, config, train_tok, valid_tok, rows_of) -> None:
         rows=rows_of(config.batch_size),
     )
     data.sizes[spec.key] = len(stream)
-    data.token_counts += np.bincount(stream, minlength=len(data.token_counts))
-    if spec.lang1 in valid_tok.mono:
+    data.token_counts += prepared_set.counts("train", spec.lang1, len(data.token_counts))
+    if spec.lang1 in prepared_set.keys("valid"):
         batches = batches_lib.eval_stream_batches(
-            batches_lib.make_stream(valid_tok.mono[spec.lang1]),
+            prepared_set.stream("valid", spec.lang1).array(),
             lang_id=lid,
             batch_size=config.eval_batch_size,
             length=config.bptt,
@@ -282,13 +294,17 @@ def add_stream(data: Data, spec, config, train_tok, valid_tok, rows_of) -> None:
         data.valid[spec.key] = _eval_rows(batches, config, rows_of)
 
 
-def add_pairs(data: Data, spec, config, train_tok, valid_tok, rows_of) -> None:
-    """A TLM entry: sentence pairs packed into ``tlm_length`` rows."""
+def add_pairs(data: Data, spec, config, prepared_set, rows_of) -> None:
+    """A TLM entry: sentence pairs in ``tlm_length`` rows, one per row or several (``tlm_pack``).
+
+    Validation rows stay one pair each, packed or not: the same batches (and scores) either way.
+    """
     langs = lang_list(config)
-    pair = (spec.lang1, spec.lang2)
-    src, tgt = train_tok.para[pair]
+    key = f"{spec.lang1}-{spec.lang2}"
+    src, tgt = prepared_set.sentences("train", key)
     ids = {"src_lang": langs.index(spec.lang1), "tgt_lang": langs.index(spec.lang2)}
-    it = batches_lib.PairBatches(
+    pairs = batches_lib.PackedPairBatches if config.tlm_pack else batches_lib.PairBatches
+    it = pairs(
         src,
         tgt,
         **ids,
@@ -298,20 +314,21 @@ def add_pairs(data: Data, spec, config, train_tok, valid_tok, rows_of) -> None:
         name=spec.key,
         rows=rows_of(config.tlm_batch_size),
     )
-    if it.n_dropped:
+    empty = sum(prepared_set.keys("train")[key]["dropped"].values())
+    if it.n_dropped or empty:
         logging.warning(
-            "%s: dropped %d of %d pairs (an empty side, or longer than tlm_length=%d)",
+            "%s: dropped %d of %d pairs (%d with an empty side, %d longer than tlm_length=%d)",
             spec.key,
+            it.n_dropped + empty,
+            len(src) + empty,
+            empty,
             it.n_dropped,
-            len(src),
             config.tlm_length,
         )
     data.train[spec.key] = it
-    data.sizes[spec.key] = int(
-        sum(len(s) + len(t) + 4 for s, t in zip(it.src, it.tgt, strict=True))
-    )
-    if pair in valid_tok.para:
-        vs, vt = valid_tok.para[pair]
+    data.sizes[spec.key] = it.tokens
+    if key in prepared_set.keys("valid"):
+        vs, vt = prepared_set.sentences("valid", key)
         batches = batches_lib.eval_pair_batches(
             vs, vt, **ids, batch_size=config.eval_batch_size, length=config.tlm_length
         )
@@ -575,9 +592,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         # The checkpoint carries its vocabulary: a resumed run never retrains it.
         Tokenizer.from_bytes(base64.b64decode(env.saved["tokenizer"])).save(tokenizer_path)
     step_lists = build_steps(config)
-    tokenizer, data = build_data(
-        config, env.workdir, tokenizer_path, step_lists, rows_of=env.rows_of
-    )
+    tokenizer, data, prepared_set = build_data(config, env.workdir, step_lists, rows_of=env.rows_of)
     fingerprint = config_fingerprint(config, tokenizer)
     if env.saved is not None:
         check_compatible(env.saved["fingerprint"], fingerprint, env.where)
@@ -626,7 +641,30 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         metric_names=metric_names,
         lr=lambda updates: learning_rate(config, updates),
         sources=source_paths(config, data, probe),
+        # the sources' hashes taken when they were prepared: not read again while unchanged
+        known_sources=prepared_set.manifest["sources"],
+        finish=lambda loop_state, last: _log_reads(data, last),
     )
+
+
+def _log_reads(data: Data, last: dict) -> dict:
+    reads = records_read(data)
+    logging.info(
+        "process %d of %d read %d stream windows and %d sentence pairs of prepared data",
+        jax.process_index(),
+        jax.process_count(),
+        reads["windows"],
+        reads["pairs"],
+    )
+    return last
+
+
+def records_read(data: Data) -> dict[str, int]:
+    """How many stream windows and sentence pairs this process read from the prepared data (its
+    rows only: with two processes, about half each)."""
+    windows = sum(it.stream.reads for it in data.train.values() if hasattr(it, "stream"))
+    pairs = sum(it.src.reads for it in data.train.values() if hasattr(it, "src"))
+    return {"windows": windows, "pairs": pairs}
 
 
 TASK = loop.Task("pretrain", setup, batch_sizes, check=check)

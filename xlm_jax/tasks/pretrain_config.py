@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from xlm_jax.core import parallel
+from xlm_jax.data import prepare
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -29,6 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.tfds_manual_dir = ""  # files from which the project's own builders are prepared
     c.data.max_chars = 10_000  # a longer line is an error (a broken file, not a sentence)
     c.data.on_invalid_utf8 = "error"  # or "replace" (U+FFFD); never a silent drop
+    prepare.add_settings(c)
 
     # --- shared BPE vocabulary (SentencePiece) ---
     c.tokenizer = ml_collections.ConfigDict()
@@ -69,8 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     # --- batches (global, over all devices and hosts) ---
     c.batch_size = 32  # stream windows per MLM/CLM step
     c.bptt = 256  # tokens per stream window
-    c.tlm_batch_size = 64  # sentence pairs per TLM step
+    c.tlm_batch_size = 64  # rows per TLM step: one sentence pair each, or several (tlm_pack)
     c.tlm_length = 128  # tokens per TLM row; longer pairs are dropped (and counted)
+    c.tlm_pack = False  # True: pairs packed into rows (best fit), attention within a pair only
     c.eval_batch_size = 32
     c.accum_steps = 1  # split each step's batch into this many micro-batches (same update)
 

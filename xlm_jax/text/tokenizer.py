@@ -95,11 +95,16 @@ class Tokenizer(Serialized):
         """
         return self._sp.Encode(text, add_bos=False, add_eos=False, return_type="numpy")
 
-    def encode_many(self, texts: Sequence[str], lang: str | None = None) -> list[np.ndarray]:
-        """Batch `encode`: one call into SentencePiece, which encodes on its own threads."""
+    def encode_many(
+        self, texts: Sequence[str], lang: str | None = None, *, threads: int = -1
+    ) -> list[np.ndarray]:
+        """Batch `encode`: one call into SentencePiece, which encodes on `threads` threads (-1:
+        its default, all cores; a pool of worker processes gives each one)."""
         if isinstance(texts, str):
             raise TypeError("encode_many takes a sequence of strings; use encode for one string")
-        return self._sp.Encode(list(texts), add_bos=False, add_eos=False, return_type="numpy")
+        return self._sp.Encode(
+            list(texts), add_bos=False, add_eos=False, return_type="numpy", num_threads=threads
+        )
 
     def decode(self, ids: Iterable[int] | np.ndarray, lang: str | None = None) -> str:
         """Text of `ids`; special ids (< N_SPECIAL, including <unk>) are dropped, not rendered."""
@@ -150,17 +155,30 @@ def _check_special_ids(sp: spm.SentencePieceProcessor) -> None:
 def sample_sentences(
     texts: Mapping[str, Sequence[str]], n_sentences: int, alpha: float, seed: int
 ) -> tuple[list[str], dict[str, float]]:
-    """XLM's smoothed multinomial sample of the corpora for learning BPE.
+    """XLM's smoothed multinomial sample of the corpora for learning BPE: the sentences of
+    `sample_indices` (languages in sorted order) and {lang: p_l} (sorted by language)."""
+    if not texts:
+        raise ValueError("sample_sentences needs at least one language")
+    picks, probs = sample_indices(
+        {lang: len(t) for lang, t in texts.items()}, n_sentences, alpha, seed
+    )
+    sample = [texts[lang][i] for lang, idx in picks.items() for i in idx.tolist()]
+    return sample, probs
+
+
+def sample_indices(
+    sizes: Mapping[str, int], n_sentences: int, alpha: float, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Which sentences (indices, in sample order) each language gives to the BPE sample.
 
     p_l = (n_l/N)^alpha / sum_k (n_k/N)^alpha; language l contributes round(n_sentences * p_l)
     sentences (Python's round: half to even). They are drawn in whole passes over the language's
     sentences, each pass without replacement, so no sentence repeats before all have been used.
-    The draw of language l depends only on (seed, l, its sentences), through a numpy Generator
-    seeded with (seed, crc32(l)) (Python's `hash` of a str changes per process).
-
-    Returns the sample (languages in sorted order) and {lang: p_l} (sorted by language).
+    The draw of language l depends only on (seed, l, n_l), through a numpy Generator seeded with
+    (seed, crc32(l)) (Python's `hash` of a str changes per process). Only the sizes are needed, so
+    a corpus too large for memory is sampled while streamed (`data/prepare.py`).
     """
-    if not texts:
+    if not sizes:
         raise ValueError("sample_sentences needs at least one language")
     if n_sentences < 1:
         raise ValueError(f"n_sentences must be >= 1, got {n_sentences}")
@@ -168,23 +186,22 @@ def sample_sentences(
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    langs = sorted(texts)  # the sample must not depend on the mapping's order
-    empty = [lang for lang in langs if len(texts[lang]) == 0]
+    langs = sorted(sizes)  # the sample must not depend on the mapping's order
+    empty = [lang for lang in langs if sizes[lang] == 0]
     if empty:
         raise ValueError(f"no sentences for language(s) {empty}")
-    sizes = np.array([len(texts[lang]) for lang in langs], dtype=np.float64)
-    weights = (sizes / sizes.sum()) ** alpha
+    counts = np.array([sizes[lang] for lang in langs], dtype=np.float64)
+    weights = (counts / counts.sum()) ** alpha
     probs = weights / weights.sum()
-
-    sample: list[str] = []
+    picks = {}
     for lang, p in zip(langs, probs, strict=True):
-        sents = texts[lang]
+        n = sizes[lang]
         rng = np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
-        passes, rest = divmod(round(n_sentences * float(p)), len(sents))
-        order = [rng.permutation(len(sents)) for _ in range(passes)]
-        order.append(rng.choice(len(sents), size=rest, replace=False))
-        sample.extend(sents[i] for i in np.concatenate(order).tolist())
-    return sample, {lang: float(p) for lang, p in zip(langs, probs, strict=True)}
+        passes, rest = divmod(round(n_sentences * float(p)), n)
+        order = [rng.permutation(n) for _ in range(passes)]
+        order.append(rng.choice(n, size=rest, replace=False))
+        picks[lang] = np.concatenate(order)
+    return picks, {lang: float(p) for lang, p in zip(langs, probs, strict=True)}
 
 
 def _trainer_options(vocab_size: int, character_coverage: float) -> dict[str, Any]:
@@ -230,9 +247,24 @@ def train_tokenizer(
     The vocabulary may end up smaller than `vocab_size` when the corpus is too small for that many
     merges (`Tokenizer.vocab_size` tells the actual size).
     """
+    sample, probs = sample_sentences(texts, n_sentences, alpha, seed)
+    return train_on_sample(
+        sample, probs, model_path, vocab_size=vocab_size, character_coverage=character_coverage
+    )
+
+
+def train_on_sample(
+    sample: Sequence[str],
+    probs: Mapping[str, float],
+    model_path: str | os.PathLike,
+    *,
+    vocab_size: int,
+    character_coverage: float = 0.9995,
+) -> Tokenizer:
+    """Learns the BPE model on `sample` (from `sample_sentences` / `sample_indices`; `probs` is
+    logged) and writes it atomically to `model_path`."""
     if vocab_size <= N_SPECIAL:
         raise ValueError(f"vocab_size must be > {N_SPECIAL} (the specials), got {vocab_size}")
-    sample, probs = sample_sentences(texts, n_sentences, alpha, seed)
     writer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample),

@@ -403,7 +403,10 @@ class XLMBPETokenizer(Serialized):
             ids.append(i)
         return np.asarray(ids, dtype=np.int32)
 
-    def encode_many(self, texts: Sequence[str], lang: str | None = None) -> list[np.ndarray]:
+    def encode_many(
+        self, texts: Sequence[str], lang: str | None = None, *, threads: int = -1
+    ) -> list[np.ndarray]:
+        """`encode` of each text (in this thread: `threads` is for SentencePiece's signature)."""
         if isinstance(texts, str):
             raise TypeError("encode_many takes a sequence of strings; use encode for one string")
         return [self.encode(t, lang) for t in texts]
