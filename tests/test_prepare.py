@@ -128,7 +128,7 @@ def test_worker_processes_write_the_same_shards(root, tmp_path, monkeypatch):
     inline = _prepare(config, tmp_path / "inline")
     monkeypatch.setattr(prepare, "INLINE_BYTES", 0)
     pooled = _prepare(config, tmp_path / "pool", workers=2)
-    assert pooled["shards"] == inline["shards"]  # every file's size and sha256
+    assert pooled["shards"] == inline["shards"]  # every file's size and CRC32
 
 
 def test_an_interrupted_prepare_redoes_only_unfinished_shards(root, tmp_path, monkeypatch):
@@ -190,6 +190,11 @@ def test_a_damaged_shard_is_named_and_redone(root, tmp_path, damage):
     expected = "corrupted" if damage == "corrupt" else "truncated"
     with pytest.raises(DataError, match=f"{path}: .*{expected}.*shard train/en/000-00003"):
         prepared.PreparedSet.open(out)
+    # as training opens it: checked while the iterators are built, before any batch
+    config.data.prepared = str(out)
+    with pytest.raises(DataError, match=f"{path}: .*{expected}"):
+        pretrain.build_data(config, tmp_path / "work", pretrain.build_steps(config))
+    config.data.prepared = ""
     assert _prepare(config, out)["shards"] == manifest["shards"]  # that one shard redone
     prepared.PreparedSet.open(out)
 
@@ -246,7 +251,7 @@ def test_a_restart_reuses_the_prepared_data_until_a_source_changes(root, tmp_pat
     (root / "val.en").write_bytes(text)  # touched: a new mtime, the same bytes
     ensure()
     assert len(calls) == 1
-    (root / "val.en").write_bytes(text.replace(b"A ", b"One ", 1))
+    (root / "val.en").write_bytes(text.replace(b"A ", b"B ", 1))  # the same size
     ensure()
     assert calls[1] == 4  # only the shards of val.en (2 of 16 lines for en, 2 for en-fr)
     assert prepare.differences(prepared.read_manifest(out), config, str(root), None) == []

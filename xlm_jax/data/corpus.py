@@ -180,7 +180,9 @@ def split_paths(
 
 
 def tokenizer_texts(split: Split) -> dict[str, list[str]]:
-    """Training text per language for the BPE model: its monolingual text, else its pair sides."""
+    """Training text per language for the BPE model: its monolingual text, else its pair sides.
+    (Runs sample it while streaming, ``prepare.tokenizer_segments``; this in-memory version is
+    the reference they are tested against.)"""
     texts = {lang: list(lines) for lang, lines in split.mono.items()}
     for (l1, l2), (src, tgt) in split.para.items():
         for lang, side in ((l1, src), (l2, tgt)):
@@ -196,6 +198,7 @@ class TokenizedSplit:
 
 
 def tokenize_split(split: Split, tokenizer: Tokenizer) -> TokenizedSplit:
+    """Every sentence of ``split`` encoded, in memory: what prepared shards hold (tested)."""
     return TokenizedSplit(
         # The language matters to tokenizers with per-language rules (XLM's Moses).
         mono={lang: tokenizer.encode_many(lines, lang) for lang, lines in split.mono.items()},

@@ -30,6 +30,7 @@ import logging
 import multiprocessing
 import os
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class Side:
     path: str = ""  # absolute; "" for a tfds: source
     start: int = 0  # bytes
     end: int = 0
+    sha256: str = ""  # the whole file's: any change to it redoes its shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +189,7 @@ def plan_item(
             cuts[0][i],
             cuts[0][i + 1] - cuts[0][i],
             tuple(
-                Side(spec, lang, str(path), off[i], off[i + 1])
+                Side(spec, lang, str(path), off[i], off[i + 1], found[str(path)]["sha256"])
                 for (spec, lang), path, off in zip(sides, paths, offsets, strict=True)
             ),
         )
@@ -386,11 +388,12 @@ def tokenize_shard(job: Job) -> dict[str, Any]:
             name = f"{shard.name}.{j}.{what}.npy"
             data = _npy(array)
             write_atomic(out / "shards" / name, data)
-            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            files[name] = {"size": len(data), "crc32": zlib.crc32(data)}
     reason = "an empty line" if len(shard.sides) == 1 else "an empty side"
     # kept, but counted: with on_invalid_utf8="replace" a bad byte became U+FFFD
     replaced = sum("\ufffd" in line for side in lines for line in side)
     record = {
+        "format": prepared.FORMAT,
         "plan": shard.plan(),
         "tokenizer": tok.sha256,
         "sentences": len(keep),
@@ -410,7 +413,8 @@ def finished(shard: Shard, out: Path, tokenizer_sha: str) -> dict[str, Any] | No
         record = json.loads((out / "shards" / f"{shard.name}.json").read_text())
     except (OSError, ValueError):
         return None
-    if record.get("plan") != shard.plan() or record.get("tokenizer") != tokenizer_sha:
+    same = (record.get("format"), record.get("plan"), record.get("tokenizer"))
+    if same != (prepared.FORMAT, shard.plan(), tokenizer_sha):
         return None
     try:
         for name, want in record["files"].items():
@@ -614,7 +618,7 @@ def differences(
     root: str,
     tokenizer_sha: str | None,
     *,
-    hash_file: Callable[[Path], str] = prepared.file_sha256,
+    hash_file: Callable[[Path], str] = lambda path: scan(path)["sha256"],
 ) -> list[str]:
     """Why ``manifest`` is not the preparation of ``config``'s data (empty: it is). A source
     whose size and mtime are as recorded is taken as unchanged; one with another mtime is hashed."""

@@ -5,7 +5,7 @@
     manifest.json      written last: sources (size, mtime, sha256), tokenizer sha256, options,
                        per split and key ("en", "en-fr") its shards, counts and dropped lines
     tokenizer.model    the shared BPE vocabulary the tokens index
-    shards/SPLIT/KEY/ITEM-INDEX.json             a shard's record (its files' sizes and sha256)
+    shards/SPLIT/KEY/ITEM-INDEX.json             a shard's record (its files' sizes and CRC32s)
     shards/SPLIT/KEY/ITEM-INDEX.SIDE.tokens.npy  every kept sentence followed by </s>
     shards/SPLIT/KEY/ITEM-INDEX.SIDE.offsets.npy int64 start of each sentence, then the end
     shards/SPLIT/KEY/ITEM-INDEX.SIDE.counts.npy  int64 frequency of each id (sample_alpha)
@@ -26,9 +26,10 @@ iterators over prepared data yield the batches of the in-memory ones (tested).
 from __future__ import annotations
 
 import collections
-import hashlib
+import concurrent.futures
 import json
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
 
 
-def file_sha256(path: Path) -> str:
+def file_crc32(path: Path) -> int:
+    """CRC32 of a file (zlib: about 4 GB/s here, sha256 1.8 GB/s; it detects damage, which is
+    all a shard's checksum is for: the sources' identity is their sha256)."""
+    crc = 0
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def check_file(path: Path, want: Mapping[str, Any], what: str) -> None:
-    """``path`` has the size and sha256 its record says, or a ``DataError`` names it."""
+    """``path`` has the size and CRC32 its record says, or a ``DataError`` names it."""
     hint = f"; prepare again (finished shards are kept, this one is redone): {what}"
     try:
         size = path.stat().st_size
@@ -61,8 +67,8 @@ def check_file(path: Path, want: Mapping[str, Any], what: str) -> None:
         raise DataError(f"{path}: missing{hint}") from None
     if size != want["size"]:
         raise DataError(f"{path}: {size} bytes, its record says {want['size']} (truncated?){hint}")
-    if file_sha256(path) != want["sha256"]:
-        raise DataError(f"{path}: sha256 differs from its record (corrupted){hint}")
+    if file_crc32(path) != want.get("crc32"):
+        raise DataError(f"{path}: its CRC32 differs from its record (corrupted){hint}")
 
 
 class Files:
@@ -181,21 +187,39 @@ class Stream:
 class PreparedSet:
     """An opened prepared directory: its manifest checked, its shards verified, read on demand."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], checks: Sequence[Any] = ()) -> None:
         self.path, self.manifest, self.files = path, manifest, Files()
+        self._checks = list(checks)  # futures of the verification still running
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, verify: bool = True) -> PreparedSet:
-        """Reads ``path``'s manifest; with ``verify``, checks the size and sha256 of every shard
-        file (about 1.8 GB/s here: a second for a few GB of tokens)."""
+    def open(
+        cls, path: str | os.PathLike, *, verify: bool = True, background: bool = False
+    ) -> PreparedSet:
+        """Reads ``path``'s manifest; with ``verify``, checks the size and CRC32 of every shard
+        file on every core (1.8 GB of shards in 0.33 s on this 2-core machine). ``background``:
+        the checks run while the caller builds its iterators, and ``verified()`` waits for them
+        (before the first batch is read)."""
         path = Path(path)
         manifest = read_manifest(path)
-        prepared = cls(path, manifest)
-        if verify:
-            for name, record in manifest["shards"].items():
-                for file, want in record["files"].items():
-                    check_file(path / "shards" / file, want, f"shard {name} of {path}")
-        return prepared
+        checks = [
+            (path / "shards" / file, want, f"shard {name} of {path}")
+            for name, record in manifest["shards"].items()
+            for file, want in record["files"].items()
+        ]
+        if not verify:
+            return cls(path, manifest)
+        pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count())  # zlib frees the GIL
+        futures = [pool.submit(check_file, *check) for check in checks]
+        pool.shutdown(wait=False)
+        prepared = cls(path, manifest, futures)
+        return prepared if background else prepared.verified()
+
+    def verified(self) -> PreparedSet:
+        """Waits for the verification; raises the first damaged file's ``DataError``."""
+        for future in self._checks:
+            future.result()
+        self._checks = []
+        return self
 
     @property
     def tokenizer_sha256(self) -> str:

@@ -221,8 +221,9 @@ def open_prepared(
             ),
             "xlm_jax: data prepared",
         )
-        return Tokenizer.load(tokenizer_path), prepared_lib.PreparedSet.open(out)
-    prepared_set = prepared_lib.PreparedSet.open(config.data.prepared)
+        opened = prepared_lib.PreparedSet.open(out, background=True)
+        return Tokenizer.load(tokenizer_path), opened
+    prepared_set = prepared_lib.PreparedSet.open(config.data.prepared, background=True)
     prepare_lib.check_same_text(prepared_set, config)
     tokenizer = Tokenizer.load(prepared_set.path / prepared_lib.TOKENIZER)
     if tokenizer_path.exists():
@@ -255,12 +256,16 @@ def build_data(
     tokenizer, prepared_set = open_prepared(config, workdir, root)
     check_steps_have_text(step_lists, prepared_set)
     data = Data({}, {}, {}, np.zeros(tokenizer.vocab_size, np.int64), root)
-    for spec in (s for steps in step_lists for s in steps):
-        if spec.lang2 is None:
-            add_stream(data, spec, config, prepared_set, rows_of)
-        else:
-            add_pairs(data, spec, config, prepared_set, rows_of)
-    return tokenizer, data, prepared_set
+    try:  # while the shards are verified in the background
+        for spec in (s for steps in step_lists for s in steps):
+            if spec.lang2 is None:
+                add_stream(data, spec, config, prepared_set, rows_of)
+            else:
+                add_pairs(data, spec, config, prepared_set, rows_of)
+    except Exception:
+        prepared_set.verified()  # a damaged shard explains a failure best
+        raise
+    return tokenizer, data, prepared_set.verified()  # before any batch is read
 
 
 def _eval_rows(batches: list[Batch], config, rows_of) -> list[Batch]:

@@ -19,18 +19,18 @@ and en-de pairs of ``configs/demo.py`` read them again); val.* is Multi30k's own
    (``_CHILD``) records when the loop fetches its first batch and the JAX compile time before it
    (the union of JAX's trace, lowering and backend-compile spans, ``jax.monitoring``); start-up is
    child spawn → first batch, minus that compile time. Peak RSS is the child's own
-   ``ru_maxrss`` (``os.wait4``); it counts the pages of the memory-mapped shards the run touched
-   (file-backed: shared, clean, reclaimable), so the resident MB at exit are also split into
-   anonymous and file-backed (``/proc/self/status``).
+   ``ru_maxrss`` (``os.wait4``); the resident MB at exit are also split into anonymous and
+   file-backed (``/proc/self/status``): shards are read by ``pread``, so the file-backed part is
+   the libraries' and stays flat with the corpus.
 3. **host pipeline**: tokens/s that ``batches.StreamBatches`` (MLM windows of the ``en`` stream) and
    ``batches.PairBatches`` (TLM pairs of ``en-fr``) deliver from the prepared set at
    ``configs/bench.py``'s batch shapes (``next()`` alone, no transfer to devices), over the MLM
    step's tokens/s of ``configs/bench.py`` measured in the same run (``xlm_jax.tools.bench``), or
    ``--step_tokens_per_s``.
 
-Once per run: the TLM padding share of ``configs/demo.py``'s TLM batches over one epoch of the
-source's en-fr pairs (Multi30k prepared as it is, not repeated). The machine (CPU model) goes into
-the JSON.
+Once per run: the TLM padding share of ``configs/demo.py``'s TLM batches (rows of its
+``tlm_length``, then 128 and 256) over one epoch of the source's en-fr pairs (Multi30k prepared as
+it is, not repeated), one pair per row and packed. The machine (CPU model) goes into the JSON.
 """
 
 from __future__ import annotations
