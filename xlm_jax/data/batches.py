@@ -14,6 +14,7 @@ import bisect
 import dataclasses
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -291,32 +292,8 @@ class PackedPairBatches(PairBatches):
     only the pairs of its rows. ``cursor`` counts the epoch's rows.
     """
 
-    def __init__(
-        self,
-        src: Sequence[np.ndarray],
-        tgt: Sequence[np.ndarray],
-        *,
-        src_lang: int,
-        tgt_lang: int,
-        batch_size: int,
-        length: int,
-        seed: int,
-        name: str,
-        shuffle: bool = True,
-        rows: tuple[int, int] | None = None,
-    ) -> None:
-        super().__init__(
-            src,
-            tgt,
-            src_lang=src_lang,
-            tgt_lang=tgt_lang,
-            batch_size=batch_size,
-            length=length,
-            seed=seed,
-            name=name,
-            shuffle=shuffle,
-            rows=rows,
-        )
+    def __init__(self, src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], **kw: Any) -> None:
+        super().__init__(src, tgt, **kw)  # PairBatches' settings
         n_src, n_tgt = lengths_of(src)[self.keep], lengths_of(tgt)[self.keep]
         self._pair_lengths = n_src + n_tgt + 4
         self._bounds = np.zeros(1, np.int64)
