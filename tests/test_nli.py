@@ -75,7 +75,7 @@ def test_header_and_missing_classes_are_explained(tmp_path):
     with pytest.raises(
         DataError, match=r"train en: .*only the labels contradiction, entailment; expected all"
     ):
-        nli.check_three_classes(examples, "data.train en")
+        nli.check_three_classes([ex.label for ex in examples], "data.train en")
 
 
 def test_tfds_sources_fail_fast_when_not_prepared(tmp_path):
@@ -91,7 +91,7 @@ def test_real_xnli_files_follow_the_protocol():
     train_sets = nli.read_sets(train_src, "data.train", root=str(SHARED_DATA))
     valid = nli.read_sets(valid_src, "data.valid", root=str(SHARED_DATA))
     assert list(train_sets) == ["en"] and len(train_sets["en"]) == 1990
-    nli.check_three_classes(train_sets["en"], "en")
+    nli.check_three_classes([ex.label for ex in train_sets["en"]], "en")
     assert list(valid) == list(nli.PAPER_LANGS)
     assert all(len(v) == 500 for v in valid.values())
     # row-parallel files: the same labels row by row in every language

@@ -1,6 +1,7 @@
 """Translation mode: step lists, input checks, learning, exact resume, init from pretraining, the
 translate command."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -310,6 +311,33 @@ def test_resuming_with_other_settings_is_refused(checkpointed_run):
             "rerun with the checkpoint's values, or use another workdir"
         ]
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+def test_token_budget_trains_one_shape_per_bucket(checkpointed_run, tmp_path, caplog):
+    """tokens_per_batch=410 through the loop: BT (generation, then training) on 8 rows at 48
+    tokens (the shape of the runs above, compiled already) then 4 rows at 96; one compile per
+    shape, nothing skipped. The finished run's tokenizer and prepared set are reused."""
+    workdir, _ = checkpointed_run
+    config = tiny_nmt(
+        ae_steps="",
+        mt_steps="",
+        bt_steps="fr-en-fr",
+        tokens_per_batch=410,
+        max_steps=3,
+        log_every=3,
+        checkpoint_every=0,
+        **{
+            "tokenizer.path": str(workdir / "tokenizer.model"),
+            "data.prepared": str(workdir / "prepared"),
+        },
+    )
+    caplog.set_level("INFO", logger="xlm_jax.data.sentences")
+    result = nmt.train_and_evaluate(config, tmp_path)
+    shapes = re.findall(r"bt_fr-en-fr: batch of (\d+) rows at bucket (\d+)", caplog.text)
+    assert shapes == [("8", "48"), ("4", "96")]  # each logged when first seen
+    assert result["compiled_programs"] == len(shapes)  # <= len(buckets) per step kind
+    assert result["train/skipped_updates"] == 0.0
+    assert np.isfinite(result["train/bt_fr-en-fr/loss"])
 
 
 @orbax_threads_wind_down

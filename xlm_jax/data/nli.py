@@ -6,6 +6,9 @@ Sources: XNLI TSV files (``premise<TAB>hypothesis<TAB>label``, XTREME's format, 
 ``DataError`` naming the file and line (or the example). A pair becomes XLM's row
 ``</s> premise </s> hypothesis </s>`` (``src/evaluation/xnli.py``); a training epoch is a fresh
 permutation of the rows, and evaluation visits every row once in order.
+
+Fine-tuning never holds the text: ``data/prepare.py`` (``data.records = "nli"``) checks each line
+with ``parse_line`` and tokenizes premises and hypotheses once; ``Pairs`` reads them back per row.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import numpy as np
 
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import presets, sources
+from xlm_jax.data.batches import lengths_of
 from xlm_jax.data.sources import DataError
-from xlm_jax.text.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
 
 # XLM's label ids (src/evaluation/xnli.py: label2id).
 LABELS = ("contradiction", "neutral", "entailment")
@@ -89,26 +93,27 @@ def read_xnli_tsv(
     lines = sources.read_lines(spec, root, **read_kw)
     file = sources.resolve_path(spec, root)
     first = sources.first_line(spec, root)
-    out = []
-    for i, line in enumerate(lines):
-        where = f"{file}:{first + i + 1}"
-        cols = line.split("\t")
-        if len(cols) != 3:
-            raise DataError(
-                f"{where}: {len(cols)} tab-separated column(s); expected 3: "
-                "premise<TAB>hypothesis<TAB>label"
-            )
-        premise, hypothesis, label = (col.strip() for col in cols)
-        if label not in LABEL_IDS:
-            hint = " (a header line? the format has none)" if label.lower() == "label" else ""
-            raise DataError(
-                f"{where}: unknown label {label!r}{hint}; expected one of {', '.join(LABELS)}"
-            )
-        for name, text in (("premise", premise), ("hypothesis", hypothesis)):
-            if not text:
-                raise DataError(f"{where}: empty {name}; expected text")
-        out.append(Example(premise, hypothesis, LABEL_IDS[label]))
-    return out
+    return [parse_line(line, f"{file}:{first + i + 1}") for i, line in enumerate(lines)]
+
+
+def parse_line(line: str, where: str) -> Example:
+    """One ``premise<TAB>hypothesis<TAB>label`` line; ``where`` (file:line) names it in errors."""
+    cols = line.split("\t")
+    if len(cols) != 3:
+        raise DataError(
+            f"{where}: {len(cols)} tab-separated column(s); expected 3: "
+            "premise<TAB>hypothesis<TAB>label"
+        )
+    premise, hypothesis, label = (col.strip() for col in cols)
+    if label not in LABEL_IDS:
+        hint = " (a header line? the format has none)" if label.lower() == "label" else ""
+        raise DataError(
+            f"{where}: unknown label {label!r}{hint}; expected one of {', '.join(LABELS)}"
+        )
+    for name, text in (("premise", premise), ("hypothesis", hypothesis)):
+        if not text:
+            raise DataError(f"{where}: empty {name}; expected text")
+    return Example(premise, hypothesis, LABEL_IDS[label])
 
 
 def _text(value: Any, where: str) -> str:
@@ -185,8 +190,8 @@ def read_sets(text: str, where: str, *, root: str, **read_kw: Any) -> dict[str, 
     return out
 
 
-def check_three_classes(examples: Sequence[Example], where: str) -> None:
-    present = {ex.label for ex in examples}
+def check_three_classes(labels: Sequence[int] | np.ndarray, where: str) -> None:
+    present = {int(x) for x in np.unique(np.asarray(labels))}
     if present != set(range(len(LABELS))):
         raise DataError(
             f"{where}: the training set has only the labels "
@@ -200,11 +205,6 @@ def check_three_classes(examples: Sequence[Example], where: str) -> None:
 def _cut(ids: np.ndarray, max_len: int) -> int:
     """Tokens kept of a sentence framed ``</s> ids </s>`` and cut to max_len (XLM's truncate)."""
     return min(len(ids), max_len - 2)
-
-
-def pair_length(premise: np.ndarray, hypothesis: np.ndarray, max_len: int) -> int:
-    """Tokens of the pair's row before padding (``pack_pair`` with room enough)."""
-    return _cut(premise, max_len) + _cut(hypothesis, max_len) + 3
 
 
 def sentence_length(ids: np.ndarray, max_len: int) -> int:
@@ -265,10 +265,6 @@ class Rows:
         """Rows from ``pack_pair`` / ``pack_sentence`` outputs and their labels."""
         return Rows(*(np.stack([row[k] for row in packed]) for k in range(3)), labels=labels)
 
-    @staticmethod
-    def concat(parts: Sequence[Rows]) -> Rows:
-        return Rows(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in FIELDS))
-
     def batch(self, index: np.ndarray, batch_size: int) -> Batch:
         """Rows ``index`` (fewer than batch_size: the rest all-pad rows with weight 0)."""
         n, length = len(index), self.tokens.shape[1]
@@ -285,40 +281,59 @@ class Rows:
         }
 
 
-FIELDS = dataclasses.fields(Rows)
+@dataclasses.dataclass
+class Pairs:
+    """One NLI set as prepared (``data.records = "nli"``): premises and hypotheses as id
+    sequences read when a row needs them (``prepared.Sentences``, or lists), their label ids and
+    the rows' language id."""
+
+    premises: Sequence[np.ndarray]
+    hypotheses: Sequence[np.ndarray]
+    labels: np.ndarray
+    lang_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def lengths(self, max_len: int) -> np.ndarray:
+        """Each pair's row length before padding (``pack_pair`` with room enough), from the
+        lengths alone."""
+        n1, n2 = lengths_of(self.premises), lengths_of(self.hypotheses)
+        return np.minimum(n1, max_len - 2) + np.minimum(n2, max_len - 2) + 3
 
 
-def tokenize_pairs(
-    examples: Sequence[Example], tokenizer: Tokenizer, lang: str | None = None
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Premises and hypotheses as ids; `lang` for tokenizers with per-language rules (XLM's)."""
-    premises = tokenizer.encode_many([ex.premise for ex in examples], lang)
-    return premises, tokenizer.encode_many([ex.hypothesis for ex in examples], lang)
+def batch_of(sets: Sequence[Pairs], index: np.ndarray, *, max_len: int, length: int) -> Batch:
+    """Rows ``index`` of ``sets`` laid end to end (``pack_pair``), labels and weights; an index
+    of -1 is an all-pad row of weight 0. Only the pairs of these rows are read."""
+    starts = np.cumsum([0] + [len(s) for s in sets])
+    n = len(index)
+    tokens = np.full((n, length), PAD_ID, np.int32)
+    positions, langs = np.zeros((n, length), np.int32), np.zeros((n, length), np.int32)
+    labels, weights = np.zeros((n, 1), np.int32), np.zeros((n, 1), np.float32)
+    for r, i in enumerate(np.asarray(index).tolist()):
+        if i < 0:
+            continue
+        k = int(np.searchsorted(starts, i, side="right")) - 1
+        s, j = sets[k], i - int(starts[k])
+        premise, hypothesis = (np.asarray(x[j], np.int32) for x in (s.premises, s.hypotheses))
+        row = pack_pair(premise, hypothesis, s.lang_id, max_len=max_len, length=length)
+        tokens[r], positions[r], langs[r] = row
+        labels[r, 0], weights[r, 0] = s.labels[j], 1.0
+    # labels and weights are (batch, 1): the same (batch, length) sharding as the token arrays
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "langs": langs,
+        "labels": labels,
+        "weights": weights,
+    }
 
 
-def pack_rows(
-    premises: Sequence[np.ndarray],
-    hypotheses: Sequence[np.ndarray],
-    examples: Sequence[Example],
-    lang_id: int,
-    *,
-    max_len: int,
-    length: int,
-) -> Rows:
-    packed = [
-        pack_pair(p, h, lang_id, max_len=max_len, length=length)
-        for p, h in zip(premises, hypotheses, strict=True)
-    ]
-    return Rows.stack(packed, np.array([ex.label for ex in examples], np.int32))
-
-
-def encode_pairs(
-    examples: Sequence[Example], tokenizer: Tokenizer, lang_id: int, *, max_len: int, length: int
-) -> Rows:
-    """Examples → packed rows of ``length`` tokens (``pack_pair``)."""
-    return pack_rows(
-        *tokenize_pairs(examples, tokenizer), examples, lang_id, max_len=max_len, length=length
-    )
+def padded(index: np.ndarray, batch_size: int) -> np.ndarray:
+    """``index`` topped up to ``batch_size`` with -1 (all-pad rows)."""
+    out = np.full(batch_size, -1, np.int64)
+    out[: len(index)] = index
+    return out
 
 
 def epoch_order(n: int, epoch: int, seed: int, epoch_size: int) -> np.ndarray:

@@ -38,8 +38,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from xlm_jax.core import parallel
 from xlm_jax.core.files import write_atomic
-from xlm_jax.data import corpus, prepared, sources, toy
+from xlm_jax.data import corpus, nli, prepared, sources, toy
 from xlm_jax.data.text_files import DataError, decode_lines, reading
 from xlm_jax.text import tokenizer as tokenizer_lib
 from xlm_jax.text.specials import EOS_ID
@@ -73,6 +74,9 @@ class Shard:
     first_line: int  # 0-based line of the file where it starts
     n_lines: int
     sides: tuple[Side, ...]
+    # "text": a sentence per line (per side); "nli": premise<TAB>hypothesis<TAB>label lines, the
+    # premises and hypotheses tokenized as two sides of one file, the labels kept beside them
+    records: str = "text"
 
     @property
     def name(self) -> str:
@@ -83,7 +87,10 @@ class Shard:
         return sum(s.end - s.start for s in self.sides)
 
     def plan(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
+        plan = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
+        if self.records == "text":  # as recorded before NLI shards existed: those stay finished
+            del plan["records"]
+        return plan
 
 
 @dataclasses.dataclass
@@ -145,6 +152,27 @@ def _item_sides(key: str, spec: str, parsed, where: str) -> list[tuple[str, str]
     return [(s.strip(), lang) for s, lang in zip(specs, langs, strict=True)]
 
 
+def records_of(config: ml_collections.ConfigDict) -> str:
+    records = config.data.get("records", "text")
+    if records not in ("text", "nli"):
+        raise DataError(f"data.records={records!r}: expected 'text' or 'nli'")
+    return records
+
+
+def _sides(
+    config: ml_collections.ConfigDict, split: str, key: str, item: str, where: str
+) -> list[tuple[str, str]]:
+    """(spec, lang) of each side of a source item. An NLI file is read as two sides, premises
+    and hypotheses, in the language of its text (English in a translate-test set)."""
+    if records_of(config) == "text":
+        parsed = corpus.parse_key(key, corpus.checked_langs(config), where)
+        return _item_sides(key, item, parsed, where)
+    if not key.isalnum() or "|" in item:
+        raise DataError(f"{where}.{key}: NLI sets are 'LANG: FILE.tsv[@A:B], ...' (one language)")
+    lang = "en" if split == "translate_test" else key
+    return [(item, lang), (item, lang)]
+
+
 def plan_item(
     split: str,
     key: str,
@@ -155,6 +183,7 @@ def plan_item(
     data_dir: str | None,
     found: dict[str, dict[str, Any]],
     manual_dir: str | None = None,
+    records: str = "text",
 ) -> list[Shard]:
     """The shards of one source item: ``shard_lines`` lines of every side each."""
     parsed = [sources.parse_spec(spec) for spec, _ in sides]
@@ -164,7 +193,8 @@ def plan_item(
         n = [sources.line_count(p, root, data_dir=data_dir) for p in parsed]
         _check_aligned([str(p) for p in parsed], n)
         side = tuple(Side(spec, lang) for spec, lang in sides)
-        return [Shard(split, key, item, 0, sources.first_line(parsed[0], root), n[0], side)]
+        first = sources.first_line(parsed[0], root)
+        return [Shard(split, key, item, 0, first, n[0], side, records)]
     paths = [Path(os.path.abspath(sources.resolve_path(p, root))) for p in parsed]
     for path in paths:
         if str(path) not in found:
@@ -192,6 +222,7 @@ def plan_item(
                 Side(spec, lang, str(path), off[i], off[i + 1], found[str(path)]["sha256"])
                 for (spec, lang), path, off in zip(sides, paths, offsets, strict=True)
             ),
+            records,
         )
         for i in range(len(cuts[0]) - 1)
     ]
@@ -214,27 +245,26 @@ def root_or_toy(config: ml_collections.ConfigDict, workdir: Path) -> str:
 
 def splits_of(config: ml_collections.ConfigDict) -> list[str]:
     """The splits to prepare (``data.prepare_splits``): those read as batches, not as text."""
-    splits = corpus.codes(config.data.prepare_splits)
-    bad = [s for s in splits if s not in ("train", "valid", "test") or not config.data.get(s)]
-    if bad or not splits:
+    named = corpus.codes(config.data.prepare_splits)
+    known = ("train", "valid", "test", "translate_test")
+    if not named or any(s not in known or s not in config.data for s in named):
         raise DataError(f"data.prepare_splits={config.data.prepare_splits!r}: name data.* splits")
-    return splits
+    return [s for s in named if config.data[s].strip()]  # an empty split has nothing to prepare
 
 
 def make_plan(config: ml_collections.ConfigDict, root: str) -> Plan:
-    """Every shard of ``data.train`` and ``data.valid``, with the sources scanned and checked."""
-    langs = corpus.checked_langs(config)
+    """Every shard of the splits to prepare, with the sources scanned and checked."""
+    records = records_of(config)
     shards: list[Shard] = []
     found: dict[str, dict[str, Any]] = {}
     for split in splits_of(config):
         where = f"data.{split}"
         for key, spec in corpus.parse_sources(config.data[split], where).items():
-            parsed = corpus.parse_key(key, langs, where)
             items = [s.strip() for s in spec.split(",") if s.strip()]
             if not items:
                 raise DataError(f"{where}.{key}: no source given")
             for i, item in enumerate(items):
-                sides = _item_sides(key, item, parsed, where)
+                sides = _sides(config, split, key, item, where)
                 shards += plan_item(
                     split,
                     key,
@@ -245,6 +275,7 @@ def make_plan(config: ml_collections.ConfigDict, root: str) -> Plan:
                     config.data.tfds_data_dir or None,
                     found,
                     config.data.get("tfds_manual_dir") or None,
+                    records,
                 )
     sources_ = {path: {k: v for k, v in f.items() if k != "lines"} for path, f in found.items()}
     return Plan(shards, sources_)
@@ -273,6 +304,28 @@ def shard_lines(shard: Shard, side: Side, read_kw: Mapping[str, Any], root: str)
             f"read as {len(lines)} lines; the file changed while being prepared"
         )
     return lines
+
+
+def nli_columns(
+    shard: Shard, read_kw: Mapping[str, Any], root: str
+) -> tuple[list[str], list[str], np.ndarray]:
+    """Premises, hypotheses and label ids of an NLI shard, every line checked (``nli``)."""
+    side = shard.sides[0]
+    if side.path:
+        lines = shard_lines(shard, side, read_kw, root)
+        at = shard.first_line + 1
+        examples = [nli.parse_line(line, f"{side.path}:{at + i}") for i, line in enumerate(lines)]
+    else:
+        examples = nli.read_nli(side.spec, root, **read_kw)
+    labels = np.array([ex.label for ex in examples], np.int8)
+    return [ex.premise for ex in examples], [ex.hypothesis for ex in examples], labels
+
+
+def side_texts(shard: Shard, j: int, read_kw: Mapping[str, Any], root: str) -> list[str]:
+    """The text of side ``j`` of a shard, one string per line."""
+    if shard.records == "nli":
+        return nli_columns(shard, read_kw, root)[j]
+    return shard_lines(shard, shard.sides[j], read_kw, root)
 
 
 # --- 2. tokenizer -------------------------------------------------------------------------------
@@ -309,7 +362,7 @@ def sample_for_tokenizer(
         for shard, j in segments[lang]:
             local = wanted[(wanted >= first) & (wanted < first + shard.n_lines)] - first
             if len(local):
-                lines = shard_lines(shard, shard.sides[j], read_kw, root)
+                lines = side_texts(shard, j, read_kw, root)
                 text.update((first + int(i), lines[i]) for i in local)
             first += shard.n_lines
         sample += [text[i] for i in idx.tolist()]
@@ -361,6 +414,13 @@ def side_arrays(ids: Sequence[np.ndarray], dtype: np.dtype, vocab: int) -> dict[
     return {"tokens": tokens, "offsets": offsets, "counts": np.bincount(tokens, minlength=vocab)}
 
 
+def _write_npy(out: Path, name: str, array: np.ndarray, files: dict[str, dict[str, int]]) -> None:
+    """Writes ``out/shards/name`` and records its size and CRC32 in ``files``."""
+    data = _npy(array)
+    write_atomic(out / "shards" / name, data)
+    files[name] = {"size": len(data), "crc32": zlib.crc32(data)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     shard: Shard
@@ -376,19 +436,22 @@ def tokenize_shard(job: Job) -> dict[str, Any]:
     t0 = time.perf_counter()
     shard, out = job.shard, Path(job.out)
     tok = _tokenizer(job.tokenizer)
-    lines = [shard_lines(shard, side, job.read_kw, job.root) for side in shard.sides]
+    if shard.records == "nli":  # every line checked: none is empty
+        *lines, labels = nli_columns(shard, job.read_kw, job.root)
+    else:
+        lines = [shard_lines(shard, side, job.read_kw, job.root) for side in shard.sides]
     keep = [i for i in range(shard.n_lines) if all(side[i] for side in lines)]
     dtype = prepared.token_dtype(tok.vocab_size)
-    files, n_tokens = {}, []
+    files: dict[str, dict[str, int]] = {}
+    n_tokens = []
     for j, (side, text) in enumerate(zip(shard.sides, lines, strict=True)):
         ids = tok.encode_many([text[i] for i in keep], side.lang, threads=job.threads)
         arrays = side_arrays(ids, dtype, tok.vocab_size)
         n_tokens.append(int(arrays["offsets"][-1]) - len(keep))  # without the </s>
         for what, array in arrays.items():
-            name = f"{shard.name}.{j}.{what}.npy"
-            data = _npy(array)
-            write_atomic(out / "shards" / name, data)
-            files[name] = {"size": len(data), "crc32": zlib.crc32(data)}
+            _write_npy(out, f"{shard.name}.{j}.{what}.npy", array, files)
+    if shard.records == "nli":
+        _write_npy(out, f"{shard.name}.labels.npy", labels, files)
     reason = "an empty line" if len(shard.sides) == 1 else "an empty side"
     # kept, but counted: with on_invalid_utf8="replace" a bad byte became U+FFFD
     replaced = sum("\ufffd" in line for side in lines for line in side)
@@ -400,11 +463,17 @@ def tokenize_shard(job: Job) -> dict[str, Any]:
         "tokens": n_tokens,
         "dropped": {reason: shard.n_lines - len(keep)} if len(keep) < shard.n_lines else {},
         "replaced": {"lines with U+FFFD (invalid UTF-8 replaced)": replaced} if replaced else {},
+        **({"labels": _label_counts(labels)} if shard.records == "nli" else {}),
         "files": files,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_atomic(out / "shards" / f"{shard.name}.json", json.dumps(record, indent=1).encode())
     return record
+
+
+def _label_counts(labels: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(labels, minlength=len(nli.LABELS))
+    return {name: int(n) for name, n in zip(nli.LABELS, counts, strict=True)}
 
 
 def finished(shard: Shard, out: Path, tokenizer_sha: str) -> dict[str, Any] | None:
@@ -493,9 +562,10 @@ def manifest_of(
         entry["lines"] += shard.n_lines
         entry["sentences"] += record["sentences"]
         entry["tokens"] = [a + b for a, b in zip(entry["tokens"], record["tokens"], strict=True)]
-        for what in ("dropped", "replaced"):
-            for reason, n in record[what].items():
-                entry[what][reason] = entry[what].get(reason, 0) + n
+        for what in ("dropped", "replaced", "labels"):  # labels: NLI shards only
+            for reason, n in record.get(what, {}).items():
+                counts = entry.setdefault(what, {})
+                counts[reason] = counts.get(reason, 0) + n
     return {
         "format": prepared.FORMAT,
         "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size},
@@ -517,6 +587,9 @@ def add_settings(c: ml_collections.ConfigDict) -> None:
     c.data.prepare_splits = "train,valid"  # the splits prepared; the others are read as text
     c.data.prepare_workers = 0  # tokenizing processes; 0 = every core of this machine
     c.data.shard_lines = 100_000  # lines of a source per shard (the unit of work and of resume)
+    # What a line is: "text" (a sentence; pairs as 'SRC|TGT' files) or "nli"
+    # (premise<TAB>hypothesis<TAB>label, as XNLI's TSV files or tfds:multi_nli / tfds:xnli)
+    c.data.records = "text"
 
 
 def settings_of(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
@@ -528,6 +601,7 @@ def settings_of(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
         "max_chars": d.max_chars,
         "on_invalid_utf8": d.on_invalid_utf8,
         "shard_lines": d.shard_lines,
+        "records": records_of(config),
     }
 
 
@@ -680,3 +754,50 @@ def check_same_text(prepared_set: prepared.PreparedSet, config: ml_collections.C
                 f"{was.get(split)!r}, but this config has {config.data[split]!r}; give the same "
                 "sources or prepare them"
             )
+
+
+def open_for_model(
+    config: ml_collections.ConfigDict, workdir: Path, tokenizer: tokenizer_lib.Tokenizer
+) -> prepared.PreparedSet:
+    """The data tokenized with a given model's tokenizer (fine-tuning): ``data.prepared``, or
+    prepared into WORKDIR/prepared by process 0 (reused while the sources and the tokenizer are
+    unchanged)."""
+    if config.data.prepared:
+        prepared_set = prepared.PreparedSet.open(config.data.prepared)
+        check_same_text(prepared_set, config)
+        if prepared_set.tokenizer_sha256 != tokenizer.sha256:
+            raise DataError(
+                f"data.prepared={prepared_set.path} was prepared with tokenizer sha256 "
+                f"{prepared_set.tokenizer_sha256[:12]}, the model's is {tokenizer.sha256[:12]}: "
+                "prepare it with --tokenizer=<the model's tokenizer.model>"
+            )
+        return prepared_set
+    out = workdir / "prepared"
+    tokenizer_path = out / prepared.TOKENIZER
+
+    def make() -> None:
+        if not tokenizer_path.exists() or tokenizer_path.read_bytes() != tokenizer.serialized:
+            write_atomic(tokenizer_path, tokenizer.serialized)
+        ensure(
+            config,
+            out,
+            root=config.data.root or "",
+            tokenizer_path=tokenizer_path,
+            workers=config.data.prepare_workers,
+        )
+
+    parallel.on_first_process(make, "xlm_jax: data prepared")
+    return prepared.PreparedSet.open(out)
+
+
+def streamed_tokenizer(
+    config: ml_collections.ConfigDict, workdir: Path
+) -> Callable[[Path], tokenizer_lib.Tokenizer]:
+    """``train(path)``: a tokenizer trained at ``path`` on XLM's α-sample of data.train, read while
+    streaming (a randomly initialised model's, ``pretrained.random_source``)."""
+
+    def train(path: Path) -> tokenizer_lib.Tokenizer:
+        out = Path(workdir) / "prepared"
+        return prepare_tokenizer(config, out, root=config.data.root or "", tokenizer_path=path)[1]
+
+    return train

@@ -260,6 +260,18 @@ class PreparedSet:
             for side in range(n_sides)
         ]
 
+    def labels(self, split: str, key: str) -> np.ndarray:
+        """The label ids of an NLI set (``data.records = "nli"``), one per pair (int32)."""
+        entry = self._entry(split, key)
+        if "labels" not in entry:
+            raise DataError(f"{self.path / MANIFEST}: {split} {key!r} is text, not NLI pairs")
+        return np.concatenate(
+            [
+                DiskArray(self.path / "shards" / f"{name}.labels.npy", self.files).load()
+                for name in entry["shards"]
+            ]
+        ).astype(np.int32)
+
     def stream(self, split: str, key: str) -> Stream:
         return Stream(self._side_arrays(split, key, 0, "tokens"))
 

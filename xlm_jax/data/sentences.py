@@ -14,12 +14,23 @@ number of sentences, the epoch's random order is topped up, before pooling, with
 sentences (cyclically if there are fewer sentences than a batch), so every sentence is seen at least
 once per epoch and ``-n % batch_size`` random ones twice. Nothing carries over between epochs, so
 the state ``(epoch, cursor)`` (cursor = batches taken in the epoch) resumes exactly.
+
+Token budget (XLM's ``--tokens_per_batch``, ``tokens_per_batch > 0``): a batch whose rows are
+padded to bucket ``L`` has ``budget_rows(tokens_per_batch, L, row_multiple)`` rows, one row count
+per bucket, so the shapes stay one per bucket. The epoch's random order is cut into pools of about
+50 batches (``50 * tokens_per_batch`` tokens at the mean row length), each pool sorted by length,
+and the sorted epoch is cut greedily: a batch takes sentences while their count stays within the
+rows of the bucket of its longest one (for pairs: the longer side's bucket, so each side's
+``rows x length`` stays within the budget). Each batch is completed to its rows with all-PAD rows
+(no loss, no tokens), batches are visited in random order, and every kept sentence is seen exactly
+once per epoch: no top-up. The state is ``(epoch, cursor)`` as above.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +48,8 @@ _log = logging.getLogger(__name__)
 
 POOL_BATCHES = 50  # a pool sorted by length holds this many batches
 
+RowsOf = Callable[[int], tuple[int, int]]  # a global batch's rows -> this process's [start, stop)
+
 
 def bucket_length(n_tokens: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= ``n_tokens`` (a row's tokens, both ``</s>`` included)."""
@@ -44,6 +57,51 @@ def bucket_length(n_tokens: int, buckets: Sequence[int]) -> int:
     if not fitting:
         raise ValueError(f"{n_tokens} tokens do not fit in any bucket of {sorted(buckets)}")
     return min(fitting)
+
+
+def budget_rows(tokens_per_batch: int, length: int, row_multiple: int = 1) -> int:
+    """Rows of a token-budget batch padded to ``length``: as many as ``tokens_per_batch`` holds,
+    rounded down to a multiple of ``row_multiple`` (the batch's data-parallel split)."""
+    return (tokens_per_batch // length) // row_multiple * row_multiple
+
+
+def check_budget(tokens_per_batch: int, buckets: Sequence[int], row_multiple: int = 1) -> None:
+    """A budget must give the longest bucket at least ``row_multiple`` rows (one per shard)."""
+    longest = max(buckets)
+    if budget_rows(tokens_per_batch, longest, row_multiple) < row_multiple:
+        raise ValueError(
+            f"tokens_per_batch={tokens_per_batch} gives {tokens_per_batch // longest} rows of the "
+            f"longest bucket ({longest} tokens), fewer than the {row_multiple}-way batch split: "
+            f"it needs at least {row_multiple * longest} (or shorter length_buckets)"
+        )
+
+
+def greedy_cut(caps: np.ndarray) -> np.ndarray:
+    """Bounds of batches over items taken in order: a batch grows while its size stays within
+    the smallest ``caps`` entry among its items (every cap >= 1). A Python loop: about a second
+    per 5M items, once per epoch."""
+    bounds, count, cap = [0], 0, 0
+    for i, c in enumerate(caps.tolist()):
+        cap = c if count == 0 else min(cap, c)
+        if count >= cap:  # this item would overfill the batch: it opens the next one
+            bounds.append(i)
+            count, cap = 0, c
+        count += 1
+    bounds.append(len(caps))
+    return np.asarray(bounds, np.int64)
+
+
+def shuffled_batches(
+    rng: np.random.Generator, order: np.ndarray, bounds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The batches ``order[bounds[k]:bounds[k+1]]`` in ``rng.permutation``'s order."""
+    perm = rng.permutation(len(bounds) - 1)
+    sizes = np.diff(bounds)[perm]
+    new = np.zeros(len(perm) + 1, np.int64)
+    np.cumsum(sizes, out=new[1:])
+    # item j of new batch k comes from old position bounds[perm[k]] + j
+    gather = np.repeat(bounds[:-1][perm] - new[:-1], sizes) + np.arange(len(order))
+    return order[gather], new
 
 
 def _rows(sents: Sequence[np.ndarray | None], length: int, lang_id: int, prefix: str = "") -> Batch:
@@ -59,53 +117,125 @@ def _rows(sents: Sequence[np.ndarray | None], length: int, lang_id: int, prefix:
 
 
 class _BucketedBatches(EpochIterator):
-    """Epoch orders of length-homogeneous batches of sentence indices; subclasses build rows."""
+    """Epoch plans of length-homogeneous batches of sentence indices; subclasses build rows.
+
+    Settings (keyword arguments of the subclasses): ``batch_size``, ``seed``, ``name``,
+    ``shuffle`` (True), this process's rows as a fixed slice ``rows=(start, stop)`` of
+    ``batch_size`` rows or as ``rows_of(global rows) -> (start, stop)`` (default: all rows), and
+    ``tokens_per_batch`` (-1: ``batch_size`` rows) with ``row_multiple`` (rows split evenly in
+    that many shards).
+    """
 
     def _setup(
         self,
         keys: np.ndarray,
+        row_tokens: np.ndarray,
+        buckets: Sequence[int],
+        *,
         batch_size: int,
         seed: int,
         name: str,
-        shuffle: bool,
-        rows: tuple[int, int] | None,
+        shuffle: bool = True,
+        rows: tuple[int, int] | None = None,
+        rows_of: RowsOf | None = None,
+        tokens_per_batch: int = -1,
+        row_multiple: int = 1,
     ) -> None:
+        """``keys`` sort a pool; ``row_tokens`` (the longest side's tokens, ``</s>`` included)
+        decide each item's bucket and thus, with a token budget, the rows it allows."""
         self._keys, self.batch_size, self.seed, self.name = keys, batch_size, seed, name
-        self.shuffle = shuffle
-        self.rows = _check_rows(rows, batch_size, name)
+        self.shuffle, self.buckets = shuffle, tuple(buckets)
+        self.tokens_per_batch, self.row_multiple = int(tokens_per_batch), int(row_multiple)
+        if rows is not None and (rows_of is not None or self.tokens_per_batch > 0):
+            raise ValueError(f"{name}: rows=(start, stop) is for fixed batches alone; use rows_of")
+        self._rows_of: RowsOf = rows_of or (lambda n: (0, n))
+        if self.tokens_per_batch > 0:
+            self._plan_budget(row_tokens)
+        else:
+            self.rows = _check_rows(rows or self._rows_of(batch_size), batch_size, name)
         self.epoch, self.cursor = 0, 0
         self._order: np.ndarray | None = None
+        self._bounds = np.zeros(1, np.int64)
+
+    def _plan_budget(self, row_tokens: np.ndarray) -> None:
+        """Each bucket's rows (``bucket_rows``), each item's (its bucket's) and the pool size."""
+        check_budget(self.tokens_per_batch, self.buckets, self.row_multiple)
+        sizes = np.array(sorted(self.buckets))
+        per_bucket = [budget_rows(self.tokens_per_batch, int(b), self.row_multiple) for b in sizes]
+        self.bucket_rows = dict(zip(sizes.tolist(), per_bucket, strict=True))
+        self._caps = np.array(per_bucket, np.int64)[np.searchsorted(sizes, row_tokens)]
+        # about POOL_BATCHES batches of rows of the mean length
+        self._pool = max(1, POOL_BATCHES * self.tokens_per_batch // int(row_tokens.mean()))
+        self._row_tokens = row_tokens
+        # pools sorted by the longer side first (pairs), so a batch's rows are rarely cut short
+        self._budget_keys = row_tokens.astype(np.int64) * (int(self._keys.max()) + 1) + self._keys
+        self.shapes: set[tuple[int, int]] = set()  # (rows, bucket) served: one compile each
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _epoch_batches(self) -> np.ndarray:
-        """``(n_batches, batch_size)`` sentence indices of the current epoch."""
+    @staticmethod
+    def _sorted_pools(order: np.ndarray, pool: int, keys: np.ndarray) -> np.ndarray:
+        for i in range(0, len(order), pool):
+            chunk = order[i : i + pool]
+            order[i : i + pool] = chunk[np.argsort(keys[chunk], kind="stable")]
+        return order
+
+    def _epoch_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's sentence order and its batch bounds (``_order`` = None: derive again)."""
         if self._order is None:
             n, bs = len(self._keys), self.batch_size
             rng = _rng(self.seed, self.name, self.epoch)
             order = permutation(rng, n) if self.shuffle else np.arange(n)
-            order = np.resize(order, -(-n // bs) * bs)  # top up with its own first sentences
-            pool = POOL_BATCHES * bs
-            for i in range(0, len(order), pool):
-                chunk = order[i : i + pool]
-                order[i : i + pool] = chunk[np.argsort(self._keys[chunk], kind="stable")]
-            batches = order.reshape(-1, bs)
-            self._order = batches[rng.permutation(len(batches))] if self.shuffle else batches
-        return self._order
+            if self.tokens_per_batch > 0:
+                order = self._sorted_pools(order, self._pool, self._budget_keys)
+                bounds = greedy_cut(self._caps[order])
+            else:
+                order = np.resize(order, -(-n // bs) * bs)  # top up with its own first sentences
+                order = self._sorted_pools(order, POOL_BATCHES * bs, self._keys)
+                bounds = np.arange(0, len(order) + 1, bs)
+            if self.shuffle:
+                order, bounds = shuffled_batches(rng, order, bounds)
+            self._order, self._bounds = order, bounds
+        return self._order, self._bounds
+
+    def epoch_batches(self) -> int:
+        """Batches of the current epoch."""
+        return len(self._epoch_plan()[1]) - 1
+
+    def _peek(self) -> np.ndarray:
+        """The next global batch's sentence indices (kept-sentence numbers)."""
+        order, bounds = self._epoch_plan()
+        return order[bounds[self.cursor] : bounds[self.cursor + 1]]
+
+    def next_rows(self) -> int:
+        """Rows of the global batch the next ``next()`` returns; the state does not move."""
+        if self.tokens_per_batch <= 0:
+            return self.batch_size
+        return int(self._caps[self._peek()].min())  # the rows of its longest sentence's bucket
+
+    def _note_shape(self, rows: int, length: int) -> None:
+        if (rows, length) not in self.shapes:  # a new shape: the steps compile for it
+            self.shapes.add((rows, length))
+            _log.info("%s: batch of %d rows at bucket %d (first seen)", self.name, rows, length)
 
     def _read(self, sentences: Sequence[np.ndarray], i: int) -> np.ndarray:
         """Kept sentence ``i``: read only now, for a row this process builds."""
         return np.asarray(sentences[int(self.keep[i])], np.int32)
 
-    def _next_indices(self) -> np.ndarray:
-        """The global batch's sentence indices; advances the state."""
-        batches = self._epoch_batches()
-        idx = batches[self.cursor]
+    def _next_indices(self) -> tuple[np.ndarray, list[int | None]]:
+        """The global batch's sentence indices, and this process's rows of it (``None``: an
+        all-PAD row completing a token-budget batch); advances the state."""
+        idx, n_rows = self._peek(), self.next_rows()
         self.cursor += 1
-        if self.cursor == len(batches):
+        if self.cursor == len(self._bounds) - 1:
             self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        return idx
+        if self.tokens_per_batch <= 0:
+            return idx, list(idx[self.rows[0] : self.rows[1]])
+        self._note_shape(n_rows, bucket_length(int(self._row_tokens[idx].max()), self.buckets))
+        start, stop = _check_rows(self._rows_of(n_rows), n_rows, self.name)
+        padded = [*idx.tolist(), *[None] * (n_rows - len(idx))]
+        return idx, padded[start:stop]
 
 
 class SentenceBatches(_BucketedBatches):
@@ -116,28 +246,25 @@ class SentenceBatches(_BucketedBatches):
         sentences: Sequence[np.ndarray],
         *,
         lang_id: int,
-        batch_size: int,
         buckets: Sequence[int],
-        seed: int,
-        name: str,
-        shuffle: bool = True,
-        rows: tuple[int, int] | None = None,
+        **settings: Any,
     ) -> None:
         max_len = max(buckets) - 2
+        name = settings["name"]
         # Empty sentences teach nothing and long ones do not fit: dropped, counted.
         lengths = lengths_of(sentences)
         self.keep = np.flatnonzero((lengths > 0) & (lengths <= max_len))
         self.n_dropped = len(sentences) - len(self.keep)
         if not len(self.keep):
             raise ValueError(f"{name}: no sentence is non-empty and at most {max_len} tokens")
-        self.sentences, self.lang_id, self.buckets = sentences, lang_id, tuple(buckets)
-        self._setup(lengths[self.keep], batch_size, seed, name, shuffle, rows)
+        self.sentences, self.lang_id = sentences, lang_id
+        self._setup(lengths[self.keep], lengths[self.keep] + 2, buckets, **settings)
 
     def __next__(self) -> Batch:
-        idx = self._next_indices()
+        idx, mine = self._next_indices()
         length = bucket_length(int(self._keys[idx].max()) + 2, self.buckets)
-        mine = [self._read(self.sentences, i) for i in idx[self.rows[0] : self.rows[1]]]
-        return _rows(mine, length, self.lang_id)
+        rows = [None if i is None else self._read(self.sentences, i) for i in mine]
+        return _rows(rows, length, self.lang_id)
 
 
 class ParallelBatches(_BucketedBatches):
@@ -150,13 +277,10 @@ class ParallelBatches(_BucketedBatches):
         *,
         src_lang: int,
         tgt_lang: int,
-        batch_size: int,
         buckets: Sequence[int],
-        seed: int,
-        name: str,
-        shuffle: bool = True,
-        rows: tuple[int, int] | None = None,
+        **settings: Any,
     ) -> None:
+        name = settings["name"]
         _check_aligned(src, tgt, name)
         max_len = max(buckets) - 2
         n_src, n_tgt = lengths_of(src), lengths_of(tgt)
@@ -166,19 +290,21 @@ class ParallelBatches(_BucketedBatches):
         if not len(self.keep):
             raise ValueError(f"{name}: no pair has both sides non-empty and <= {max_len} tokens")
         self.src, self.tgt = src, tgt
-        self.src_lang, self.tgt_lang, self.buckets = src_lang, tgt_lang, tuple(buckets)
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
         self._src_len, self._tgt_len = n_src[self.keep], n_tgt[self.keep]
         keys = self._tgt_len * (max_len + 1) + self._src_len
-        self._setup(keys, batch_size, seed, name, shuffle, rows)
+        longer = np.maximum(self._src_len, self._tgt_len) + 2
+        self._setup(keys, longer, buckets, **settings)
 
     def __next__(self) -> Batch:
-        idx = self._next_indices()
-        mine = idx[self.rows[0] : self.rows[1]]
+        idx, mine = self._next_indices()
         src_len = bucket_length(int(self._src_len[idx].max()) + 2, self.buckets)
         tgt_len = bucket_length(int(self._tgt_len[idx].max()) + 2, self.buckets)
+        src = [None if i is None else self._read(self.src, i) for i in mine]
+        tgt = [None if i is None else self._read(self.tgt, i) for i in mine]
         return {
-            **_rows([self._read(self.src, i) for i in mine], src_len, self.src_lang, "src_"),
-            **_rows([self._read(self.tgt, i) for i in mine], tgt_len, self.tgt_lang, "tgt_"),
+            **_rows(src, src_len, self.src_lang, "src_"),
+            **_rows(tgt, tgt_len, self.tgt_lang, "tgt_"),
         }
 
 

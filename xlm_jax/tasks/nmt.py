@@ -15,7 +15,8 @@ As XLM (Lample & Conneau 2019, §4.2; `src/trainer.py` `mt_step` / `bt_step`):
   checkpoint by `best_metric` (default: mean validation BLEU).
 
 Batches are sentence rows `</s> w1 ... wn </s>` padded to length buckets (`data/sentences.py`),
-so each step kind compiles once per bucket. Entry points: `train_and_evaluate` (`--mode=nmt`),
+so each step kind compiles once per bucket: `batch_size` rows, or with `tokens_per_batch` (XLM's
+token budget) one row count per bucket. Entry points: `train_and_evaluate` (`--mode=nmt`),
 `Translator` (`python -m xlm_jax.translate`).
 """
 
@@ -97,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
     # --- batches: sentences per step (global), padded to the smallest fitting bucket ---
     c.batch_size = 32
     c.length_buckets = "16,32,64,128"  # a longer training sentence is dropped (and counted)
+    c.tokens_per_batch = -1  # XLM's: > 0 = bucket L gets this // L rows (data.md); -1 = batch_size
     c.eval_batch_size = 64
 
     # --- decoding in evaluation ---
@@ -398,39 +400,6 @@ def check_entries_have_text(config: ml_collections.ConfigDict, entries: Sequence
             )
 
 
-def open_prepared(
-    config: ml_collections.ConfigDict, workdir: Path, tokenizer: Tokenizer
-) -> prepared_lib.PreparedSet:
-    """data.train tokenized with the source model's tokenizer: ``data.prepared``, or prepared into
-    WORKDIR/prepared by process 0 (reused while the sources and the tokenizer are unchanged)."""
-    if config.data.prepared:
-        prepared_set = prepared_lib.PreparedSet.open(config.data.prepared)
-        prepare_lib.check_same_text(prepared_set, config)
-        if prepared_set.tokenizer_sha256 != tokenizer.sha256:
-            raise DataError(
-                f"data.prepared={prepared_set.path} was prepared with tokenizer sha256 "
-                f"{prepared_set.tokenizer_sha256[:12]}, the model's is {tokenizer.sha256[:12]}: "
-                "prepare it with --tokenizer=<the model's tokenizer.model>"
-            )
-        return prepared_set
-    out = workdir / "prepared"
-    tokenizer_path = out / prepared_lib.TOKENIZER
-
-    def prepare() -> None:
-        if not tokenizer_path.exists() or tokenizer_path.read_bytes() != tokenizer.serialized:
-            write_atomic(tokenizer_path, tokenizer.serialized)
-        prepare_lib.ensure(
-            config,
-            out,
-            root=config.data.root or "",
-            tokenizer_path=tokenizer_path,
-            workers=config.data.prepare_workers,
-        )
-
-    parallel.on_first_process(prepare, "xlm_jax: data prepared")
-    return prepared_lib.PreparedSet.open(out)
-
-
 def source_paths(config: ml_collections.ConfigDict) -> list[Path]:
     """The files the run reads (``Plan.sources``): those of data.train, data.valid, data.test."""
     return corpus_lib.split_paths(
@@ -464,7 +433,10 @@ def build_iterators(
     prepared_set: prepared_lib.PreparedSet,
     lang_id: Callable[[str], int],
     rows_of: Callable[[int], tuple[int, int]],
+    data_parallel: int = 1,
 ) -> dict[str, Any]:
+    """The training iterators by entry key: `batch_size` rows, or a token budget's rows per
+    bucket (a multiple of `data_parallel`), this process's rows of each batch (`rows_of`)."""
     buckets = _buckets(config)
     have = prepared_set.keys("train")
     iterators: dict[str, Any] = {}
@@ -472,7 +444,9 @@ def build_iterators(
         batch_size=config.batch_size,
         buckets=buckets,
         seed=config.seed,
-        rows=rows_of(config.batch_size),
+        rows_of=rows_of,
+        tokens_per_batch=config.tokens_per_batch,
+        row_multiple=data_parallel,
     )
     for e in entries:
         if e.objective == "mt":
@@ -503,6 +477,13 @@ def build_iterators(
                 max(buckets) - 2,
             )
         iterators[e.key] = it
+    if config.tokens_per_batch > 0:  # the shapes the steps compile for
+        logging.info(
+            "tokens_per_batch=%d: rows per bucket length %s; batches per epoch %s",
+            config.tokens_per_batch,
+            it.bucket_rows,
+            {k: i.epoch_batches() for k, i in iterators.items()},
+        )
     return iterators
 
 
@@ -530,7 +511,8 @@ def example_batch(dp: int) -> tuple[Batch]:
 class Steps:
     """The compiled functions: one train step per objective kind, evaluation and translation.
 
-    Each compiles once per batch shape (length bucket); languages are runtime arguments.
+    Each compiles once per batch shape (length bucket, and with `tokens_per_batch` that bucket's
+    rows); languages are runtime arguments.
     """
 
     def __init__(self, config, model, tx, mesh, rules, state_shardings, word_start):
@@ -737,12 +719,7 @@ def load_source(config: ml_collections.ConfigDict, workdir: Path) -> pretrained.
     if config.init_checkpoint:
         return pretrained.load_pretrained(config.init_checkpoint, config.init_step)
 
-    def train(path: Path) -> Tokenizer:  # on XLM's α-sample of data.train, read while streaming
-        root = config.data.root or ""
-        return prepare_lib.prepare_tokenizer(
-            config, workdir / "prepared", root=root, tokenizer_path=path
-        )[1]
-
+    train = prepare_lib.streamed_tokenizer(config, workdir)
     return pretrained.random_source(config, workdir, train=train)
 
 
@@ -789,13 +766,15 @@ def flops_per_token(enc: ModelConfig, dec: ModelConfig, objective: str) -> Calla
 
 def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     """Text, the source model, iterators; XLM's round of AE, MT and BT updates."""
+    data_parallel = parallel.data_parallel_size(env.mesh, env.rules)
+    check_token_budget(config, data_parallel)
     langs = corpus_lib.checked_langs(config)
     entries = parse_entries(config, langs)
     check_entries_have_text(config, entries)
     eval_splits = read_eval_text(config, langs)
     source, dec_saved = source_of(config, env)
     tokenizer = source.tokenizer
-    prepared_set = open_prepared(config, env.workdir, tokenizer)
+    prepared_set = prepare_lib.open_for_model(config, env.workdir, tokenizer)
     enc_cfg, dec_cfg = seq2seq_configs(source.model, config)
     dec_cfg = dec_saved or dec_cfg
     check_lengths(config, dec_cfg.max_positions)
@@ -804,7 +783,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         return source.lang_id(lang, "langs")
 
     data = Data(
-        build_iterators(config, entries, prepared_set, lang_id, env.rows_of),
+        build_iterators(config, entries, prepared_set, lang_id, env.rows_of, data_parallel),
         {split: directions(s, config.eval_directions) for split, s in eval_splits.items()},
     )
     lambdas = {k: parse_lambda(config[f"lambda_{k}"]) for k in ("ae", "mt", "bt")}
@@ -819,7 +798,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
             key=entry.key,
             program=entry.objective,
             lam=lambda_at(lambdas[entry.objective], step),
-            rows=it.batch_size,
+            rows=it.next_rows(),  # the global rows of the batch fetch returns
             fetch=lambda: next(it),
             flops_per_token=flops[entry.objective],
             extra=(np.int32(lang_id(entry.lang2)),),
@@ -882,13 +861,23 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
 
 
 def batch_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
-    return {what: config[what] for what in ("batch_size", "eval_batch_size")}
+    """The fixed batch sizes (checked against the mesh); a token budget sets its own rows."""
+    budget = config.tokens_per_batch > 0
+    names = ("eval_batch_size",) if budget else ("batch_size", "eval_batch_size")
+    return {what: config[what] for what in names}
+
+
+def check_token_budget(config: ml_collections.ConfigDict, data_parallel: int = 1) -> None:
+    """``tokens_per_batch`` must give the longest bucket a row per batch shard."""
+    if config.tokens_per_batch > 0:
+        sentences.check_budget(config.tokens_per_batch, _buckets(config), data_parallel)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Settings that cannot work, refused before anything is read."""
     train_state.check_optimizer(config.optimizer)
     corpus_lib.checked_langs(config)
+    check_token_budget(config)  # the mesh's batch split is checked again in setup
 
 
 TASK = loop.Task("nmt", setup, batch_sizes, check=check)

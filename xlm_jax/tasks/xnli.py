@@ -46,7 +46,9 @@ from jax.sharding import Mesh, NamedSharding
 from xlm_jax.core import loop, parallel, train_state
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import nli
-from xlm_jax.data.nli import LABELS, Batch, Rows
+from xlm_jax.data import prepare as prepare_lib
+from xlm_jax.data.nli import LABELS, Batch
+from xlm_jax.data.sentences import bucket_length
 from xlm_jax.model import objectives, pretrained
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import ModelConfig, xlm_flops_per_token
@@ -71,6 +73,9 @@ def encoder_settings(c: ml_collections.ConfigDict) -> None:
     # has one shape. A pair longer than seq_len loses tokens from its longer sentence.
     c.max_len = 256
     c.seq_len = 0
+    # "" = one shape; "32,64": a batch is padded to the first of these holding its longest row
+    # (else to the row length above): one compile per length, far less padding on short pairs
+    c.length_buckets = ""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -87,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Optional translate-test: "LANG: SPEC" where SPEC holds LANG's evaluation pairs machine-
     # translated into English; classified by the model with the English language id.
     c.data.translate_test = ""
+    prepare_lib.add_settings(c)  # tokenized once by the encoder's tokenizer (data/prepare.py)
+    c.data.records = "nli"
+    c.data.prepare_splits = "train,valid,test,translate_test"
 
     c.select_lang = "en"  # model selection by this language's validation accuracy (the source)
     c.dropout = 0.0  # on the pooled vector before the head (glue-xnli.py --dropout default 0)
@@ -280,6 +288,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     for what in ("train", "valid"):
         if not config.data[what].strip():
             raise ValueError(f"data.{what} is empty: give 'LANG: SOURCE' entries")
+    buckets_of(config, 2 * config.max_len)  # a malformed length_buckets fails before any reading
     _check_languages(config)
 
 
@@ -296,28 +305,38 @@ def _check_languages(config: ml_collections.ConfigDict) -> None:
 
 
 def accuracy(
-    runner: Runner, predict_fn, params, rows: Rows, batch_size: int
+    runner: Runner, predict_fn, params, pairs: nli.Pairs, batch_size: int, *, max_len, buckets
 ) -> tuple[float, np.ndarray]:
-    """Accuracy (%) over the real rows, and the predictions."""
-    outs = [predict_fn(params, runner.put(b)) for b in nli.eval_batches(rows, batch_size)]
-    preds = np.concatenate(jax.device_get(outs))[: len(rows)]
-    return 100.0 * float(np.mean(preds == rows.labels)), preds
+    """Accuracy (%) over every pair, and the predictions; a process reads only its rows."""
+    start, stop = parallel.process_rows(runner.batch_sharding, batch_size)
+    lengths, outs = pairs.lengths(max_len), []
+    for i in range(0, len(pairs), batch_size):
+        real = np.arange(i, min(i + batch_size, len(pairs)))
+        length = bucket_of(lengths[real], buckets)
+        index = nli.padded(real, batch_size)
+        local = nli.batch_of([pairs], index[start:stop], max_len=max_len, length=length)
+        batch = parallel.global_batch(local, runner.batch_sharding, batch_size)
+        outs.append(predict_fn(params, batch))
+    preds = np.concatenate(jax.device_get(outs))[: len(pairs)]
+    return 100.0 * float(np.mean(preds == pairs.labels)), preds
 
 
 def evaluate_sets(
     runner: Runner,
     predict_fn,
     params,
-    sets: Mapping[str, Mapping[str, Rows]],
+    sets: Mapping[str, Mapping[str, nli.Pairs]],
     batch_size: int,
+    **rows: int,
 ) -> dict[str, float]:
-    """``{'valid/fr/acc': ..., 'valid/avg/acc': ...}`` for every split and language."""
+    """``{'valid/fr/acc': ..., 'valid/avg/acc': ...}`` for every split and language; ``rows``:
+    ``max_len`` and ``buckets`` (``accuracy``)."""
     out: dict[str, float] = {}
     with runner.context():
         for split, by_lang in sets.items():
             accs = []
-            for lang, rows in by_lang.items():
-                acc, _ = accuracy(runner, predict_fn, params, rows, batch_size)
+            for lang, pairs in by_lang.items():
+                acc, _ = accuracy(runner, predict_fn, params, pairs, batch_size, **rows)
                 out[f"{split}/{lang}/acc"] = acc
                 accs.append(acc)
             if accs:
@@ -333,23 +352,39 @@ def select(history: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any] 
     return max(candidates, key=lambda h: (h[metric], -h["epoch"]))
 
 
-def read_text(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
-    """Training sets (three classes each) and the evaluation splits, read and checked."""
-    root, kw = config.data.root, corpus_lib.read_options(config.data)
-    train_sets = nli.read_sets(config.data.train, "data.train", root=root, **kw)
-    for lang, examples in train_sets.items():
-        nli.check_three_classes(examples, f"data.train {lang}")
-    eval_text = {
-        split: nli.read_sets(config.data[split], f"data.{split}", root=root, **kw)
-        for split in ("valid", "test", "translate_test")
+EVAL_SPLITS = ("valid", "test", "translate_test")
+
+
+def split_langs(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
+    """The languages of every configured split (nothing read): {split: [lang, ...]}."""
+    out = {
+        split: list(corpus_lib.parse_sources(config.data[split], f"data.{split}"))
+        for split in ("train", *EVAL_SPLITS)
         if config.data[split].strip()
     }
-    if config.select_lang not in eval_text["valid"]:
+    if config.select_lang not in out["valid"]:
         raise ValueError(
             f"select_lang={config.select_lang!r} has no data.valid entry "
-            f"(has {sorted(eval_text['valid'])}); model selection needs its validation set"
+            f"(has {out['valid']}); model selection needs its validation set"
         )
-    return train_sets, eval_text
+    return out
+
+
+def open_sets(
+    config: ml_collections.ConfigDict, prepared_set, source: pretrained.EncoderSource
+) -> dict[str, dict[str, nli.Pairs]]:
+    """{split: {lang: Pairs}} over the prepared set; training sets must have the three classes.
+    Translate-test pairs hold English text (translations of ``lang``'s rows): English's id."""
+    out: dict[str, dict[str, nli.Pairs]] = {}
+    for split, langs in split_langs(config).items():
+        for lang in langs:
+            lid = source.lang_id("en" if split == "translate_test" else lang, f"data.{split}")
+            labels = prepared_set.labels(split, lang)
+            if split == "train":
+                nli.check_three_classes(labels, f"data.train {lang}")
+            sides = prepared_set.sentences(split, lang)
+            out.setdefault(split, {})[lang] = nli.Pairs(*sides, labels, lid)
+    return out
 
 
 def source_paths(config: ml_collections.ConfigDict) -> list[Path]:
@@ -361,9 +396,7 @@ def source_paths(config: ml_collections.ConfigDict) -> list[Path]:
     )
 
 
-def source_of(
-    config: ml_collections.ConfigDict, env: loop.Env, train_sets: Mapping[str, Any]
-) -> pretrained.EncoderSource:
+def source_of(config: ml_collections.ConfigDict, env: loop.Env) -> pretrained.EncoderSource:
     """The encoder: the checkpoint's own (resuming), a pretraining run's, or a random init."""
     saved = env.saved
     if saved is not None:
@@ -379,63 +412,47 @@ def source_of(
     if config.init_checkpoint:
         source = pretrained.load_pretrained(config.init_checkpoint, config.init_step)
     else:
-        source = pretrained.random_source(
-            config,
-            env.workdir,
-            lambda: {
-                lang: [s for ex in exs for s in (ex.premise, ex.hypothesis)]
-                for lang, exs in train_sets.items()
-            },
-        )
+        train = prepare_lib.streamed_tokenizer(config, env.workdir)  # premises and hypotheses
+        source = pretrained.random_source(config, env.workdir, train=train)
     source.model = pretrained.with_dropout(source.model, config)
     return source
 
 
-def build_rows(config, source, train_sets, eval_text) -> tuple[Rows, dict, int]:
-    """Tokenized, packed rows: one padded length for every set, so each step compiles once."""
-    tokenizer = source.tokenizer
-    train_tok = {lang: nli.tokenize_pairs(exs, tokenizer, lang) for lang, exs in train_sets.items()}
-    eval_tok = {
-        # translate-test sets hold English text (translations of `lang`'s rows)
-        split: {
-            lang: nli.tokenize_pairs(exs, tokenizer, "en" if split == "translate_test" else lang)
-            for lang, exs in by_lang.items()
-        }
-        for split, by_lang in eval_text.items()
-    }
-    pair_lengths = [
-        nli.pair_length(p, h, config.max_len)
-        for tok in [*train_tok.values(), *(t for by in eval_tok.values() for t in by.values())]
-        for p, h in zip(tok[0], tok[1], strict=True)
-    ]
-    length = row_length(max(pair_lengths), config, source.model)
-    n_cut = sum(n > length for n in pair_lengths)
+def buckets_of(config: ml_collections.ConfigDict, length: int) -> tuple[int, ...]:
+    """The padded lengths a batch may have: ``length_buckets`` below ``length``, then ``length``."""
+    try:
+        wanted = [int(x) for x in str(config.length_buckets).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"length_buckets={config.length_buckets!r}: integers, e.g. '32,64'"
+        ) from None
+    if any(b < 5 for b in wanted):
+        raise ValueError(f"length_buckets={config.length_buckets!r}: a pair row needs 5 tokens")
+    return (*sorted({b for b in wanted if b < length}), length)
+
+
+def bucket_of(row_lengths: np.ndarray, buckets: Sequence[int]) -> int:
+    """The first bucket holding the longest row (cut to the last bucket if longer)."""
+    return bucket_length(min(int(row_lengths.max()), buckets[-1]), buckets)
+
+
+def length_of(config: ml_collections.ConfigDict, model: ModelConfig, sets: dict) -> int:
+    """The longest padded row length, for every set (``buckets_of`` adds shorter ones)."""
+    lengths = np.concatenate(
+        [p.lengths(config.max_len) for by in sets.values() for p in by.values()]
+    )
+    length = row_length(int(lengths.max()), config, model)
+    n_cut = int((lengths > length).sum())
     if n_cut:
         logging.warning(
             "%d pairs are longer than seq_len=%d: their longer sentence is cut", n_cut, length
         )
-    pack = functools.partial(nli.pack_rows, max_len=config.max_len, length=length)
-    en_id = source.lang_id("en", "data.translate_test") if "translate_test" in eval_tok else 0
-
-    def lang_id(split: str, lang: str) -> int:
-        return en_id if split == "translate_test" else source.lang_id(lang, f"data.{split}")
-
-    train_rows = Rows.concat(
-        [pack(*tok, train_sets[lang], lang_id("train", lang)) for lang, tok in train_tok.items()]
-    )
-    eval_rows = {
-        split: {
-            lang: pack(*tok, eval_text[split][lang], lang_id(split, lang))
-            for lang, tok in by_lang.items()
-        }
-        for split, by_lang in eval_tok.items()
-    }
     logging.info(
         "XNLI rows of %d tokens; training pairs: %s",
         length,
-        ", ".join(f"{k} {len(v)}" for k, v in train_sets.items()),
+        ", ".join(f"{k} {len(v)}" for k, v in sets["train"].items()),
     )
-    return train_rows, eval_rows, length
+    return length
 
 
 class Epochs:
@@ -443,30 +460,37 @@ class Epochs:
     permutation of the training rows (a function of seed and epoch) cut into batches, so the
     batches of a resumed run are those of an uninterrupted one, mid-epoch included."""
 
-    def __init__(self, config: ml_collections.ConfigDict, train_rows: Rows) -> None:
-        self.config, self.rows = config, train_rows
-        self.n_rows = len(nli.epoch_order(len(train_rows), 0, config.seed, config.epoch_size))
+    def __init__(
+        self, config: ml_collections.ConfigDict, train: Sequence[nli.Pairs], buckets: Sequence[int]
+    ) -> None:
+        self.config, self.train, self.buckets = config, list(train), tuple(buckets)
+        self.lengths = np.concatenate([p.lengths(config.max_len) for p in self.train])
+        self.n_pairs = len(self.lengths)
+        self.n_rows = len(nli.epoch_order(self.n_pairs, 0, config.seed, config.epoch_size))
         self.steps = -(-self.n_rows // config.batch_size)  # per epoch
         self._order: tuple[int, np.ndarray] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
             c = self.config
-            self._order = (epoch, nli.epoch_order(len(self.rows), epoch, c.seed, c.epoch_size))
+            self._order = (epoch, nli.epoch_order(self.n_pairs, epoch, c.seed, c.epoch_size))
         return self._order[1]
 
-    def batch(self, step: int) -> Batch:
+    def batch(self, step: int, rows: tuple[int, int]) -> Batch:
+        """Rows ``[start, stop)`` of update ``step``'s batch: only their pairs are read."""
         epoch, k = divmod(step, self.steps)
         i, bs = k * self.config.batch_size, self.config.batch_size
-        return self.rows.batch(self.order(epoch + 1)[i : i + bs], bs)
+        index = self.order(epoch + 1)[i : i + bs]
+        length = bucket_of(self.lengths[index], self.buckets)  # the whole batch's, on every host
+        index = nli.padded(index, bs)[rows[0] : rows[1]]
+        return nli.batch_of(self.train, index, max_len=self.config.max_len, length=length)
 
     def rows_done(self, step: int) -> int:
         """Pairs of the current epoch's order trained after ``step`` steps (0 at its end)."""
         return min(step % self.steps * self.config.batch_size, self.n_rows)
 
 
-def _mode(train_sets: Mapping[str, Any]) -> str:
-    langs = list(train_sets)
+def _mode(langs: Sequence[str]) -> str:
     return "zero-shot" if len(langs) == 1 else f"translate-train ({','.join(langs)})"
 
 
@@ -562,31 +586,42 @@ def epoch_record(loop_state: dict, step: int, metrics: dict, epochs: Epochs) -> 
     return record
 
 
+def open_data(config: ml_collections.ConfigDict, env: loop.Env):
+    """The encoder's source, the NLI sets prepared with its tokenizer, those sets (``open_sets``)
+    and the longest padded row length."""
+    split_langs(config)  # select_lang checked before anything is read
+    source = source_of(config, env)
+    prepared_set = prepare_lib.open_for_model(config, env.workdir, source.tokenizer)
+    sets = open_sets(config, prepared_set, source)
+    return source, prepared_set, sets, length_of(config, source.model, sets)
+
+
 def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
-    """Text, the encoder's source, rows; one update per batch of an epoch's order, evaluation of
-    every validation language at each epoch's end (``steps_per_epoch`` steps)."""
-    train_sets, eval_text = read_text(config)
-    source = source_of(config, env, train_sets)
-    train_rows, eval_rows, length = build_rows(config, source, train_sets, eval_text)
+    """The encoder's source, the NLI sets tokenized once by its tokenizer (``data/prepare.py``);
+    one update per batch of an epoch's order, evaluation of every validation language at each
+    epoch's end (``steps_per_epoch`` steps)."""
+    source, prepared_set, sets, length = open_data(config, env)
+    eval_sets = {k: v for k, v in sets.items() if k != "train"}
     model = XNLIClassifier(source.model, n_classes=len(LABELS), dropout=config.dropout)
-    tx, epochs = make_optimizer(config), Epochs(config, train_rows)
+    buckets = buckets_of(config, length)
+    tx, epochs = make_optimizer(config), Epochs(config, list(sets["train"].values()), buckets)
     best_metric = f"valid/{config.select_lang}/acc"
-    order_inputs = order_inputs_of(config, len(train_rows))
-    flops = xlm_flops_per_token(source.model, length, 0.0)  # the head's few FLOPs left out
+    order_inputs = order_inputs_of(config, epochs.n_pairs)
+    rows = env.rows_of(config.batch_size)
+    # FLOPs per token at a row length (the head's few left out)
+    flops = functools.partial(xlm_flops_per_token, source.model, n_pred_fraction=0.0)
 
     def update(step: int) -> loop.Update:
-        start, stop = env.rows_of(config.batch_size)
-        fetch = lambda: {k: v[start:stop] for k, v in epochs.batch(step).items()}  # noqa: E731
-        return loop.Update("xnli", "xnli", 1.0, config.batch_size, fetch, lambda n: flops)
+        fetch = functools.partial(epochs.batch, step, rows)
+        return loop.Update("xnli", "xnli", 1.0, config.batch_size, fetch, flops)
 
     def compile_programs(shardings) -> loop.Programs:
         step_fn, predict_fn = make_steps(config, model, tx, env.mesh, env.rules, shardings)
-        runner = Runner(env.mesh, env.rules)
+        runner, n = Runner(env.mesh, env.rules), config.eval_batch_size
+        evaluate = functools.partial(evaluate_sets, max_len=config.max_len, buckets=buckets)
         return loop.Programs(
             {"xnli": step_fn},
-            lambda params, step: evaluate_sets(
-                runner, predict_fn, params, eval_rows, config.eval_batch_size
-            ),
+            lambda params, step: evaluate(runner, predict_fn, params, eval_sets, n),
             lambda: step_fn._cache_size() + predict_fn._cache_size(),
         )
 
@@ -635,7 +670,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         meta=meta,
         describe=f"fine-tuning {source.description}: {config.n_epochs} epochs x {epochs.steps} "
         f"steps of {config.batch_size} pairs; evaluating "
-        f"{ {split: sorted(v) for split, v in eval_rows.items()} }",
+        f"{ {split: sorted(v) for split, v in eval_sets.items()} }",
         pad_id=PAD_ID,
         init_params=init_params,
         loop={
@@ -650,8 +685,9 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         on_eval=on_eval,
         eval_at_start=config.eval_at_start,
         sources=source_paths(config),
+        known_sources=prepared_set.manifest["sources"],
         finish=lambda loop_state, last: final_results(
-            summary_of(config, source, train_sets, len(train_rows), length),
+            summary_of(config, source, list(sets["train"]), epochs.n_pairs, length),
             loop_state,
             last,
             config,
@@ -666,11 +702,11 @@ def order_inputs_of(config: ml_collections.ConfigDict, n_train: int) -> dict[str
     return {"seed": config.seed, "n_train": n_train} | {k: config[k] for k in keys[1:]}
 
 
-def summary_of(config, source, train_sets, n_train: int, length: int) -> dict[str, Any]:
+def summary_of(config, source, train_langs, n_train: int, length: int) -> dict[str, Any]:
     return {
         "init": source.description,
-        "mode": _mode(train_sets),
-        "train_langs": list(train_sets),
+        "mode": _mode(train_langs),
+        "train_langs": list(train_langs),
         "n_train": n_train,
         "row_length": length,
         "lr_e": config.optimizer_e.lr,

@@ -44,6 +44,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from xlm_jax.core import files, parallel
+from xlm_jax.data import sentences
+from xlm_jax.tasks import nmt
 from xlm_jax.tools import programs, tutorial  # noqa: E402
 
 GiB = 1024**3
@@ -263,7 +265,7 @@ def check(
     """Compiles every program of ``mode``'s run (or those named in ``only``) for ``tpu``."""
     mesh = parallel.make_mesh(config.mesh.shape, tpu.devices)
     rules = parallel.rules_from_config(config.mesh.rules)
-    progs = programs.for_mode(mode, config, mesh, rules, all_shapes=all_shapes)
+    progs = run_programs(mode, config, mesh, rules, all_shapes)
     unknown = sorted(set(only) - {p.name for p in progs})
     if unknown:
         raise ValueError(
@@ -279,6 +281,30 @@ def check(
         log(summary_line(r, tpu))
         reports.append(r)
     return reports
+
+
+def run_programs(
+    mode: str, config: ml_collections.ConfigDict, mesh, rules, all_shapes: bool
+) -> list[programs.Program]:
+    """``programs.for_mode``'s; translation with ``tokens_per_batch``: each bucket's programs
+    with its train steps at that bucket's rows, as the run's iterators make them (``KIND_L``
+    with ``all_shapes``, else the longest bucket's, whose attention is the widest)."""
+    if mode != "nmt" or config.tokens_per_batch <= 0:
+        return programs.for_mode(mode, config, mesh, rules, all_shapes=all_shapes)
+    dp = parallel.data_parallel_size(mesh, rules)
+    buckets = nmt._buckets(config)
+    out = []
+    for length in buckets if all_shapes else buckets[-1:]:
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.length_buckets, c.tokens_per_batch = str(length), -1
+        c.batch_size = sentences.budget_rows(config.tokens_per_batch, length, dp)
+        progs = programs.for_mode(mode, c, mesh, rules)
+        out += (
+            [dataclasses.replace(p, name=f"{p.name}_{length}") for p in progs]
+            if all_shapes
+            else progs
+        )
+    return out
 
 
 def need_text(r: dict) -> str:
@@ -327,6 +353,12 @@ def largest_batch(
     mesh = parallel.make_mesh(config.mesh.shape, tpu.devices)
     unit = parallel.data_parallel_size(mesh, parallel.rules_from_config(config.mesh.rules))
     field = programs.batch_field(mode, program)
+    if mode == "nmt" and field == "batch_size" and config.tokens_per_batch > 0:
+        raise ValueError(
+            f"--max_batch={program} searches batch_size, which tokens_per_batch="
+            f"{config.tokens_per_batch} replaces: search with --config.tokens_per_batch=-1 (the "
+            "largest rows at the longest bucket, times its length, is the largest budget)"
+        )
 
     def compile_at(k: int) -> dict:
         c = ml_collections.ConfigDict(config.to_dict())

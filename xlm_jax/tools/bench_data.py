@@ -51,11 +51,13 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 
 from xlm_jax.core import files
-from xlm_jax.data import batches, prepare, prepared
-from xlm_jax.text.tokenizer import Tokenizer
+from xlm_jax.data import batches, nli, prepare, prepared, sentences
+from xlm_jax.tasks import xnli
+from xlm_jax.text.tokenizer import PAD_ID, Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 LANGS = ("en", "fr", "de")
@@ -424,6 +426,142 @@ def tlm_padding(
         "pad_share": batches.padding_share(it, n_batches),
         "pair_tokens": it.tokens,  # </s> src </s></s> tgt </s> of the kept pairs
     }
+
+
+# --- 6. translation batches: batch_size rows or a token budget ------------------------------------
+
+
+def nmt_padding(
+    prepared_dir: Path, key: str, buckets: Sequence[int], batch_size: int, tokens_per_batch: int
+) -> dict[str, Any]:
+    """PAD share of one epoch of translation training batches of ``key`` (a language: AE/BT
+    rows; a pair: MT's two sides), ``batch_size`` rows or a ``tokens_per_batch`` budget (> 0).
+    Positions are counted over all sides (a pair's two), all-PAD rows included."""
+    data = prepared.PreparedSet.open(prepared_dir, verify=False)
+    kw = {"buckets": buckets, "batch_size": batch_size, "seed": 0, "name": f"nmt_{key}"}
+    kw["tokens_per_batch"] = tokens_per_batch
+    if "-" in key:
+        src, tgt = data.sentences("train", key)
+        it = sentences.ParallelBatches(src, tgt, src_lang=0, tgt_lang=1, **kw)
+    else:
+        it = sentences.SentenceBatches(data.sentences("train", key)[0], lang_id=0, **kw)
+    n_batches, pad, positions, rows, shapes = it.epoch_batches(), 0, 0, 0, set()
+    for _ in range(n_batches):
+        sides = [v for k, v in next(it).items() if k.endswith("tokens")]
+        pad += sum(int(np.count_nonzero(v == PAD_ID)) for v in sides)
+        positions += sum(v.size for v in sides)
+        rows += len(sides[0])
+        shapes.add(tuple(v.shape for v in sides))
+    largest = max(sum(rows * length for rows, length in shape) for shape in shapes)
+    return {
+        "key": key,
+        "buckets": list(buckets),
+        "batch_size": batch_size if tokens_per_batch <= 0 else None,
+        "tokens_per_batch": tokens_per_batch if tokens_per_batch > 0 else None,
+        "sentences": len(it),
+        "batches": n_batches,
+        "rows_per_batch": rows / n_batches,
+        "positions_per_batch": positions / n_batches,
+        "tokens_per_batch_real": (positions - pad) / n_batches,
+        "pad_share": pad / positions,
+        "shapes": len(shapes),
+        "largest_batch_positions": largest,  # what a step's memory must hold
+    }
+
+
+FINE_BUCKETS = (12, 16, 20, 24, 28, 32, 40, 48, 64, 96)
+
+
+def nmt_padding_report(work: Path, source: Path | None = None) -> list[dict[str, Any]]:
+    """Padding of Multi30k translation batches, each config's batch_size rows against a token
+    budget giving the same mean positions per batch (set from the fixed run's, then corrected
+    once by the budget run's own mean): MT pairs of ``multi30k_mt_ende`` and AE/BT sentences of
+    ``multi30k_unmt_enfr:random``, each with its own tokenizer, prepared into ``work``; at the
+    config's length buckets and at ``FINE_BUCKETS``."""
+    source = source or default_source()
+    out = []
+    for name, arg in (("multi30k_mt_ende", None), ("multi30k_unmt_enfr", "random")):
+        config = load_config(name, arg)
+        config.data.root = str(source)
+        where = Path(work) / name
+        tokenizer = where / prepared.TOKENIZER
+        prepare.ensure(config, where, root=str(source), tokenizer_path=tokenizer, workers=2)
+        keys = prepared.PreparedSet.open(where, verify=False).keys("train")
+        configured = tuple(sorted(int(b) for b in config.length_buckets.split(",")))
+        for buckets, key in ((b, k) for b in (configured, FINE_BUCKETS) for k in keys):
+            fixed = nmt_padding(where, key, buckets, config.batch_size, -1)
+            sides = 2 if "-" in key else 1
+            budget = round(fixed["positions_per_batch"] / sides)
+            first = nmt_padding(where, key, buckets, config.batch_size, budget)
+            budget = round(budget * fixed["positions_per_batch"] / first["positions_per_batch"])
+            out += [fixed, nmt_padding(where, key, buckets, config.batch_size, budget)]
+    return out
+
+
+def nmt_padding_markdown(report: Sequence[dict[str, Any]]) -> str:
+    """``nmt_padding_report``'s rows as a table."""
+    lines = [
+        "| data | buckets | batches of | PAD share | positions / batch (largest) "
+        "| real tokens / batch | rows / batch | shapes |",
+        "|" + "---|" * 8,
+    ]
+    for r in report:
+        size = f"{r['batch_size']} rows" if r["batch_size"] else f"{r['tokens_per_batch']} tokens"
+        lines.append(
+            f"| {r['key']} | {len(r['buckets'])} ({r['buckets'][0]}–{r['buckets'][-1]}) | {size} "
+            f"| {r['pad_share']:.1%} | {r['positions_per_batch']:,.0f} "
+            f"({r['largest_batch_positions']:,}) | {r['tokens_per_batch_real']:,.0f} "
+            f"| {r['rows_per_batch']:.1f} | {r['shapes']} |"
+        )
+    return "\n".join(lines)
+
+
+# --- 7. XNLI rows: one padded length or length buckets -------------------------------------------
+
+
+def xnli_padding(work: Path, root: Path | None = None, buckets: str = "32,48,64") -> list[dict]:
+    """PAD share of XNLI fine-tuning rows: one epoch of SNLI's 19,666 English training pairs at
+    batches of 8 (XLM's) and 32, and the 15 XNLI validation sets at 32, every row padded to the
+    longest row of the data (one shape) or each batch to the first of ``buckets`` holding its
+    longest row. Prepared as XNLI prepares (``data.records = "nli"``), the tokenizer trained on
+    SNLI (8,000 pieces)."""
+    root = root or default_source().parent
+    config = xnli.default_config()
+    config.data.root, config.epoch_size = str(root), -1
+    config.data.train = "en: nli/snli_dev.tsv, nli/snli_test.tsv"
+    config.data.valid = nli.xnli_dev_sources()[1]
+    out = Path(work) / "xnli_padding"
+    prepare.ensure(config, out, root=str(root), tokenizer_path=out / prepared.TOKENIZER, workers=2)
+    data = prepared.PreparedSet.open(out, verify=False)
+    sets = {
+        split: [nli.Pairs(*data.sentences(split, k), data.labels(split, k), 0) for k in keys]
+        for split, keys in (("train", ["en"]), ("valid", list(data.keys("valid"))))
+    }
+    longest = max(int(p.lengths(config.max_len).max()) for ps in sets.values() for p in ps)
+    length = -(-longest // 8) * 8  # xnli.row_length with seq_len = 0
+    report = []
+    for split, size, spec in [
+        (s, n, b) for s, n in (("train", 8), ("train", 32), ("valid", 32)) for b in ("", buckets)
+    ]:
+        config.length_buckets, config.batch_size = spec, size
+        shapes, pad, positions = set(), 0, 0
+        for pairs in sets[split]:
+            epochs = xnli.Epochs(config, [pairs], xnli.buckets_of(config, length))
+            for step in range(epochs.steps):
+                tokens = epochs.batch(step, (0, size))["tokens"]
+                pad, positions = pad + int((tokens == PAD_ID).sum()), positions + tokens.size
+                shapes.add(tokens.shape)
+        report.append(
+            {
+                "split": split,
+                "batch_size": size,
+                "buckets": spec or str(length),
+                "pad_share": pad / positions,
+                "shapes": len(shapes),
+                "positions": positions,
+            }
+        )
+    return report
 
 
 # --- the report ----------------------------------------------------------------------------------
