@@ -157,8 +157,9 @@ def test_finetune_beats_the_untrained_head_and_reports_every_language(pretrained
 def test_finetune_resumes_after_an_epoch(pretrained, tmp_path):
     # translate-train: English and French pairs, each with its own language id
     train_src = "en: xnli/en.tsv@0:100; fr: xnli/fr.tsv@100:200"
-    # batches padded to 32, 64 or 96 tokens (length buckets): resumed exactly all the same
-    kw = {"n_epochs": 2, "data.train": train_src, "eval_at_start": False, "length_buckets": "32,64"}
+    # batches of 8 padded to 64, 80 or 96 tokens (length buckets): resumed exactly all the same
+    kw = {"n_epochs": 2, "data.train": train_src, "eval_at_start": False, "batch_size": 8}
+    kw["length_buckets"] = "64,80"
     full = xnli.finetune(_finetune_config(pretrained, **kw), tmp_path / "full")
     assert 2 < full["compiled_programs"] <= 6  # a step and a predict per length used
     xnli.finetune(_finetune_config(pretrained, **{**kw, "n_epochs": 1}), tmp_path / "split")
