@@ -126,6 +126,17 @@ def parse_sources(text: str, where: str) -> dict[str, str]:
     return out
 
 
+def source_items(text: str, where: str) -> dict[str, list[str]]:
+    """``"en: a.en, b.en; en-fr: a.en|a.fr"`` → ``{'en': ['a.en', 'b.en'], 'en-fr':
+    ['a.en|a.fr']}``: each key's sources, at least one."""
+    out = {}
+    for key, spec in parse_sources(text, where).items():
+        out[key] = [s.strip() for s in spec.split(",") if s.strip()]
+        if not out[key]:
+            raise DataError(f"{where}.{key}: no source given")
+    return out
+
+
 def read_split(
     sources: str,
     langs: Sequence[str],
@@ -136,11 +147,8 @@ def read_split(
 ) -> Split:
     """Reads every source of one split (``where`` names it in errors, e.g. ``data.train``)."""
     split = Split()
-    for key, spec in parse_sources(sources, where).items():
+    for key, items in source_items(sources, where).items():
         parsed = parse_key(key, langs, where)
-        items = [s.strip() for s in str(spec).split(",") if s.strip()]
-        if not items:
-            raise DataError(f"{where}.{key}: no source given")
         if isinstance(parsed, str):
             lines: list[str] = []
             for item in items:
@@ -171,9 +179,8 @@ def split_paths(
     paths = [
         source_path(side.strip(), root, data_dir=data_dir)
         for where, text in splits.items()
-        for spec in parse_sources(text, where).values()
-        for item in spec.split(",")
-        if item.strip()
+        for items in source_items(text, where).values()
+        for item in items
         for side in item.split("|")
     ]
     return list(dict.fromkeys(paths))

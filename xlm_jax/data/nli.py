@@ -182,8 +182,7 @@ def read_nli(spec: str, root: str | os.PathLike = "", **read_kw: Any) -> list[Ex
 def read_sets(text: str, where: str, *, root: str, **read_kw: Any) -> dict[str, list[Example]]:
     """``"en: a.tsv@0:10, b.tsv; fr: c.tsv"`` → {language: examples}, sources concatenated."""
     out = {}
-    for lang, specs in corpus_lib.parse_sources(text, where).items():
-        items = [x.strip() for x in specs.split(",") if x.strip()]
+    for lang, items in corpus_lib.source_items(text, where).items():
         if not lang.isalnum():
             raise DataError(f"{where}: {lang!r} is not a language code (expected e.g. 'en')")
         out[lang] = [ex for item in items for ex in read_nli(item, root, **read_kw)]

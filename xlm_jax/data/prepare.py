@@ -41,7 +41,7 @@ import numpy as np
 from xlm_jax.core import parallel
 from xlm_jax.core.files import write_atomic
 from xlm_jax.data import corpus, nli, prepared, sources, toy
-from xlm_jax.data.text_files import DataError, decode_lines, reading
+from xlm_jax.data.text_files import DataError, check_aligned, decode_lines, reading
 from xlm_jax.text import tokenizer as tokenizer_lib
 from xlm_jax.text.specials import EOS_ID
 
@@ -191,7 +191,7 @@ def plan_item(
         for p in (p for p in parsed if p.kind == "tfds"):  # a local builder is prepared first
             sources.prepared_builder(p, data_dir=data_dir, manual_dir=manual_dir)
         n = [sources.line_count(p, root, data_dir=data_dir) for p in parsed]
-        _check_aligned([str(p) for p in parsed], n)
+        check_aligned([str(p) for p in parsed], n)
         side = tuple(Side(spec, lang) for spec, lang in sides)
         first = sources.first_line(parsed[0], root)
         return [Shard(split, key, item, 0, first, n[0], side, records)]
@@ -204,7 +204,7 @@ def plan_item(
         for p, path in zip(parsed, paths, strict=True)
     ]
     names = [f"{path}{p.range_suffix}" for p, path in zip(parsed, paths, strict=True)]
-    _check_aligned(names, [end - start for start, end in bounds])
+    check_aligned(names, [end - start for start, end in bounds])
     cuts = [list(range(start, end, shard_lines)) + [end] for start, end in bounds]
     offsets = [
         line_starts(path, cut, found[str(path)]["size"])
@@ -226,12 +226,6 @@ def plan_item(
         )
         for i in range(len(cuts[0]) - 1)
     ]
-
-
-def _check_aligned(names: Sequence[str], counts: Sequence[int]) -> None:
-    if len(set(counts)) > 1:
-        detail = ", ".join(f"{name}: {n} lines" for name, n in zip(names, counts, strict=True))
-        raise DataError(f"parallel sources are not line-aligned ({detail}); expected equal counts")
 
 
 def root_or_toy(config: ml_collections.ConfigDict, workdir: Path) -> str:
@@ -259,10 +253,7 @@ def make_plan(config: ml_collections.ConfigDict, root: str) -> Plan:
     found: dict[str, dict[str, Any]] = {}
     for split in splits_of(config):
         where = f"data.{split}"
-        for key, spec in corpus.parse_sources(config.data[split], where).items():
-            items = [s.strip() for s in spec.split(",") if s.strip()]
-            if not items:
-                raise DataError(f"{where}.{key}: no source given")
+        for key, items in corpus.source_items(config.data[split], where).items():
             for i, item in enumerate(items):
                 sides = _sides(config, split, key, item, where)
                 shards += plan_item(

@@ -260,7 +260,7 @@ def read_aligned(
         str(resolve_path(p, root)) + p.range_suffix if p.kind == "file" else str(p)
         for p in map(_as_spec, specs)
     ]
-    check_aligned(names, sides)
+    check_aligned(names, [len(side) for side in sides])
     return sides
 
 

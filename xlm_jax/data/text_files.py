@@ -81,9 +81,8 @@ def decode_lines(
     return lines
 
 
-def check_aligned(names: Sequence[str], sides: Sequence[Sequence[str]]) -> None:
-    """Parallel sources (`names[i]` read as `sides[i]`) must have equal line counts."""
-    counts = [len(side) for side in sides]
+def check_aligned(names: Sequence[str], counts: Sequence[int]) -> None:
+    """Parallel sources (`names[i]`, of `counts[i]` lines) must have equal line counts."""
     if len(set(counts)) > 1:
         detail = ", ".join(f"{name}: {n} lines" for name, n in zip(names, counts, strict=True))
         raise DataError(f"parallel sources are not line-aligned ({detail}); expected equal counts")
@@ -94,5 +93,5 @@ def read_aligned_files(
 ) -> list[list[str]]:
     """Reads several line-aligned text files, whole; all must have the same number of lines."""
     sides = [read_text_file(p, max_chars=max_chars, on_invalid_utf8=on_invalid_utf8) for p in paths]
-    check_aligned([str(p) for p in paths], sides)
+    check_aligned([str(p) for p in paths], [len(side) for side in sides])
     return sides

@@ -173,12 +173,12 @@ def _read_pairs(data: ml_collections.ConfigDict) -> tuple[dict[str, Pair], dict[
     root, kw = data.root, corpus_lib.read_options(data)
     texts: dict[str, Pair] = {}
     skipped: dict[str, str] = {}
-    for key, specs in corpus_lib.parse_sources(data.pairs, "data.pairs").items():
+    for key, items in corpus_lib.source_items(data.pairs, "data.pairs").items():
         parts = key.split("-")
         if len(parts) != 2 or not all(p.isalnum() for p in parts):
             raise DataError(f"data.pairs: key {key!r}; expected 'xx-en'")
         src, tgt = [], []
-        for item in (x.strip() for x in specs.split(",") if x.strip()):
+        for item in items:
             sides = item.split("|")
             if len(sides) != 2:
                 raise DataError(f"data.pairs.{key}: {item!r} must be 'SRC_SPEC|TGT_SPEC'")
