@@ -1,8 +1,11 @@
-"""``python -m xlm_jax.prepare``: a config's data.train and data.valid, prepared once into a dir.
+"""``python -m xlm_jax.prepare``: a config's data (``data.prepare_splits``), prepared once.
 
     python -m xlm_jax.prepare --config=configs/xnli15_mlm_tlm.py --out=/data/xnli15_prepared
     python -m xlm_jax.main --config=configs/xnli15_mlm_tlm.py --workdir=/ckpt/run \\
         --config.data.prepared=/data/xnli15_prepared
+    # fine-tuning data is tokenized by the pretrained model's tokenizer (XNLI: NLI records)
+    python -m xlm_jax.prepare --config=configs/xnli.py --out=/data/xnli_prepared \\
+        --tokenizer=/ckpt/run/tokenizer.model
 
 Every core tokenizes by default (``--workers``). Run again after an interruption: finished shards
 are kept. Corpora beyond one machine: train the tokenizer once (``--tokenizer_only``), then run
