@@ -53,10 +53,15 @@ class EpochIterator:
 
     epoch: int
     cursor: int
+    batch_size: int
     _order: np.ndarray | None
 
     def __iter__(self) -> EpochIterator:
         return self
+
+    def next_rows(self) -> int:
+        """Rows of the global batch the next ``next()`` returns (token budgets vary them)."""
+        return self.batch_size
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -162,6 +167,40 @@ def lengths_of(sentences: Sequence[np.ndarray]) -> np.ndarray:
     return np.fromiter(map(len, sentences), np.int64, count=len(sentences))
 
 
+def pair_rows(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray] | None], src_lang: int, tgt_lang: int, length: int
+) -> Batch:
+    """A batch of ``pack_pair`` rows of ``length``; ``None`` is an all-PAD row (no loss, no
+    tokens) completing a token-budget batch."""
+    pad = (
+        np.full(length, PAD_ID, np.int32),
+        np.zeros(length, np.int32),
+        np.full(length, src_lang, np.int32),
+    )
+    rows = [pad if p is None else pack_pair(*p, src_lang, tgt_lang, length) for p in pairs]
+    tokens, positions, langs = (np.stack(x) for x in zip(*rows, strict=True))
+    return {"tokens": tokens, "positions": positions, "langs": langs}
+
+
+def kept_pairs(
+    src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], length: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs a TLM row of ``length`` keeps, and every pair's row tokens
+    (``</s> src </s></s> tgt </s>``), from the lengths alone.
+
+    XLM drops pairs with an empty side and pairs longer than its max_len; so do we (counted by
+    the callers).
+    """
+    if len(src) != len(tgt):
+        raise ValueError(f"{name}: {len(src)} source but {len(tgt)} target sentences")
+    n_src, n_tgt = lengths_of(src), lengths_of(tgt)
+    row = n_src + n_tgt + 4
+    keep = np.flatnonzero((n_src > 0) & (n_tgt > 0) & (row <= length))
+    if not len(keep):
+        raise ValueError(f"{name}: no pair is non-empty and fits in {length} tokens")
+    return (keep.astype(np.int32) if len(src) < 2**31 else keep), row
+
+
 class PairBatches(EpochIterator):
     """Shuffled batches of translation pairs packed for TLM (one pair per row).
 
@@ -183,16 +222,9 @@ class PairBatches(EpochIterator):
         shuffle: bool = True,
         rows: tuple[int, int] | None = None,
     ) -> None:
-        if len(src) != len(tgt):
-            raise ValueError(f"{name}: {len(src)} source but {len(tgt)} target sentences")
-        # XLM drops pairs with an empty side and pairs longer than its max_len; so do we, counted.
-        n_src, n_tgt = lengths_of(src), lengths_of(tgt)
-        keep = np.flatnonzero((n_src > 0) & (n_tgt > 0) & (n_src + n_tgt + 4 <= length))
-        self.keep = keep.astype(np.int32) if len(src) < 2**31 else keep
+        self.keep, row_tokens = kept_pairs(src, tgt, length, name)
         self.n_dropped = len(src) - len(self.keep)
-        if not len(self.keep):
-            raise ValueError(f"{name}: no pair is non-empty and fits in {length} tokens")
-        self.tokens = int((n_src + n_tgt + 4)[self.keep].sum())  # of its rows, padding aside
+        self.tokens = int(row_tokens[self.keep].sum())  # of its rows, padding aside
         self.src, self.tgt = src, tgt
         self.src_lang, self.tgt_lang, self.name = src_lang, tgt_lang, name
         self.batch_size, self.length, self.seed, self.shuffle = batch_size, length, seed, shuffle
@@ -214,18 +246,15 @@ class PairBatches(EpochIterator):
         return self._order
 
     def __next__(self) -> Batch:
-        rows = []
+        pairs = []
         for row in range(self.batch_size):
             if self.rows[0] <= row < self.rows[1]:
                 i = int(self.keep[self._epoch_order()[self.cursor]])
-                src = np.asarray(self.src[i], np.int32)
-                tgt = np.asarray(self.tgt[i], np.int32)
-                rows.append(pack_pair(src, tgt, self.src_lang, self.tgt_lang, self.length))
+                pairs.append((np.asarray(self.src[i], np.int32), np.asarray(self.tgt[i], np.int32)))
             self.cursor += 1
             if self.cursor == len(self.keep):
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        tokens, positions, langs = (np.stack(x) for x in zip(*rows, strict=True))
-        return {"tokens": tokens, "positions": positions, "langs": langs}
+        return pair_rows(pairs, self.src_lang, self.tgt_lang, self.length)
 
 
 def best_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:

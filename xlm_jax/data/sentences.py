@@ -39,7 +39,9 @@ from xlm_jax.data.batches import (
     EpochIterator,
     _check_rows,
     _rng,
+    kept_pairs,
     lengths_of,
+    pair_rows,
     permutation,
 )
 from xlm_jax.text.tokenizer import EOS_ID, PAD_ID
@@ -65,14 +67,22 @@ def budget_rows(tokens_per_batch: int, length: int, row_multiple: int = 1) -> in
     return (tokens_per_batch // length) // row_multiple * row_multiple
 
 
-def check_budget(tokens_per_batch: int, buckets: Sequence[int], row_multiple: int = 1) -> None:
-    """A budget must give the longest bucket at least ``row_multiple`` rows (one per shard)."""
+def check_budget(
+    tokens_per_batch: int,
+    buckets: Sequence[int],
+    row_multiple: int = 1,
+    *,
+    setting: str = "tokens_per_batch",
+    or_else: str = "shorter length_buckets",
+) -> None:
+    """A budget must give the longest bucket at least ``row_multiple`` rows (one per shard).
+    The error names the task's ``setting`` and its other way out (``or_else``)."""
     longest = max(buckets)
     if budget_rows(tokens_per_batch, longest, row_multiple) < row_multiple:
         raise ValueError(
-            f"tokens_per_batch={tokens_per_batch} gives {tokens_per_batch // longest} rows of the "
+            f"{setting}={tokens_per_batch} gives {tokens_per_batch // longest} rows of the "
             f"longest bucket ({longest} tokens), fewer than the {row_multiple}-way batch split: "
-            f"it needs at least {row_multiple * longest} (or shorter length_buckets)"
+            f"it needs at least {row_multiple * longest} (or {or_else})"
         )
 
 
@@ -306,6 +316,40 @@ class ParallelBatches(_BucketedBatches):
             **_rows(src, src_len, self.src_lang, "src_"),
             **_rows(tgt, tgt_len, self.tgt_lang, "tgt_"),
         }
+
+
+class BucketedPairBatches(_BucketedBatches):
+    """TLM rows ``</s> src </s></s> tgt </s>`` (``batches.pack_pair``), one pair each, every
+    batch padded to the smallest of ``buckets`` holding its longest row: ``batch_size`` rows or,
+    with ``tokens_per_batch``, that bucket's rows. Batches are formed as translation's
+    (this module's: pools sorted by length, every kept pair once per epoch with a budget,
+    state ``(epoch, cursor)``, ``next_rows()``, this process's rows only via ``rows_of``).
+    The pairs kept are ``batches.PairBatches``' for rows of ``max(buckets)`` tokens."""
+
+    def __init__(
+        self,
+        src: Sequence[np.ndarray],
+        tgt: Sequence[np.ndarray],
+        *,
+        src_lang: int,
+        tgt_lang: int,
+        buckets: Sequence[int],
+        **settings: Any,
+    ) -> None:
+        keep, row_tokens = kept_pairs(src, tgt, max(buckets), settings["name"])
+        self.keep, self.n_dropped = keep, len(src) - len(keep)
+        self.tokens = int(row_tokens[keep].sum())  # of its rows, padding aside
+        self.src, self.tgt, self.src_lang, self.tgt_lang = src, tgt, src_lang, tgt_lang
+        # pools sorted by row length: a batch's rows are about as long as its bucket
+        self._setup(row_tokens[keep], row_tokens[keep], buckets, **settings)
+
+    def __next__(self) -> Batch:
+        idx, mine = self._next_indices()
+        length = bucket_length(int(self._keys[idx].max()), self.buckets)
+        pairs = [
+            None if i is None else (self._read(self.src, i), self._read(self.tgt, i)) for i in mine
+        ]
+        return pair_rows(pairs, self.src_lang, self.tgt_lang, length)
 
 
 def _check_aligned(src: Sequence[np.ndarray], tgt: Sequence[np.ndarray], name: str) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from xlm_jax.data import batches as batches_lib
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import prepare as prepare_lib
 from xlm_jax.data import prepared as prepared_lib
+from xlm_jax.data import sentences
 from xlm_jax.data.corpus import lang_list
 from xlm_jax.model import objectives, pretrained
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder, xlm_flops_per_token
@@ -172,7 +173,7 @@ def eval_step(params, batch, rng, *, model, objective: Objective) -> Sums:
 class Data:
     """Everything the loop reads: iterators per step key, fixed validation batches, sizes."""
 
-    train: dict[str, Any]  # step key -> StreamBatches | PairBatches
+    train: dict[str, batches_lib.EpochIterator]  # step key -> StreamBatches, TLM pairs' batches
     valid: dict[str, list[dict[str, np.ndarray]]]  # step key -> batches
     sizes: dict[str, int]  # step key -> training tokens (for language sampling)
     token_counts: np.ndarray  # training-token frequencies (for sample_alpha)
@@ -245,11 +246,14 @@ def build_data(
     step_lists: list[list[batches_lib.StepSpec]],
     *,
     rows_of: Callable[[int], tuple[int, int]] = lambda n: (0, n),
+    row_multiple: int = 1,
 ) -> tuple[Tokenizer, Data, prepared_lib.PreparedSet]:
     """The prepared tokens (prepared first if need be), the tokenizer, the iterators.
 
     ``rows_of(n)`` is the slice of a global batch of ``n`` rows that this process feeds: its
     iterators read only those rows, so the global batches do not depend on the number of hosts.
+    ``row_multiple``: a TLM token budget's rows per bucket are a multiple of it
+    (``tlm_row_multiple``).
     """
     corpus_lib.checked_langs(config)
     root = prepare_lib.root_or_toy(config, workdir)
@@ -261,7 +265,7 @@ def build_data(
             if spec.lang2 is None:
                 add_stream(data, spec, config, prepared_set, rows_of)
             else:
-                add_pairs(data, spec, config, prepared_set, rows_of)
+                add_pairs(data, spec, config, prepared_set, rows_of, row_multiple)
     except Exception:
         prepared_set.verified()  # a damaged shard explains a failure best
         raise
@@ -299,25 +303,103 @@ def add_stream(data: Data, spec, config, prepared_set, rows_of) -> None:
         data.valid[spec.key] = _eval_rows(batches, config, rows_of)
 
 
-def add_pairs(data: Data, spec, config, prepared_set, rows_of) -> None:
-    """A TLM entry: sentence pairs in ``tlm_length`` rows, one per row or several (``tlm_pack``).
+MIN_TLM_ROW = 6  # </s> w </s></s> w </s>: a TLM row's fewest tokens
 
-    Validation rows stay one pair each, packed or not: the same batches (and scores) either way.
+
+def tlm_buckets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """TLM row lengths: ``tlm_buckets`` (none above ``tlm_length``), then ``tlm_length``."""
+    spec = str(config.tlm_buckets)
+    try:
+        given = {int(b) for b in spec.split(",") if b.strip()}
+    except ValueError:
+        raise ValueError(f"tlm_buckets={spec!r}: expected row lengths like '32,64'") from None
+    bad = sorted(b for b in given if not MIN_TLM_ROW <= b <= config.tlm_length)
+    if bad:
+        raise ValueError(
+            f"tlm_buckets={spec!r}: {bad} outside {MIN_TLM_ROW}..tlm_length={config.tlm_length} "
+            f"(a pair's row has at least {MIN_TLM_ROW} tokens; tlm_length is the longest bucket)"
+        )
+    return tuple(sorted(given | {config.tlm_length}))
+
+
+def tlm_row_multiple(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> int:
+    """A TLM budget's rows split over the data shards, then into ``accum_steps`` micro-batches
+    that each split over them again."""
+    return parallel.data_parallel_size(mesh, rules) * config.accum_steps
+
+
+def check_tlm_rows(config: ml_collections.ConfigDict, row_multiple: int = 1) -> None:
+    """``tlm_buckets`` and ``tlm_tokens_per_batch`` that cannot work, refused before any read."""
+    buckets, budget = tlm_buckets(config), config.tlm_tokens_per_batch
+    if budget <= 0 and budget != -1:
+        raise ValueError(f"tlm_tokens_per_batch={budget}: -1 (off) or a number of tokens > 0")
+    if config.tlm_pack and (budget > 0 or len(buckets) > 1):
+        raise ValueError(
+            f"tlm_pack=True with tlm_buckets={config.tlm_buckets!r}, tlm_tokens_per_batch="
+            f"{budget}: packing already removes the padding these cut; set tlm_pack=False, or "
+            "tlm_buckets='' and tlm_tokens_per_batch=-1"
+        )
+    if budget > 0:
+        sentences.check_budget(
+            budget,
+            buckets,
+            row_multiple,
+            setting="tlm_tokens_per_batch",
+            or_else="a shorter tlm_length",
+        )
+
+
+def tlm_batches(
+    config: ml_collections.ConfigDict,
+    src: Sequence[np.ndarray],
+    tgt: Sequence[np.ndarray],
+    *,
+    name: str,
+    rows_of: Callable[[int], tuple[int, int]] = lambda n: (0, n),
+    row_multiple: int = 1,
+    **ids: int,
+) -> batches_lib.EpochIterator:
+    """A TLM entry's training batches (``src_lang``/``tgt_lang`` in ``ids``): one pair per
+    ``tlm_length`` row, several (``tlm_pack``), or one per row padded to ``tlm_buckets`` with
+    ``tlm_batch_size`` rows or a ``tlm_tokens_per_batch`` budget."""
+    common = dict(ids, batch_size=config.tlm_batch_size, seed=config.seed, name=name)
+    buckets, budget = tlm_buckets(config), config.tlm_tokens_per_batch
+    if budget <= 0 and len(buckets) == 1:
+        pairs = batches_lib.PackedPairBatches if config.tlm_pack else batches_lib.PairBatches
+        return pairs(src, tgt, length=buckets[0], rows=rows_of(config.tlm_batch_size), **common)
+    it = sentences.BucketedPairBatches(
+        src,
+        tgt,
+        buckets=buckets,
+        rows_of=rows_of,
+        tokens_per_batch=budget,
+        row_multiple=row_multiple,
+        **common,
+    )
+    if budget > 0:  # the shapes the TLM step compiles for
+        logging.info(
+            "%s: tlm_tokens_per_batch=%d: rows per bucket length %s; %d batches per epoch",
+            name,
+            budget,
+            it.bucket_rows,
+            it.epoch_batches(),
+        )
+    return it
+
+
+def add_pairs(data: Data, spec, config, prepared_set, rows_of, row_multiple: int = 1) -> None:
+    """A TLM entry: sentence pairs in ``tlm_length`` rows, one per row or several (``tlm_pack``),
+    or one per row in ``tlm_buckets`` (``tlm_batches``).
+
+    Validation rows stay one pair each in ``tlm_length`` rows, packed or bucketed or not: the
+    same batches (and scores) either way.
     """
     langs = lang_list(config)
     key = f"{spec.lang1}-{spec.lang2}"
     src, tgt = prepared_set.sentences("train", key)
     ids = {"src_lang": langs.index(spec.lang1), "tgt_lang": langs.index(spec.lang2)}
-    pairs = batches_lib.PackedPairBatches if config.tlm_pack else batches_lib.PairBatches
-    it = pairs(
-        src,
-        tgt,
-        **ids,
-        batch_size=config.tlm_batch_size,
-        length=config.tlm_length,
-        seed=config.seed,
-        name=spec.key,
-        rows=rows_of(config.tlm_batch_size),
+    it = tlm_batches(
+        config, src, tgt, name=spec.key, rows_of=rows_of, row_multiple=row_multiple, **ids
     )
     empty = sum(prepared_set.keys("train")[key]["dropped"].values())
     if it.n_dropped or empty:
@@ -522,9 +604,11 @@ def evaluate(steps: Steps, params, data: Data, n_rows: int) -> dict[str, float]:
 
 
 def batch_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """Every batch the mesh must split, micro-batches of ``accum_steps`` included."""
-    sizes = {what: config[what] for what in ("batch_size", "tlm_batch_size", "eval_batch_size")}
-    for what in ("batch_size", "tlm_batch_size"):
+    """Every fixed batch the mesh must split, micro-batches of ``accum_steps`` included (a TLM
+    token budget sets its own rows: ``check_tlm_rows``)."""
+    fixed = ("batch_size",) + (() if config.tlm_tokens_per_batch > 0 else ("tlm_batch_size",))
+    sizes = {what: config[what] for what in (*fixed, "eval_batch_size")}
+    for what in fixed:
         if config[what] % config.accum_steps:
             raise ValueError(
                 f"{what}={config[what]} does not split into {config.accum_steps} accum_steps"
@@ -547,6 +631,7 @@ def check(config: ml_collections.ConfigDict) -> None:
                 f"{name}={config[name]}: rows need 1..model.max_positions="
                 f"{config.model.max_positions} positions"
             )
+    check_tlm_rows(config, config.accum_steps)  # the mesh's batch split is checked in setup
 
 
 def read_probe(config: ml_collections.ConfigDict, data: Data, tokenizer) -> retrieval.Probe:
@@ -592,12 +677,16 @@ def programs_of(config, env, model, tx, data: Data, probe) -> Callable[[Any], lo
 
 def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     """Text, tokenizer and iterators; XLM's schedule of CLM/MLM/TLM updates; the encoder."""
+    row_multiple = tlm_row_multiple(config, env.mesh, env.rules)
+    check_tlm_rows(config, row_multiple)  # with the mesh's batch split, before any read
     tokenizer_path = env.workdir / "tokenizer.model"
     if env.saved is not None and not tokenizer_path.exists():
         # The checkpoint carries its vocabulary: a resumed run never retrains it.
         Tokenizer.from_bytes(base64.b64decode(env.saved["tokenizer"])).save(tokenizer_path)
     step_lists = build_steps(config)
-    tokenizer, data, prepared_set = build_data(config, env.workdir, step_lists, rows_of=env.rows_of)
+    tokenizer, data, prepared_set = build_data(
+        config, env.workdir, step_lists, rows_of=env.rows_of, row_multiple=row_multiple
+    )
     fingerprint = config_fingerprint(config, tokenizer)
     if env.saved is not None:
         check_compatible(env.saved["fingerprint"], fingerprint, env.where)
@@ -607,11 +696,11 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     lambdas = {k: batches_lib.parse_lambda(config[o.lambda_setting]) for k, o in OBJECTIVES.items()}
     mcfg = model_config(config, tokenizer.vocab_size)
     model, tx = XLMEncoder(mcfg), make_optimizer(config.optimizer)
-    # MFU: model FLOPs of the tokens each objective processes (padding counts as waste)
-    flops_per_token = {
-        k: xlm_flops_per_token(mcfg, o.rows(config)[1], o.pred_fraction(config))
-        for k, o in OBJECTIVES.items()
-    }
+    pred_fraction = {k: o.pred_fraction(config) for k, o in OBJECTIVES.items()}
+
+    def flops_per_token(objective: str, length: int) -> float:
+        # MFU: model FLOPs of a token at its batch's row length (padding counts as waste)
+        return xlm_flops_per_token(mcfg, length, pred_fraction[objective])
 
     def update(step: int) -> loop.Update:
         spec = schedule(step)
@@ -620,9 +709,9 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
             key=spec.key,
             program=Steps.kind(spec),
             lam=batches_lib.lambda_at(lambdas[spec.objective], step),
-            rows=it.batch_size,
+            rows=it.next_rows(),  # the global rows of the batch fetch returns
             fetch=lambda: next(it),
-            flops_per_token=lambda length: flops_per_token[spec.objective],
+            flops_per_token=functools.partial(flops_per_token, spec.objective),
         )
 
     chosen = evaluators.parse(config.evals, EVALUATORS)

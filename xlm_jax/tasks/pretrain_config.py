@@ -71,9 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     # --- batches (global, over all devices and hosts) ---
     c.batch_size = 32  # stream windows per MLM/CLM step
     c.bptt = 256  # tokens per stream window
-    c.tlm_batch_size = 64  # rows per TLM step: one sentence pair each, or several (tlm_pack)
-    c.tlm_length = 128  # tokens per TLM row; longer pairs are dropped (and counted)
-    c.tlm_pack = False  # True: pairs packed into rows (best fit), attention within a pair only
+    tlm_settings(c)
     c.eval_batch_size = 32
     c.accum_steps = 1  # split each step's batch into this many micro-batches (same update)
 
@@ -111,6 +109,15 @@ def default_config() -> ml_collections.ConfigDict:
     # Logical axis name -> mesh axes (flax applies them in order; see xlm_jax/core/parallel.py).
     c.mesh.rules = parallel.DEFAULT_RULES
     return c
+
+
+def tlm_settings(c: ml_collections.ConfigDict) -> None:
+    """TLM's rows of sentence pairs ``</s> src </s></s> tgt </s>`` (docs/data.md)."""
+    c.tlm_batch_size = 64  # rows per TLM step: one sentence pair each, or several (tlm_pack)
+    c.tlm_length = 128  # tokens per TLM row; longer pairs are dropped (and counted)
+    c.tlm_pack = False  # True: pairs packed into rows (best fit), attention within a pair only
+    c.tlm_buckets = ""  # "32,64": a batch padded to the first holding its rows; "" = tlm_length
+    c.tlm_tokens_per_batch = -1  # XLM's tokens_per_batch: bucket L gets this // L rows; -1 = off
 
 
 def optimizer_config() -> ml_collections.ConfigDict:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import logging as std_logging
@@ -46,7 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from absl import app, flags, logging
 
 from xlm_jax.core import files
 from xlm_jax.data import batches, nli, prepare, prepared, sentences
-from xlm_jax.tasks import xnli
+from xlm_jax.tasks import pretrain, xnli
 from xlm_jax.text.tokenizer import PAD_ID, Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -404,6 +405,17 @@ def step_rate(n_steps: int, scratch: Path) -> float:
 # --- 5. TLM padding ------------------------------------------------------------------------------
 
 
+def source_prepared(work: Path, source: Path) -> Path:
+    """``source`` itself (not repeated) prepared as ``configs/demo.py`` reads it, into
+    ``work/source_prepared`` (its own tokenizer); once."""
+    out = work / "source_prepared"
+    config = corpus_config(source)
+    prepare.ensure(
+        config, out, root=str(source), tokenizer_path=out / prepared.TOKENIZER, workers=1
+    )
+    return out
+
+
 def tlm_padding(
     prepared_dir: Path, rows: int, length: int, key: str = "en-fr", packed: bool = False
 ) -> dict[str, Any]:
@@ -428,6 +440,56 @@ def tlm_padding(
     }
 
 
+def tlm_rows_padding(
+    prepared_dir: Path, config: ml_collections.ConfigDict, key: str = "en-fr"
+) -> dict[str, Any]:
+    """PAD share (``batches_padding``) of one epoch of the TLM training batches that
+    ``pretrain.tlm_batches`` makes of the ``key`` pairs with ``config``'s ``tlm_*`` settings;
+    one pair per ``tlm_length`` row: the last batch completed from the next epoch."""
+    src, tgt = prepared.PreparedSet.open(prepared_dir, verify=False).sentences("train", key)
+    it = pretrain.tlm_batches(config, src, tgt, name="tlm", src_lang=0, tgt_lang=1)
+    if isinstance(it, sentences.BucketedPairBatches):
+        n_batches = it.epoch_batches()
+    else:
+        n_batches = -(-len(it) // it.batch_size)
+    budget = config.tlm_tokens_per_batch
+    return {
+        "key": key,
+        "buckets": list(pretrain.tlm_buckets(config)),
+        "batch_size": config.tlm_batch_size if budget <= 0 else None,
+        "tokens_per_batch": budget if budget > 0 else None,
+        "sentences": len(it),  # pairs kept
+        "dropped": it.n_dropped,
+        **batches_padding(it, n_batches),
+    }
+
+
+TLM_BUCKETS = "32,48,64,128"  # Multi30k's TLM rows: about 50 tokens (the demo's tokenizer)
+
+
+def tlm_buckets_report(
+    work: Path, source: Path | None = None, keys: Sequence[str] = ("en-fr", "en-de")
+) -> list[dict]:
+    """Multi30k's pairs as the TLM padding table above (``configs/demo.py``'s tokenizer and 32
+    rows, ``tlm_length=128``): one pair per row, then ``TLM_BUCKETS`` with 32 rows and with a
+    ``tlm_tokens_per_batch`` giving the same mean positions per batch."""
+    where = source_prepared(Path(work), source or default_source())
+    config = load_config("demo")
+    config.tlm_length = 128
+    out = []
+    for key in keys:
+        config.tlm_buckets, config.tlm_tokens_per_batch = "", -1
+        out.append(tlm_rows_padding(where, config, key))
+        config.tlm_buckets = TLM_BUCKETS
+        out += matched_budget(functools.partial(_with_budget, where, config, key))
+    return out
+
+
+def _with_budget(where: Path, config: ml_collections.ConfigDict, key: str, budget: int) -> dict:
+    config.tlm_tokens_per_batch = budget
+    return tlm_rows_padding(where, config, key)
+
+
 # --- 6. translation batches: batch_size rows or a token budget ------------------------------------
 
 
@@ -445,7 +507,20 @@ def nmt_padding(
         it = sentences.ParallelBatches(src, tgt, src_lang=0, tgt_lang=1, **kw)
     else:
         it = sentences.SentenceBatches(data.sentences("train", key)[0], lang_id=0, **kw)
-    n_batches, pad, positions, rows, shapes = it.epoch_batches(), 0, 0, 0, set()
+    return {
+        "key": key,
+        "buckets": list(buckets),
+        "batch_size": batch_size if tokens_per_batch <= 0 else None,
+        "tokens_per_batch": tokens_per_batch if tokens_per_batch > 0 else None,
+        "sentences": len(it),
+        **batches_padding(it, it.epoch_batches()),
+    }
+
+
+def batches_padding(it: Iterator[batches.Batch], n_batches: int) -> dict[str, Any]:
+    """PAD share, mean rows, positions and real tokens per batch, shapes and the largest batch
+    of the next ``n_batches`` batches; positions of all sides (``*tokens``), all-PAD rows too."""
+    pad, positions, rows, shapes = 0, 0, 0, set()
     for _ in range(n_batches):
         sides = [v for k, v in next(it).items() if k.endswith("tokens")]
         pad += sum(int(np.count_nonzero(v == PAD_ID)) for v in sides)
@@ -454,11 +529,6 @@ def nmt_padding(
         shapes.add(tuple(v.shape for v in sides))
     largest = max(sum(rows * length for rows, length in shape) for shape in shapes)
     return {
-        "key": key,
-        "buckets": list(buckets),
-        "batch_size": batch_size if tokens_per_batch <= 0 else None,
-        "tokens_per_batch": tokens_per_batch if tokens_per_batch > 0 else None,
-        "sentences": len(it),
         "batches": n_batches,
         "rows_per_batch": rows / n_batches,
         "positions_per_batch": positions / n_batches,
@@ -467,6 +537,16 @@ def nmt_padding(
         "shapes": len(shapes),
         "largest_batch_positions": largest,  # what a step's memory must hold
     }
+
+
+def matched_budget(measure: Callable[[int], dict[str, Any]], sides: int = 1) -> list[dict]:
+    """``measure(-1)`` (fixed rows) and ``measure(budget)``, the budget giving the same mean
+    positions per batch: set from the fixed run's, then corrected once by its own run's mean."""
+    fixed = measure(-1)
+    budget = round(fixed["positions_per_batch"] / sides)
+    first = measure(budget)
+    budget = round(budget * fixed["positions_per_batch"] / first["positions_per_batch"])
+    return [fixed, measure(budget)]
 
 
 FINE_BUCKETS = (12, 16, 20, 24, 28, 32, 40, 48, 64, 96)
@@ -489,17 +569,13 @@ def nmt_padding_report(work: Path, source: Path | None = None) -> list[dict[str,
         keys = prepared.PreparedSet.open(where, verify=False).keys("train")
         configured = tuple(sorted(int(b) for b in config.length_buckets.split(",")))
         for buckets, key in ((b, k) for b in (configured, FINE_BUCKETS) for k in keys):
-            fixed = nmt_padding(where, key, buckets, config.batch_size, -1)
-            sides = 2 if "-" in key else 1
-            budget = round(fixed["positions_per_batch"] / sides)
-            first = nmt_padding(where, key, buckets, config.batch_size, budget)
-            budget = round(budget * fixed["positions_per_batch"] / first["positions_per_batch"])
-            out += [fixed, nmt_padding(where, key, buckets, config.batch_size, budget)]
+            measure = functools.partial(nmt_padding, where, key, buckets, config.batch_size)
+            out += matched_budget(measure, 2 if "-" in key else 1)
     return out
 
 
 def nmt_padding_markdown(report: Sequence[dict[str, Any]]) -> str:
-    """``nmt_padding_report``'s rows as a table."""
+    """``nmt_padding_report``'s (or ``tlm_buckets_report``'s) rows as a table."""
     lines = [
         "| data | buckets | batches of | PAD share | positions / batch (largest) "
         "| real tokens / batch | rows / batch | shapes |",
@@ -507,8 +583,10 @@ def nmt_padding_markdown(report: Sequence[dict[str, Any]]) -> str:
     ]
     for r in report:
         size = f"{r['batch_size']} rows" if r["batch_size"] else f"{r['tokens_per_batch']} tokens"
+        b = r["buckets"]
+        buckets = f"{len(b)} ({b[0]}–{b[-1]})" if len(b) > 1 else f"one ({b[0]})"
         lines.append(
-            f"| {r['key']} | {len(r['buckets'])} ({r['buckets'][0]}–{r['buckets'][-1]}) | {size} "
+            f"| {r['key']} | {buckets} | {size} "
             f"| {r['pad_share']:.1%} | {r['positions_per_batch']:,.0f} "
             f"({r['largest_batch_positions']:,}) | {r['tokens_per_batch_real']:,.0f} "
             f"| {r['rows_per_batch']:.1f} | {r['shapes']} |"
@@ -635,11 +713,7 @@ def run(
             r["over_step"] = r["tokens_per_s"] / report["step"]["tokens_per_s"]
     # TLM padding of the demo's TLM batches on the source itself (not repeated)
     demo = load_config("demo")
-    m30k = s.work / "source_prepared"
-    config = corpus_config(s.source)
-    prepare.ensure(
-        config, m30k, root=str(s.source), tokenizer_path=m30k / prepared.TOKENIZER, workers=1
-    )
+    m30k = source_prepared(s.work, s.source)
     report["tlm_padding"] = [
         tlm_padding(m30k, demo.tlm_batch_size, length, packed=packed)
         for length in (demo.tlm_length, 128, 256)

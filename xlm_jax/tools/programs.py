@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from xlm_jax.core import parallel, train_state
+from xlm_jax.data import sentences
 from xlm_jax.model import pretrained
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import XLMEncoder
@@ -50,15 +51,29 @@ _ROW = ("tokens", "positions", "langs")
 _STEP, _LAM, _LANG = np.int32(1), np.float32(1.0), np.int32(0)  # runtime scalars, replicated
 
 
+def _refuse_tlm_budget(config, mesh, rules) -> None:
+    """A TLM token budget gives each bucket its own rows: ``tlm_batch_size``'s would be wrong."""
+    budget, length = config.tlm_tokens_per_batch, config.tlm_length
+    if budget > 0:
+        rows = sentences.budget_rows(budget, length, pretrain.tlm_row_multiple(config, mesh, rules))
+        raise ValueError(
+            f"tlm_tokens_per_batch={budget}: the TLM step's rows follow each bucket's length and "
+            f"are not compiled here; compile the longest bucket's ({rows} x {length}) with "
+            f"--config.tlm_tokens_per_batch=-1 --config.tlm_batch_size={rows}"
+        )
+
+
 def pretrain_programs(config, mesh, rules, all_shapes: bool = False) -> list[Program]:
     """The MLM, TLM and CLM steps the configured objectives use, and their evaluations."""
+    used = {s.objective for specs in pretrain.build_steps(config) for s in specs}
+    if "tlm" in used:
+        _refuse_tlm_budget(config, mesh, rules)
     vocab = config.tokenizer.vocab_size
     model = XLMEncoder(pretrain.model_config(config, vocab))
     tx = train_state.make_optimizer(config.optimizer)
     dp = parallel.data_parallel_size(mesh, rules)
     state, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp)
     steps = pretrain.Steps(config, model, tx, mesh, rules, shardings, np.zeros(vocab))
-    used = {s.objective for specs in pretrain.build_steps(config) for s in specs}
     shapes = {name: (o.program, *o.rows(config)) for name, o in pretrain.OBJECTIVES.items()}
     out = []
     for name, (kind, rows, length) in shapes.items():
