@@ -4,10 +4,10 @@ memory, rows read per process, and bad lines named before anything is tokenized.
 import numpy as np
 import pytest
 
-from tests.conftest import XNLI_DIR, needs_xnli
+from tests.conftest import XNLI_DIR, needs_xnli, tiny_config
 from xlm_jax.data import nli, prepare, prepared
 from xlm_jax.data.sources import DataError
-from xlm_jax.tasks import xnli
+from xlm_jax.tasks import pretrain, xnli
 from xlm_jax.text import tokenizer as tokenizer_lib
 
 
@@ -134,3 +134,15 @@ def test_xnli_batches_are_padded_to_the_bucket_of_their_longest_row():
     with pytest.raises(ValueError, match="length_buckets='16,x'"):
         config.length_buckets = "16,x"
         xnli.buckets_of(config, 64)
+
+
+def test_each_task_refuses_records_it_does_not_read():
+    pre = tiny_config(**{"data.records": "nli"})
+    with pytest.raises(DataError, match="data.records='nli': expected 'text' for this task"):
+        pretrain.check(pre)
+    fine = _config("/nowhere", train="en: a.tsv", valid="en: b.tsv", records="text")
+    with pytest.raises(DataError, match="data.records='text': expected 'nli' for this task"):
+        xnli._check_config(fine)
+    fine.data.records = "csv"
+    with pytest.raises(DataError, match="data.records='csv': expected 'text' or 'nli'"):
+        prepare.records_of(fine)

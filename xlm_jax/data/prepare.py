@@ -152,10 +152,12 @@ def _item_sides(key: str, spec: str, parsed, where: str) -> list[tuple[str, str]
     return [(s.strip(), lang) for s, lang in zip(specs, langs, strict=True)]
 
 
-def records_of(config: ml_collections.ConfigDict) -> str:
+def records_of(config: ml_collections.ConfigDict, *, expected: str | None = None) -> str:
+    """``data.records``, checked (and to be ``expected`` when a task reads only that kind)."""
     records = config.data.get("records", "text")
-    if records not in ("text", "nli"):
-        raise DataError(f"data.records={records!r}: expected 'text' or 'nli'")
+    if records not in ("text", "nli") or expected not in (None, records):
+        want = f"{expected!r} for this task" if expected else "'text' or 'nli'"
+        raise DataError(f"data.records={records!r}: expected {want}")
     return records
 
 

@@ -878,6 +878,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     train_state.check_optimizer(config.optimizer)
     corpus_lib.checked_langs(config)
     check_token_budget(config)  # the mesh's batch split is checked again in setup
+    prepare_lib.records_of(config, expected="text")  # sentences, not NLI records
 
 
 TASK = loop.Task("nmt", setup, batch_sizes, check=check)

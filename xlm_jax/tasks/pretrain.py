@@ -632,6 +632,7 @@ def check(config: ml_collections.ConfigDict) -> None:
                 f"{config.model.max_positions} positions"
             )
     check_tlm_rows(config, config.accum_steps)  # the mesh's batch split is checked in setup
+    prepare_lib.records_of(config, expected="text")  # sentences, not NLI records
 
 
 def read_probe(config: ml_collections.ConfigDict, data: Data, tokenizer) -> retrieval.Probe:

@@ -289,6 +289,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         if not config.data[what].strip():
             raise ValueError(f"data.{what} is empty: give 'LANG: SOURCE' entries")
     buckets_of(config, 2 * config.max_len)  # a malformed length_buckets fails before any reading
+    prepare_lib.records_of(config, expected="nli")
     _check_languages(config)
 
 
