@@ -146,3 +146,16 @@ def test_each_task_refuses_records_it_does_not_read():
     fine.data.records = "csv"
     with pytest.raises(DataError, match="data.records='csv': expected 'text' or 'nli'"):
         prepare.records_of(fine)
+
+
+def test_a_mid_epoch_resume_with_other_length_buckets_is_refused():
+    config = xnli.default_config()
+    before = xnli.order_inputs_of(config, 100)
+    assert "length_buckets" not in before  # as runs saved it before buckets existed
+    config.length_buckets = "32,64"
+    after = xnli.order_inputs_of(config, 100)
+    with pytest.raises(ValueError, match="length_buckets=None -> 32,64"):
+        xnli.check_mid_epoch_resume(before, after, "checkpoint 5")
+    with pytest.raises(ValueError, match="length_buckets=32,64 -> None"):
+        xnli.check_mid_epoch_resume(after, before, "checkpoint 5")
+    xnli.check_mid_epoch_resume(before, dict(before), "checkpoint 5")

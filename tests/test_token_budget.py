@@ -106,7 +106,7 @@ def test_rows_are_the_bucket_rows_of_the_longest_sentence(kind):
     assert np.mean(real_rows[32]) > 1.5 * np.mean(real_rows[64])
     filled = sum(map(sum, real_rows.values())) / sum(ROWS[b] * len(v) for b, v in real_rows.items())
     assert filled > 0.9
-    assert it.state() == {"epoch": 1, "cursor": 0}
+    assert it.state() == {"epoch": 1, "cursor": 0, "plan": it.plan_key()}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -119,7 +119,7 @@ def test_every_sentence_exactly_once_per_epoch(kind):
             tokens = next(it)[_key(kind)]
             ids += _ids(tokens[_real(tokens)])
         assert sorted(ids) == list(range(503))
-        assert it.state() == {"epoch": epoch + 1, "cursor": 0}
+        assert it.state() == {"epoch": epoch + 1, "cursor": 0, "plan": it.plan_key()}
         epochs.append(ids)
     assert epochs[0] != epochs[1]  # each epoch its own order
 
@@ -144,6 +144,39 @@ def test_resume_from_state_mid_epoch(kind):
             np.testing.assert_array_equal(a[k], b[k])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_state_from_other_batch_settings_is_refused(kind):
+    """The cursor of another cut would index other batches: refused, not silently followed."""
+    state = _make(kind).state()
+    assert state["plan"] == {
+        "batch_size": 8,
+        "buckets": list(BUCKETS),
+        "tokens_per_batch": BUDGET,
+        "row_multiple": 2,
+    }
+    for other in ({"tokens_per_batch": 512}, {"row_multiple": 4}, {"buckets": BUCKETS[1:]}):
+        with pytest.raises(ValueError, match="the checkpoint's batches were cut as"):
+            _make(kind, **other).restore(state)
+    fixed = _make(kind, tokens_per_batch=-1)
+    with pytest.raises(ValueError, match="this run's as"):
+        fixed.restore(state)
+    with pytest.raises(ValueError, match="the checkpoint's batches were cut as"):
+        _make(kind).restore(fixed.state())  # a budget where there was none, too
+    old = {"epoch": 0, "cursor": 3}  # saved before plans were recorded: fixed batches
+    if kind == "tlm":  # were PairBatches'
+        with pytest.raises(ValueError, match="cut as fixed batches"):
+            fixed.restore(old)
+        src, tgt = _sides(kind, 50)
+        pairs = batches.PairBatches(
+            src, tgt, src_lang=0, tgt_lang=2, batch_size=8, length=64, seed=1, name="tlm"
+        )
+        with pytest.raises(ValueError, match="this run's as fixed batches"):
+            pairs.restore(state)
+    else:
+        fixed.restore(old)
+        assert fixed.state() == old
+
+
 @pytest.mark.parametrize("budget", [BUDGET, -1])
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_processes_read_their_rows_and_make_the_whole_batch(kind, budget):
@@ -157,8 +190,8 @@ def test_two_processes_read_their_rows_and_make_the_whole_batch(kind, budget):
 
     (whole, _), procs = make(None), [make(0), make(1)]
     for it, _ in procs:
-        it.restore({"epoch": 0, "cursor": 30})
-    whole.restore({"epoch": 0, "cursor": 30})
+        it.restore({"epoch": 0, "cursor": 30, "plan": it.plan_key()})
+    whole.restore({"epoch": 0, "cursor": 30, "plan": whole.plan_key()})
     for _ in range(whole.epoch_batches() - 20):  # crosses into epoch 1
         rows = whole.next_rows()
         assert all(it.next_rows() == rows for it, _ in procs)

@@ -63,10 +63,25 @@ class EpochIterator:
         """Rows of the global batch the next ``next()`` returns (token budgets vary them)."""
         return self.batch_size
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+    def plan_key(self) -> dict[str, Any] | None:
+        """What cuts the epochs into batches, beyond (seed, name, data), when it can change
+        between runs (token budgets, buckets): saved with the state; restoring under another is
+        refused, as the cursor would index other batches. None: nothing recorded."""
+        return None
 
-    def restore(self, state: Mapping[str, int]) -> None:
+    def state(self) -> dict[str, Any]:
+        plan = self.plan_key()
+        return {"epoch": self.epoch, "cursor": self.cursor} | ({"plan": plan} if plan else {})
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        saved, now = state.get("plan"), self.plan_key()
+        if saved != now:
+            raise ValueError(
+                f"{getattr(self, 'name', 'an iterator')}: the checkpoint's batches were cut as "
+                f"{saved or 'fixed batches'}, this run's as {now or 'fixed batches'} (a token "
+                "budget, length buckets or the data-parallel split changed): resume with the "
+                "checkpoint's settings and mesh, or use another workdir"
+            )
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
 
 

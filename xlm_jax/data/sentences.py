@@ -184,6 +184,16 @@ class _BucketedBatches(EpochIterator):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def plan_key(self) -> dict[str, Any] | None:
+        """None for ``batch_size`` batches, as saved before token budgets (``EpochIterator``)."""
+        return None if self.tokens_per_batch <= 0 else self._plan()
+
+    def _plan(self) -> dict[str, Any]:
+        plan = {"batch_size": self.batch_size, "buckets": list(self.buckets)}
+        if self.tokens_per_batch > 0:  # rows per bucket: the budget and the batch split
+            plan |= {"tokens_per_batch": self.tokens_per_batch, "row_multiple": self.row_multiple}
+        return plan
+
     @staticmethod
     def _sorted_pools(order: np.ndarray, pool: int, keys: np.ndarray) -> np.ndarray:
         for i in range(0, len(order), pool):
@@ -342,6 +352,10 @@ class BucketedPairBatches(_BucketedBatches):
         self.src, self.tgt, self.src_lang, self.tgt_lang = src, tgt, src_lang, tgt_lang
         # pools sorted by row length: a batch's rows are about as long as its bucket
         self._setup(row_tokens[keep], row_tokens[keep], buckets, **settings)
+
+    def plan_key(self) -> dict[str, Any]:
+        """Always kept: a TLM entry's batches were ``PairBatches``' before buckets existed."""
+        return self._plan()
 
     def __next__(self) -> Batch:
         idx, mine = self._next_indices()

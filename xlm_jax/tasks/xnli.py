@@ -498,7 +498,7 @@ def _mode(langs: Sequence[str]) -> str:
 SUM_KEYS = ("loss_sum", "n_pred", "n_correct")
 
 
-def new_loop_state(order_inputs: Mapping[str, int]) -> dict[str, Any]:
+def new_loop_state(order_inputs: Mapping[str, Any]) -> dict[str, Any]:
     """The loop's state, saved in every checkpoint (JSON) and enough to continue exactly.
 
     ``epoch`` counts the evaluated epochs; ``epoch_rows`` / ``epoch_sums`` are the progress of the
@@ -520,11 +520,14 @@ def new_loop_state(order_inputs: Mapping[str, int]) -> dict[str, Any]:
 
 
 def check_mid_epoch_resume(
-    saved: Mapping[str, int], current: Mapping[str, int], where: str
+    saved: Mapping[str, Any], current: Mapping[str, Any], where: str
 ) -> None:
     """A checkpoint taken inside an epoch continues that epoch's order where it stopped: that is
     exact only with the settings that made the order and cut it into batches."""
-    changed = [f"{k}={saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v]
+    keys = list(current) + [k for k in saved if k not in current]  # a setting unset since, too
+    changed = [
+        f"{k}={saved.get(k)} -> {current.get(k)}" for k in keys if saved.get(k) != current.get(k)
+    ]
     if changed:
         raise ValueError(
             f"{where} was taken inside an epoch; its batches depend on settings that changed "
@@ -697,10 +700,11 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     )
 
 
-def order_inputs_of(config: ml_collections.ConfigDict, n_train: int) -> dict[str, int]:
-    """What the epochs' order and its batches depend on (compared when resuming mid-epoch)."""
-    keys = ("seed", "epoch_size", "batch_size")
-    return {"seed": config.seed, "n_train": n_train} | {k: config[k] for k in keys[1:]}
+def order_inputs_of(config: ml_collections.ConfigDict, n_train: int) -> dict[str, Any]:
+    """What the epochs' order and its batches depend on (compared when resuming mid-epoch);
+    ``length_buckets`` (their shapes, hence dropout masks) only when set, as older runs saved."""
+    keys = ["epoch_size", "batch_size"] + (["length_buckets"] if config.length_buckets else [])
+    return {"seed": config.seed, "n_train": n_train} | {k: config[k] for k in keys}
 
 
 def summary_of(config, source, train_langs, n_train: int, length: int) -> dict[str, Any]:
