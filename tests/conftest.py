@@ -14,6 +14,26 @@ import pytest  # noqa: E402
 from xlm_jax.tasks import nmt, pretrain  # noqa: E402
 from xlm_jax.tasks.pretrain_config import default_config  # noqa: E402
 
+# `make test` gives whole files to 2 processes (--dist loadfile), each taking the next file in
+# collection order when it runs low: the longest files go first, so the run does not end with one
+# process alone on a long file while the other has finished (longest first, by measured time).
+LONGEST_FIRST = (
+    "test_parallel.py",
+    "test_nmt.py",
+    "test_xnli.py",
+    "test_docs_run.py",
+    "test_faults.py",
+    "test_notebooks.py",
+    "test_train.py",
+    "test_bench.py",
+    "test_convert.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file stays whole
+
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):

@@ -295,7 +295,7 @@ def test_a_manifest_of_another_format_or_missing_is_refused(root, tmp_path):
     _prepare(_config(root), tmp_path / "p")
     file = tmp_path / "p" / prepared.MANIFEST
     file.write_text(json.dumps({**json.loads(file.read_text()), "format": 0}))
-    with pytest.raises(DataError, match="format 0, this xlm_jax reads format 1"):
+    with pytest.raises(DataError, match=f"format 0, this xlm_jax reads format {prepared.FORMAT}"):
         prepared.PreparedSet.open(tmp_path / "p")
 
 

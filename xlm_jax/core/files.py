@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,12 +25,12 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     ``os.replace`` is atomic, so readers see the old file or the new one, never a mixture; the
     temporary name is unique, so processes sharing a workdir can write the same file at once.
     On an error (a full disk, say) the old file is left as it was, and the ``OSError`` says so
-    and names ``path``.
+    and names ``path``. The file gets the mode ``open`` would give it (0o666 less the umask).
     """
     path = Path(path)
     with errors_name(path, "writing", "; the previous file, if any, is unchanged"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _create_temporary(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -40,3 +40,21 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file beside ``path`` with a unique name, open for writing.
+
+    ``tempfile.mkstemp`` creates it with mode 0o600, which the rename then gives the final file
+    (exports came out unreadable to others); creating it with 0o666 lets the kernel apply the
+    umask (and a directory's default ACL) as for any new file, without reading the umask, which
+    POSIX only allows by changing it for every thread of the process.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):  # 48 random bits: a second try is already unlikely
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name for {path}")

@@ -39,7 +39,9 @@ import numpy as np
 from xlm_jax.data.text_files import DataError
 from xlm_jax.text.specials import EOS_ID
 
-FORMAT = 1
+# Bumped when the same tokenizer file would now give other ids, so older shards are redone:
+# 2 = XLM BPE's Moses steps follow the perl scripts (final period, non-printing chars, quotes).
+FORMAT = 2
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 

@@ -4,9 +4,11 @@ The released XLM models were trained on text prepared by shell pipelines (XLM's 
 `get-data-xnli.sh`, `get-data-nmt.sh`), which this module reproduces step by step:
 
   1. Moses `replace-unicode-punctuation` | `normalize-punctuation -l LANG` |
-     `remove-non-printing-char` (sacremoses' `MosesPunctNormalizer` does all three);
+     `remove-non-printing-char` (sacremoses' `MosesPunctNormalizer`, with the perl scripts' own
+     rules where it departs from them: see `continental_quotes` and `printing_only`);
   2. for the en-ro models only: Sennrich's `normalise-romanian` + `remove-diacritics`;
-  3. Moses `tokenizer.perl -l LANG -no-escape` (sacremoses' `MosesTokenizer`);
+  3. Moses `tokenizer.perl -l LANG -no-escape` (sacremoses' `MosesTokenizer`, then perl's split
+     of the line's final period: `split_final_period`);
   4. for the XNLI-15 / English models only: XLM's `lowercase_and_remove_accent.py`;
   5. `fastBPE applybpe` with the model's codes: a word's subwords joined by the `@@` convention
      (`lo@@ w@@ er`: every subword but the last carries `@@`);
@@ -29,6 +31,7 @@ import functools
 import json
 import logging
 import os
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -232,6 +235,45 @@ def lowercase_and_remove_accent(tokens: Iterable[str]) -> list[str]:
     return [t for t in text.split(" ") if t]
 
 
+# normalize-punctuation.perl's quote rule has three branches: en's, none for cs/cz, and a
+# continental one (commented "German/Spanish/French") for every other language.
+_OWN_QUOTE_RULE = frozenset({"en", "cs", "cz"})
+# The continental `s/(\.+)\"(\s*[^<])/\"$1$2/g`. perl runs it on bytes (no `use utf8`), where
+# `\s` is ASCII whitespace; how much `\s*` consumes decides whether a later `."` still matches.
+_PERIOD_QUOTE = re.compile(r'(\.+)"(\s*[^<])', re.ASCII)
+
+
+def continental_quotes(text: str) -> str:
+    """normalize-punctuation.perl's `,"` → `",` and `."` → `".` (every language but en, cs, cz).
+
+    perl runs them on the line with its newline, which `[^<]` matches: a `."` ending the line
+    moves too (`Ja."` → `Ja".`). sacremoses sees no newline there (and applies the rule to de, es
+    and fr only), so this replaces its version.
+    """
+    text = text.replace(',"', '",')
+    return _PERIOD_QUOTE.sub(r'"\1\2', text + "\n").removesuffix("\n")
+
+
+def printing_only(text: str) -> str:
+    r"""remove-non-printing-char.perl's `s/\p{C}/ /g`: a control or format character (a tab, a
+    zero-width space, ...) becomes a space. sacremoses deletes it instead, gluing the words
+    around it together (`Tabs\tand` → `Tabsand`)."""
+    return _non_printing().sub(" ", text)
+
+
+def split_final_period(tokens: list[str]) -> list[str]:
+    """tokenizer.perl splits the period off the line's last word whatever the word ("split last
+    words independently as they are unlikely to be non-breaking prefixes"); sacremoses applies
+    the non-breaking prefixes there too and keeps `C.` in `-5°C.`, `2.` in de `2:2.`.
+
+    A last token of dots only is a `...` run: perl hides those from the rule (`DOTMULTI`).
+    """
+    last = tokens[-1] if tokens else ""
+    if len(last) > 1 and last.endswith(".") and last.strip("."):
+        return [*tokens[:-1], last[:-1], "."]
+    return tokens
+
+
 class MosesPipeline:
     """Steps 1-4 of the module docstring for one language: raw text → XLM's words."""
 
@@ -240,8 +282,12 @@ class MosesPipeline:
         self.lowercase = lowercase
         self.romanian = romanian and lang == "ro"
         sacremoses = _sacremoses()
+        # Non-printing characters and the continental quote rule are done here, the perl way.
         self._normalizer = sacremoses.MosesPunctNormalizer(
-            lang=lang, pre_replace_unicode_punct=True, post_remove_control_chars=True
+            lang=lang,
+            pre_replace_unicode_punct=True,
+            norm_quote_commas=lang == "en",
+            post_remove_control_chars=False,
         )
         self._tokenizer = sacremoses.MosesTokenizer(lang=lang)
         if lang in _OWN_SEGMENTER:
@@ -253,9 +299,12 @@ class MosesPipeline:
 
     def __call__(self, text: str) -> list[str]:
         text = self._normalizer.normalize(text)
+        if self.lang not in _OWN_QUOTE_RULE:
+            text = continental_quotes(text)
+        text = printing_only(text)  # after the quote rule, whose `\s*` must see them as perl does
         if self.romanian:
             text = text.translate(_ROMANIAN)
-        tokens = self._tokenizer.tokenize(text, escape=False)
+        tokens = split_final_period(self._tokenizer.tokenize(text, escape=False))
         if self.lowercase:
             tokens = lowercase_and_remove_accent(tokens)
         return tokens
@@ -434,6 +483,15 @@ class XLMBPETokenizer(Serialized):
 @functools.cache
 def _detokenizer(lang: str) -> sacremoses.MosesDetokenizer:
     return _sacremoses().MosesDetokenizer(lang=lang)
+
+
+@functools.cache
+def _non_printing() -> Any:
+    r"""Unicode's "Other" category (`\p{C}`: Cc Cf Cs Co Cn), which `re` cannot name; `regex` (a
+    sacremoses dependency) is imported on first use, like sacremoses."""
+    import regex
+
+    return regex.compile(r"\p{C}")
 
 
 def _sacremoses() -> Any:
