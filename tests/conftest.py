@@ -14,33 +14,23 @@ import pytest  # noqa: E402
 from xlm_jax.tasks import nmt, pretrain  # noqa: E402
 from xlm_jax.tasks.pretrain_config import default_config  # noqa: E402
 
-# `make test` gives whole files to 2 processes (--dist loadfile), each taking the next file in
-# collection order when it runs low: the longest files go first, so the run does not end with one
-# process alone on a long file while the other has finished (longest first, by measured time).
-LONGEST_FIRST = (
-    "test_parallel.py",
-    "test_nmt.py",
-    "test_xnli.py",
-    "test_docs_run.py",
-    "test_faults.py",
-    "test_notebooks.py",
-    "test_train.py",
-    "test_bench.py",
-    "test_convert.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file stays whole
-
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """Tests compile the same tiny programs many times: reuse them within the session."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    """Tests compile the same tiny programs many times: reuse them within the session, in this
+    process and in the ones tests start (a signal test's rerun, a CLI run), which inherit the
+    cache through the environment (``CPU_ENV`` and ``os.environ``)."""
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    shared = {
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    CPU_ENV.update(shared)
+    os.environ.update(shared)
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -25,9 +25,9 @@ MESH_CONFIG = {
     "batch_size": 8,
     "tlm_batch_size": 8,
     "eval_batch_size": 8,
-    "max_steps": 8,
-    "eval_every": 4,
-    "checkpoint_every": 4,
+    "max_steps": 4,
+    "eval_every": 2,
+    "checkpoint_every": 2,
 }
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
 TOL = 1e-5
@@ -100,7 +100,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
     _run_jobs(tmp, [_job(tmp, "single", **{"mesh.shape": [1, 1, 1]})], devices=1)
     jobs = [_job(tmp, "mesh_" + "x".join(map(str, m)), **{"mesh.shape": list(m)}) for m in MESHES]
-    jobs.append(_job(tmp, "resumed", **{"mesh.shape": [8, 1, 1], "max_steps": 4}))
+    jobs.append(_job(tmp, "resumed", **{"mesh.shape": [8, 1, 1], "max_steps": 2}))
     jobs.append(_job(tmp, "resumed", **{"mesh.shape": [2, 2, 2]}))
     _run_jobs(tmp, jobs, devices=8)
     return tmp
@@ -149,7 +149,7 @@ def test_parameter_shardings_follow_the_rules(runs):
 
 @pytest.mark.slow
 def test_restore_on_another_mesh_continues_the_run(runs):
-    # saved on (8,1,1) at step 4, resumed on (2,2,2): the same run as the single-device one
+    # saved on (8,1,1) at step 2, resumed on (2,2,2): the same run as the single-device one
     _assert_same_run(runs / "single", runs / "resumed")
     _assert_same_params(runs / "single.npz", runs / "resumed.npz")
 
@@ -161,11 +161,11 @@ def test_restore_on_one_device(runs, tmp_path):
 
     work = tmp_path / "to_one"
     shutil.copytree(runs / "mesh_8x1x1", work)
-    # drop the final checkpoint so the run resumes from step 4 and redoes 5..8 on one device
+    # drop the final checkpoint so the run resumes from step 2 and redoes 3..4 on one device
     ckpt = Checkpointer(work / "checkpoints")
-    assert ckpt.all_steps() == [4, 8]
+    assert ckpt.all_steps() == [2, 4]
     ckpt.close()
-    shutil.rmtree(work / "checkpoints" / "8")
+    shutil.rmtree(work / "checkpoints" / "4")
     job = _job(tmp_path, "to_one", **{"mesh.shape": [1, 1, 1]})
     _run_jobs(tmp_path, [job], devices=1)
     _assert_same_params(runs / "single.npz", tmp_path / "to_one.npz")
