@@ -294,10 +294,14 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.labels)
 
+    _sides: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+
     def lengths(self, max_len: int) -> np.ndarray:
         """Each pair's row length before padding (``pack_pair`` with room enough), from the
-        lengths alone."""
-        n1, n2 = lengths_of(self.premises), lengths_of(self.hypotheses)
+        lengths alone: the offsets are read once, not at every epoch's evaluation."""
+        if self._sides is None:
+            self._sides = (lengths_of(self.premises), lengths_of(self.hypotheses))
+        n1, n2 = self._sides
         return np.minimum(n1, max_len - 2) + np.minimum(n2, max_len - 2) + 3
 
 
