@@ -46,7 +46,9 @@ def get_config(init: str = "mlm"):
     c.ae_steps = "en,fr"
     c.bt_steps = "en-fr-en,fr-en-fr"
     c.mt_steps = ""
-    c.lambda_ae = "0:1,3000:0.1,6000:0"  # XLM's schedule, shrunk to this run's length
+    # XLM's schedule shrunk to this run's length, in iterations of 4 steps (AE en, AE fr and the
+    # two BT directions): λ_ae falls to 0.1 at step 3,000 and to 0 at step 6,000 of 8,000
+    c.lambda_ae = "0:1,750:0.1,1500:0"
     c.word_shuffle = 3.0
     c.word_dropout = 0.1
     c.word_blank = 0.1

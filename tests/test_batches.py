@@ -104,8 +104,11 @@ def test_parse_steps():
     ]:
         with pytest.raises(ValueError, match=msg):
             batches.parse_steps("mlm", bad, langs)
-    with pytest.raises(ValueError, match="CLM on pairs"):
-        batches.parse_steps("clm", "en-fr", langs)
+    clm = batches.parse_steps("clm", "en,en-fr", langs)  # XLM's clm_steps take pairs too
+    assert [(s.key, s.objective, s.lang2) for s in clm] == [
+        ("clm_en", "clm", None),
+        ("clm_en-fr", "clm", "fr"),
+    ]
 
 
 def test_schedule_sampling_matches_alpha():
@@ -161,6 +164,46 @@ def test_lambda_schedules():
     for bad in ("1:1,0:2", "0:1,x:2", "5:1"):
         with pytest.raises(ValueError):
             batches.parse_lambda(bad)
+
+
+def _xlm_get_lambda_value(config: list[tuple[int, float]], n_iter: int) -> float:
+    """facebookresearch/XLM's ``get_lambda_value`` (src/trainer.py), the reference formula."""
+    ranges = [i for i in range(len(config) - 1) if config[i][0] <= n_iter < config[i + 1][0]]
+    if not ranges:
+        assert n_iter >= config[-1][0]
+        return config[-1][1]
+    x_a, y_a = config[ranges[0]]
+    x_b, y_b = config[ranges[0] + 1]
+    return y_a + (n_iter - x_a) * float(y_b - y_a) / float(x_b - x_a)
+
+
+@pytest.mark.parametrize("steps_per_iteration", [1, 4, 7])
+def test_lambda_schedules_count_xlm_iterations(steps_per_iteration):
+    """XLM's train loop: every step of an iteration uses the current λ; ``trainer.iter()`` then
+    increments n_total_iter and sets λ = get_lambda_value(config, n_total_iter)."""
+    spec = "0:1,10:0.1,30:0"
+    config = [(0, 1.0), (10, 0.1), (30, 0.0)]
+    lambdas = batches.Lambdas({"ae": spec, "bt": "0.5"}, steps_per_iteration)
+    lam, step = config[0][1], 0  # XLM starts at the first point's value
+    for n_total_iter in range(1, 41):
+        for _ in range(steps_per_iteration):
+            assert lambdas("ae", step) == pytest.approx(lam, abs=1e-12), step
+            assert lambdas("bt", step) == 0.5
+            step += 1
+        lam = _xlm_get_lambda_value(config, n_total_iter)  # trainer.iter()
+    assert lambdas("ae", 15 * steps_per_iteration) == pytest.approx(0.1 - 0.1 * 5 / 20)
+    with pytest.raises(ValueError, match="iteration_length"):
+        batches.Lambdas({"ae": spec}, 0)
+
+
+def test_lambda_unit_and_checkpoints_written_before_it():
+    per_point = batches.lambda_steps_per_point
+    assert per_point("iterations", None, 4) == 4
+    assert per_point("steps", None, 4) == 1
+    assert per_point("iterations", {"lambda_unit": "iterations"}, 4) == 4
+    assert per_point("iterations", {"lambda_ae": "0:1,10:0"}, 4) == 1  # resumes as it ran
+    with pytest.raises(ValueError, match="lambda_unit='iteration'"):
+        per_point("iteration", None, 4)
 
 
 def test_int32_permutation_is_numpy_s_order():

@@ -9,7 +9,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from xlm_jax.core.checkpoint import Checkpointer
+from xlm_jax.core.checkpoint import Checkpointer, parse_tracked
 
 DATA_STATE = {"mlm_en": {"epoch": 1, "cursor": 1234}, "tlm_en-fr": {"epoch": 0, "cursor": 7}}
 META = {"config": {"model": {"dim": 8}, "langs": ["en", "fr"]}, "tokenizer": "c3BtIG1vZGVs"}
@@ -113,6 +113,38 @@ def test_best_mode_max(tmp_path):
         ckpt.wait()
         assert ckpt.all_steps() == [2, 4]
         assert ckpt.best_step() == 2
+
+
+def test_each_tracked_metric_keeps_its_best(tmp_path):
+    """XLM's --validation_metrics: a best checkpoint per metric, each with its own direction."""
+    state = make_state()
+    acc = {1: 10.0, 2: 30.0, 3: 20.0, 4: 5.0, 5: 6.0, 6: 7.0}  # best (max): step 2
+    ppl = {1: 3.0, 2: 2.0, 3: 1.0, 4: 9.0, 5: 8.0, 6: 9.0}  # best (min): step 3
+    spec = "acc:max, ppl"
+    with Checkpointer(tmp_path, keep_last=1, best_metric=spec, best_mode="min") as ckpt:
+        for step in acc:
+            metrics = {"acc": acc[step], "ppl": ppl[step]}
+            ckpt.save(step, state, data_state={}, meta=META, metrics=metrics)
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 3, 6]
+        assert (ckpt.best_step(), ckpt.best_step("acc"), ckpt.best_step("ppl")) == (2, 2, 3)
+    with Checkpointer(tmp_path, keep_last=1, best_metric=spec, best_mode="min") as ckpt:
+        ckpt.save(7, state, data_state={}, meta=META, metrics={"ppl": 0.5})  # no acc: ranked by ppl
+        ckpt.save(8, state, data_state={}, meta=META)
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 7, 8]
+        assert (ckpt.best_step(), ckpt.best_step("ppl")) == (2, 7)
+        with pytest.raises(KeyError, match="not tracked"):
+            ckpt.best_step("bleu")
+
+
+def test_parse_tracked():
+    assert parse_tracked("a:max, b,c:min", "min") == [("a", "max"), ("b", "min"), ("c", "min")]
+    assert parse_tracked("", "max") == []
+    with pytest.raises(ValueError, match="twice"):
+        parse_tracked("a,a:max", "min")
+    with pytest.raises(ValueError, match="best_mode"):
+        parse_tracked("a", "up")
 
 
 def test_restore_onto_other_sharding(tmp_path):

@@ -3,7 +3,7 @@
 Offline: every reference model is a small random `transformers.XLMWithLMHeadModel` built here
 from an `XLMConfig` (no hub access); XLM's own `.pth` layout is written with `torch.save`.
 The parity figures (max |logit difference| per configuration and input kind) are printed
-(`pytest -s tests/test_convert.py -k parity`) and quoted in docs/interop.md.
+(`pytest -s tests/test_convert.py -k "matches or untied"`) and quoted in docs/interop.md.
 """
 
 import dataclasses
@@ -29,6 +29,7 @@ from tests.conftest import SHARED_DATA, needs_xnli, tiny_config, tiny_nmt  # noq
 from xlm_jax.core.checkpoint import Checkpointer  # noqa: E402
 from xlm_jax.model import pretrained  # noqa: E402
 from xlm_jax.model.classifier import XNLIClassifier  # noqa: E402
+from xlm_jax.model.decoder import XLMDecoder  # noqa: E402
 from xlm_jax.model.encoder import XLMEncoder  # noqa: E402
 from xlm_jax.model.seq2seq import EncoderDecoder, init_from_pretrained  # noqa: E402
 from xlm_jax.tasks import nmt, pretrain, xnli  # noqa: E402
@@ -92,7 +93,8 @@ def hf_model(seed: int, n_layers: int = 3, **overrides):
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = transformers.XLMWithLMHeadModel(transformers.XLMConfig(**kwargs)).eval()
-    assert model.pred_layer.proj.weight is model.transformer.embeddings.weight  # tied
+    tied = model.pred_layer.proj.weight is model.transformer.embeddings.weight
+    assert tied == kwargs.get("tie_word_embeddings", True)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not (kwargs.get("sinusoidal_embeddings") and "position_embeddings" in name):
@@ -247,7 +249,8 @@ def xlm_state(model, prefix: str = "module.") -> dict:
     out = {}
     for key, value in model.state_dict().items():
         out[prefix + key.removeprefix("transformer.")] = value.clone()
-    out[prefix + "pred_layer.proj.weight"] = out[prefix + "embeddings.weight"]  # tied
+    if model.config.tie_word_embeddings:  # else the model's own proj.weight (share_inout_emb=False)
+        out[prefix + "pred_layer.proj.weight"] = out[prefix + "embeddings.weight"]
     return out
 
 
@@ -326,11 +329,11 @@ def test_xlm_pth_imports_with_its_config_languages_and_dictionary(tmp_path):
     assert convert.import_xlm_pth(tmp_path / "pickled.pth", codes=codes, allow_pickle=True).langs
 
 
-def decoder_state(seed: int, n_layers: int) -> dict:
+def decoder_state(seed: int, n_layers: int, **overrides) -> dict:
     """A random XLM decoder state dict: an encoder's tensors + `encoder_attn` / `layer_norm15`."""
     state = {
         k.removeprefix("module."): v
-        for k, v in xlm_state(hf_model(seed, n_layers, n_langs=2)).items()
+        for k, v in xlm_state(hf_model(seed, n_layers, n_langs=2, **overrides)).items()
     }
     g = torch.Generator().manual_seed(seed)
     for i in range(n_layers):
@@ -342,8 +345,10 @@ def decoder_state(seed: int, n_layers: int) -> dict:
     return state
 
 
-def torch_decoder_logits(state, tgt, pos, langs, memory, src_valid, n_heads=4):
-    """XLM's decoder `fwd` (transformer.py, is_decoder) written out in torch: the reference."""
+def torch_decoder_logits(state, tgt, pos, langs, memory, src_valid, n_heads=4, gelu=True):
+    """XLM's decoder `fwd` (transformer.py, is_decoder) written out in torch: the reference.
+    `pred_layer.proj.weight` is the embedding table when tied (see `xlm_state`)."""
+    act = torch.nn.functional.gelu if gelu else torch.nn.functional.relu
     t = {k: v.float() for k, v in state.items()}
     tgt, pos, langs = (torch.tensor(np.asarray(a, np.int64)) for a in (tgt, pos, langs))
     valid = tgt != PAD_ID
@@ -374,9 +379,9 @@ def torch_decoder_logits(state, tgt, pos, langs, memory, src_valid, n_heads=4):
     for i in range(n_layers):
         x = ln(x + mha(x, x, causal, f"attentions.{i}"), f"layer_norm1.{i}")
         x = ln(x + mha(x, memory, src_valid[:, None, :], f"encoder_attn.{i}"), f"layer_norm15.{i}")
-        h = lin(torch.nn.functional.gelu(lin(x, f"ffns.{i}.lin1")), f"ffns.{i}.lin2")
+        h = lin(act(lin(x, f"ffns.{i}.lin1")), f"ffns.{i}.lin2")
         x = ln(x + h, f"layer_norm2.{i}") * valid[..., None]
-    return (x @ t["embeddings.weight"].T + t["pred_layer.proj.bias"]).numpy()
+    return (x @ t["pred_layer.proj.weight"].T + t["pred_layer.proj.bias"]).numpy()
 
 
 def test_encoder_decoder_pth_imports_a_translation_model(tmp_path):
@@ -429,6 +434,91 @@ def test_encoder_decoder_pth_imports_a_translation_model(tmp_path):
     translator = Translator(tmp_path / "mt", batch_size=2, max_len="1,4")
     out = translator(["The thing.", "in the"], "en", "fr")
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+RELU_UNTIED = dict(n_langs=2, gelu_activation=False, tie_word_embeddings=False)
+
+
+def test_relu_untied_hf_model_matches_pytorch_and_exports_back(tmp_path):
+    """XLM's --gelu_activation false --share_inout_emb false (HF: tie_word_embeddings=False)."""
+    model = hf_model(seed=17, n_layers=2, **RELU_UNTIED)
+    imported = convert.import_hf(save_hf(model, tmp_path / "hf", _tokenizer()))
+    cfg = imported.encoder
+    assert not cfg.gelu_activation and not cfg.share_inout_emb
+    weight = model.pred_layer.proj.weight.detach().numpy()
+    np.testing.assert_array_equal(imported.params["pred_weight"], weight)
+    tokens, positions, langs = inputs(2)["padded"]
+    ref = torch_logits(model, tokens, positions, langs)
+    ours = XLMEncoder(cfg).apply({"params": imported.params}, tokens, positions, langs)
+    diff = float(np.abs(np.asarray(ours) - ref).max())
+    print(f"\nparity[relu+untied, 2 layers, 2langs] padded={diff:.2e}")
+    assert diff < TOL
+
+    # export: HF reads both flags back and gives the same logits; re-import is exact
+    convert.write_workdir(imported, tmp_path / "wd", params_only=True)
+    out = convert.export_hf(tmp_path / "wd", tmp_path / "out")
+    exported = transformers.XLMWithLMHeadModel.from_pretrained(out).eval()
+    assert not exported.config.gelu_activation and not exported.config.tie_word_embeddings
+    np.testing.assert_array_equal(torch_logits(exported, tokens, positions, langs), ref)
+    again = convert.import_hf(out)
+    assert again.encoder == cfg
+    a, b = flat(again.params), flat(imported.params)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_relu_untied_xlm_pth_imports_its_flags_and_output_weight(tmp_path):
+    model = hf_model(seed=18, n_layers=1, **RELU_UNTIED)
+    (tmp_path / "codes").write_text(CODES_TEXT)
+    flags = dict(n_layers=1, gelu_activation=False, share_inout_emb=False)
+    ck = {"model": xlm_state(model), "params": xlm_params(2, **flags), **xlm_dico(WORDS)}
+    torch.save(ck, tmp_path / "relu.pth")
+    imported = convert.import_xlm_pth(tmp_path / "relu.pth", codes=tmp_path / "codes")
+    assert not imported.encoder.gelu_activation and not imported.encoder.share_inout_emb
+    weight = model.pred_layer.proj.weight.detach().numpy()
+    np.testing.assert_array_equal(imported.params["pred_weight"], weight)
+    assert not np.array_equal(weight, imported.params["embeddings"]["embedding"])
+    # flags saying "tied" over an untied proj.weight: refused, never silently dropped
+    ck["params"]["share_inout_emb"] = True
+    torch.save(ck, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="not tied"):
+        convert.import_xlm_pth(tmp_path / "wrong.pth", codes=tmp_path / "codes")
+
+
+def test_relu_untied_decoder_matches_xlms_decoder():
+    state = decoder_state(seed=19, n_layers=1, gelu_activation=False, tie_word_embeddings=False)
+    assert not torch.equal(state["pred_layer.proj.weight"], state["embeddings.weight"])
+    numpy_state = convert.to_numpy(state)
+    cfg = convert._model_config(
+        numpy_state,
+        n_langs=2,
+        emb_dim=32,
+        n_heads=4,
+        n_layers=1,
+        dropout=0.1,
+        attention_dropout=0.1,
+        sinusoidal=False,
+        use_lang_emb=True,
+        layer_norm_eps=1e-12,
+        gelu=False,
+        share_inout_emb=False,
+        where="decoder",
+    )
+    params = convert.params_from_xlm(numpy_state, cfg, where="decoder")
+    back = convert.xlm_from_params(params, cfg)
+    assert set(back) == set(numpy_state) - {"position_ids"}  # the untied weight exported too
+    tgt, pos, _ = inputs(2, seed=3)["padded"]
+    langs = np.ones_like(tgt)
+    memory = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(0))
+    src_valid = torch.arange(9)[None, :] < torch.tensor([[9], [6], [2]])
+    ours = XLMDecoder(cfg).apply(
+        {"params": params}, tgt, pos, langs, memory.numpy(), src_valid.numpy()
+    )
+    ref = torch_decoder_logits(state, tgt, pos, langs, memory, src_valid, gelu=False)
+    diff = float(np.abs(np.asarray(ours) - ref).max())
+    print(f"\nparity[relu+untied decoder, 1 layer] padded={diff:.2e}")
+    assert diff < TOL
 
 
 # --- tokenization --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ every command of this project is validated without running anything heavy:
 * ``python -m xlm_jax.main`` / ``bench`` (and the arguments after ``--`` of ``launch/*.sh``):
   every flag is defined, the config file loads with its argument, every ``--config.KEY=VALUE``
   names an existing setting and parses as its type, and the config belongs to the ``--mode``;
-* ``python -m xlm_jax.translate``: its flags exist;
+* ``python -m xlm_jax.translate`` / ``embed``: their flags exist;
 * the argparse commands (``convert``, ``plots``, ``fetch``): their parser accepts the arguments;
 * ``make TARGET``: the Makefile has the target; ``launch/*.sh``: the script exists;
 * input files in the repository or in ../shared/data (``--input=``, ``< FILE``, config files,
@@ -44,7 +44,7 @@ DOCS = [
 ]
 HOWTOS = ["pretrain.md", "xnli.md", "nmt.md", "interop.md", "launch.md", "notebooks.md"]
 MODE_FAMILY = {name: mode.family for name, mode in registry.MODES.items()}
-ABSL_MODULES = {"main", "bench", "translate", "tools.bench_checkpoint", "tools.bench_data"}
+ABSL_MODULES = {"main", "bench", "translate", "embed", "tools.bench_checkpoint", "tools.bench_data"}
 # launch/ scripts whose arguments after `--` go to another module than xlm_jax.main
 LAUNCHED = {"launch/prepare_array.sbatch": "prepare"}
 ARGPARSE_MODULES = {

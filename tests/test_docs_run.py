@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import SHARED_DATA
@@ -325,11 +326,13 @@ def write_corpus(folder: Path) -> None:
 # Absolute paths of a reader's machine (and ~), as they appear inside a token.
 READER_PATH = re.compile(r"(?<![\w.~/-])(?:~|/tmp|/ckpt|/data|/mnt|/shared)(?:/[\w.\-]+)*")
 DATA_ROOTS = ("/data/shared", "/mnt/shared/data", "/shared/data")  # "the shared data" of a cluster
-MODULES = ("main", "bench", "translate", "convert", "plots", "metrics")  # python -m xlm_jax.X
+# python -m xlm_jax.X
+MODULES = ("main", "bench", "translate", "embed", "convert", "plots", "metrics")
 OUTPUT_FLAGS = {
     "main": ("--workdir",),
     "bench": ("--out", "--markdown"),
     "translate": ("--output",),
+    "embed": ("--out", "--tokens"),
     "plots": ("--out",),
     "convert": ("--to",),
 }
@@ -403,8 +406,8 @@ class Plan:
             path = str(self.tmp / READER_DIR / bare)
             return f"{name}={path}" if eq else path
         token = READER_PATH.sub(lambda m: self.resolve(m.group()), token)
-        if kind == "translate" and eq and name in ("--input", "--reference"):
-            return f"{name}={self.head(value)}"
+        if kind in ("translate", "embed") and eq and name in ("--input", "--reference"):
+            return f"{name}={self.head(token.partition('=')[2])}"  # the path moved here
         return token
 
     def head(self, path: str) -> str:
@@ -611,6 +614,12 @@ def check_translate(step: Step) -> str | None:
     return None if n_out == n_in else f"{n_out} lines out for {n_in} in"
 
 
+def check_embed(step: Step) -> str | None:
+    n_in = len(Path(_arg(step, "--input") or "").read_text(encoding="utf-8").splitlines())
+    shape = np.load(_arg(step, "--out") or "", mmap_mode="r").shape
+    return None if shape[0] == n_in else f"{shape[0]} vectors for {n_in} lines"
+
+
 def check_png(step: Step) -> str | None:
     out = Path(_arg(step, "--out") or "")
     return None if out.is_file() and out.read_bytes()[:4] == b"\x89PNG" else f"no PNG {out}"
@@ -638,6 +647,7 @@ def check_prints(step: Step) -> str | None:
 
 CHECKS: dict[str, Callable[[Step], str | None]] = {
     "translate": check_translate,
+    "embed": check_embed,
     "plots": check_png,
     "convert": check_convert,
     "metrics": check_table,

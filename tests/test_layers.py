@@ -124,7 +124,8 @@ def test_the_loop_and_task_setups_are_short():
 
 
 def test_top_level_is_small():
-    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    # __init__.py marks the package; it is no entry point
+    top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
     assert len(top) <= TOP_LEVEL_LIMIT, top
     for path in PACKAGE.glob("*.py"):
         lines = path.read_text(encoding="utf-8").count("\n")

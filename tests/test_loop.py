@@ -2,6 +2,7 @@
 resumes exactly; translation and XNLI log tokens/s, TFLOP/s and MFU and fall back past an
 unreadable checkpoint, as pretraining does (tests/test_train.py, tests/test_reliability.py)."""
 
+import json
 import os
 
 import jax
@@ -54,6 +55,62 @@ def test_a_new_task_plugs_in_and_resumes_exactly(tmp_path):
     assert again["valid/loss"] == last["valid/loss"]
     best = Checkpointer(work / "checkpoints", best_metric="valid/loss", best_mode="min")
     assert best.best_step() in (4, 8, 12)
+
+
+def test_eval_only_reproduces_the_logged_evaluations(tmp_path):
+    """XLM's --eval_only: a checkpoint's evaluation equals the one logged when it was saved,
+    for the latest, the best and a given step; nothing in the workdir's checkpoints changes."""
+    config = toy_task.default_config()
+    config.best_metric = "valid/loss, train_loss_unused:max"  # a second one, never measured...
+    with pytest.raises(ValueError, match="train_loss_unused"):  # ...is refused before training
+        loop.run(toy_task.TASK, config, tmp_path / "refused")
+    config.best_metric, config.keep_checkpoints = "valid/loss", 4
+    loop.run(toy_task.TASK, config, tmp_path)
+    logged = {
+        r["step"]: r["valid/loss"]
+        for r in read_jsonl(tmp_path / "metrics.jsonl")
+        if "valid/loss" in r
+    }
+    ckpt = Checkpointer(tmp_path / "checkpoints", best_metric="valid/loss")
+    steps, best = ckpt.all_steps(), ckpt.best_step()
+    config.eval_only = True
+    assert 8 in steps  # an evaluated step before the latest
+    for which, step in [("latest", steps[-1]), ("best", best), ("8", 8)]:
+        config.eval_checkpoint = which
+        result = loop.run(toy_task.TASK, config, tmp_path)
+        assert result == {"step": step, "valid/loss": logged[step]}, which
+        saved = json.loads((tmp_path / "eval_only" / f"step_{step}.json").read_text())
+        assert saved == result
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == steps
+    config.eval_checkpoint = "5"
+    with pytest.raises(ValueError, match="eval_checkpoint='5': no such checkpoint"):
+        loop.run(toy_task.TASK, config, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint"):
+        loop.run(toy_task.TASK, config, tmp_path / "empty")
+
+
+def _xlm_epoch_steps(epoch_size: int, batch_size: int, steps_per_iteration: int) -> int:
+    """XLM's train.py: ``while n_sentences < epoch_size`` runs whole iterations, each step
+    adding ``batch_size`` to n_sentences."""
+    n_sentences = steps = 0
+    while n_sentences < epoch_size:
+        for _ in range(steps_per_iteration):
+            n_sentences += batch_size
+            steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_xlm_epochs_as_cadence(k):
+    config = toy_task.default_config()
+    for epoch_size in (1, 31, 32, 1000, 200_000):
+        expected = _xlm_epoch_steps(epoch_size, 32, k)
+        assert loop.xlm_epoch(epoch_size, 32, k) == expected
+        config.batch_size, config.epoch_size, config.max_epoch = 32, epoch_size, 3
+        cadence = loop.Cadence.of(config, k)
+        assert (cadence.eval_every, cadence.max_steps) == (expected, 3 * expected)
+    config.epoch_size = -1  # off: steps as configured
+    assert loop.Cadence.of(config, k).eval_every == config.eval_every
 
 
 def damage_newest(checkpoints) -> int:

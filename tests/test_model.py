@@ -436,3 +436,102 @@ def test_runtime_options_are_validated():
         dataclasses.replace(TINY, attention_impl="cudnn", attention_dropout=0.1)
     with pytest.raises(ValueError, match="remat='some'"):
         dataclasses.replace(TINY, remat="some")
+
+
+# --- XLM's --gelu_activation false and --share_inout_emb false ---------------------------------
+
+RELU_UNTIED = ModelConfig(**{**TINY.to_dict(), "gelu_activation": False, "share_inout_emb": False})
+
+
+def test_relu_ffn_is_max_zero_between_the_two_linears():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    relu = layers.FeedForward(64, gelu_activation=False)
+    variables = relu.init(jax.random.key(1), x)
+    p = nn.meta.unbox(variables)["params"]
+    h = np.asarray(x, np.float64) @ np.asarray(p["lin1"]["kernel"], np.float64) + p["lin1"]["bias"]
+    expected = np.maximum(h, 0.0) @ np.asarray(p["lin2"]["kernel"], np.float64) + p["lin2"]["bias"]
+    np.testing.assert_allclose(relu.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+    gelu = layers.FeedForward(64).apply(variables, x)  # same parameters, the default activation
+    assert not np.allclose(gelu, expected, atol=1e-3)
+
+
+def test_untied_output_layer_has_its_own_weight(setup):
+    batch, tied = setup
+    shapes = param_shapes(RELU_UNTIED, batch)
+    assert set(shapes) == set(tied["params"]) | {"pred_weight"}
+    spec = nn.get_partition_spec(shapes)["pred_weight"]
+    assert spec == PartitionSpec("vocab", "embed")  # sharded as the embedding table
+    assert shapes["pred_weight"].value.shape == (TINY.vocab_size, TINY.emb_dim)
+    # V * d more parameters (XLM's proj.weight), the same matmul FLOPs
+    assert count_params(shapes) - count_params(tied["params"]) == TINY.vocab_size * TINY.emb_dim
+    assert xlm_flops_per_token(RELU_UNTIED, 8, 0.15) == xlm_flops_per_token(TINY, 8, 0.15)
+
+    model = XLMEncoder(RELU_UNTIED)
+    hidden = jax.random.normal(jax.random.key(4), (3, 8, TINY.emb_dim))
+    # Only the output layer's parameters: the untied head never reads the embeddings.
+    head = nn.meta.unbox(model.init(jax.random.key(0), hidden, method=model.logits))["params"]
+    assert set(head) == {"pred_bias", "pred_weight"}
+    weight = np.asarray(head["pred_weight"])
+    bound = TINY.emb_dim**-0.5  # torch's Linear(emb_dim, vocab) init, as XLM's PredLayer
+    assert 0.5 * bound < np.abs(weight).max() <= bound
+    bias = np.asarray(jax.random.normal(jax.random.key(3), (TINY.vocab_size,)))
+    table = np.asarray(tied["params"]["embeddings"]["embedding"].value)
+    logits = jax.jit(lambda p: model.apply({"params": p}, hidden, method=model.logits))
+
+    embeddings = {"embedding": table}
+    out = np.asarray(logits({"pred_bias": bias, "pred_weight": weight, "embeddings": embeddings}))
+    expected = np.asarray(hidden, np.float64) @ weight.T.astype(np.float64) + bias
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    changed = logits(
+        {"pred_bias": bias, "pred_weight": weight, "embeddings": {"embedding": table + 1}}
+    )
+    np.testing.assert_array_equal(changed, out)  # not the embeddings ...
+    moved = logits({"pred_bias": bias, "pred_weight": weight + 1.0, "embeddings": embeddings})
+    assert not np.allclose(moved, out)  # ... its own weight
+
+
+def test_encoder_and_decoder_blocks_honour_both_settings(setup):
+    """Traced, not compiled: every block's FFN uses ReLU (no erf left), and the decoder gets its
+    own output weight too."""
+    from xlm_jax.model.decoder import XLMDecoder
+
+    batch, _ = setup
+    args = (batch["tokens"], batch["positions"], batch["langs"])
+    memory = jnp.zeros((3, 8, TINY.emb_dim))
+    for cls, extra in ((XLMEncoder, ()), (XLMDecoder, (memory, batch["tokens"] != PAD))):
+        for config in (TINY, RELU_UNTIED):
+            model = cls(config)
+            shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *args, *extra))
+            assert ("pred_weight" in shapes["params"]) == (not config.share_inout_emb)
+            jaxpr = str(jax.make_jaxpr(model.apply)(shapes, *args, *extra))
+            # exact GELU is the only erfc of the model: one per block, or none at all
+            gelus = TINY.n_layers if config.gelu_activation else 0
+            assert jaxpr.count("erfc") == gelus, cls.__name__
+            assert ("name=relu" in jaxpr) == (not config.gelu_activation), cls.__name__
+
+
+def test_activation_and_tying_settings_reach_the_model_and_the_resume_check():
+    from xlm_jax.tasks import pretrain, pretrain_config
+
+    config = pretrain_config.default_config()
+    assert pretrain.model_config(config, 40) == ModelConfig(vocab_size=40, n_langs=2)  # defaults
+    config.model.gelu_activation, config.model.share_inout_emb = False, False
+    relu = pretrain.model_config(config, 40)
+    assert not relu.gelu_activation and not relu.share_inout_emb
+    with pytest.raises(ValueError, match="gelu_activation must be a bool"):
+        ModelConfig(vocab_size=10, n_langs=1, gelu_activation="false")
+
+    def fingerprint(model: ModelConfig, drop: tuple[str, ...] = ()) -> dict:
+        d = {k: v for k, v in model.to_dict().items() if k not in drop}
+        return {"model": d | {"langs": ["en", "fr"]}, "tokenizer_sha256": "x"}
+
+    gelu = pretrain.model_config(pretrain_config.default_config(), 40)
+    # A checkpoint written before the two settings existed resumes as GELU + tied ...
+    old = fingerprint(gelu, drop=("gelu_activation", "share_inout_emb"))
+    assert ModelConfig.from_dict({k: v for k, v in old["model"].items() if k != "langs"}) == gelu
+    pretrain.check_compatible(old, fingerprint(gelu), "old")
+    with pytest.raises(ValueError, match="model.gelu_activation: checkpoint True vs config False"):
+        pretrain.check_compatible(old, fingerprint(relu), "old")
+    # ... and a change of activation or tying is refused like any other model change.
+    with pytest.raises(ValueError, match="model.share_inout_emb: checkpoint False vs config True"):
+        pretrain.check_compatible(fingerprint(relu), fingerprint(gelu), "relu")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -152,6 +153,18 @@ def test_a_tiny_model_learns_to_copy(copy_model):
     assert len(hyps) == 64
     refs = (M30K / "val.en").read_text().splitlines()[:64]
     assert sum(h == r for h, r in zip(hyps, refs, strict=True)) >= 10  # exact copies
+
+
+@pytest.mark.slow
+def test_eval_only_reproduces_the_logged_bleu(copy_model):
+    """XLM's --eval_only on the run's checkpoint: the perplexities and BLEU logged at step 400."""
+    workdir, result = copy_model
+    config = Checkpointer(workdir / "checkpoints", read_only=True).restore_meta()["config"]
+    config = ml_collections.ConfigDict({**config, "eval_only": True})
+    evaluated = nmt.train_and_evaluate(config, workdir)
+    assert evaluated.pop("step") == 400
+    assert evaluated == {k: v for k, v in result.items() if k.startswith("valid/")}
+    assert evaluated["valid/en-fr/bleu"] > 60.0
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xlm_jax.data import batches
 from xlm_jax.model import objectives
-from xlm_jax.text.tokenizer import MASK_ID, N_SPECIAL, PAD_ID
+from xlm_jax.text.tokenizer import EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 VOCAB = 1000
 
@@ -97,6 +98,71 @@ def test_causal_targets():
         out["targets"], [[10, 11, 1, 12, PAD_ID], [13, PAD_ID, PAD_ID, PAD_ID, PAD_ID]]
     )
     np.testing.assert_array_equal(out["weights"], [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+
+
+def _xlm_concat_batches(x1, len1, lang1, x2, len2, lang2, pad):
+    """XLM's ``concat_batches`` (src/utils.py) with reset_positions=True, time-major as XLM."""
+    lengths = len1 + len2
+    slen, bs = int(lengths.max()), len(lengths)
+    x = np.full((slen, bs), pad)
+    x[: len1.max()] = x1
+    positions = np.arange(slen)[:, None].repeat(bs, 1)
+    langs = np.full((slen, bs), lang1)
+    for i in range(bs):
+        l1 = len1[i]
+        x[l1 : l1 + len2[i], i] = x2[: len2[i], i]
+        positions[l1:, i] -= len1[i]
+        langs[l1:, i] = lang2
+    return x, lengths, positions, langs
+
+
+def _time_major(sentences, eos, pad):
+    lengths = np.array([len(s) + 2 for s in sentences])
+    x = np.full((lengths.max(), len(sentences)), pad)
+    for i, s in enumerate(sentences):
+        x[: lengths[i], i] = [eos, *s, eos]
+    return x, lengths
+
+
+@pytest.mark.parametrize("context_size", [0, 3])
+def test_clm_on_pairs_is_xlm_s_clm_step(context_size):
+    """A clm_steps pair: XLM's generate_batch(l1, l2, 'causal') rows, and clm_step's pred_mask
+    (context positions unpredicted) and targets y, in XLM's order."""
+    src = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    tgt = [[20, 21], [22, 23, 24, 25], [26]]
+    (batch,) = batches.eval_pair_batches(
+        [np.array(s) for s in src],
+        [np.array(t) for t in tgt],
+        src_lang=0,
+        tgt_lang=1,
+        batch_size=3,
+        length=16,
+    )
+    ours = objectives.causal_targets({k: jnp.asarray(v) for k, v in batch.items()}, context_size)
+
+    x1, len1 = _time_major(src, EOS_ID, PAD_ID)
+    x2, len2 = _time_major(tgt, EOS_ID, PAD_ID)
+    x, lengths, positions, langs = _xlm_concat_batches(x1, len1, 0, x2, len2, 1, PAD_ID)
+    pred_mask = np.arange(len(x))[:, None] < lengths[None] - 1  # XLM's clm_step
+    pred_mask[:context_size] = False
+    y = x[1:][pred_mask[:-1]]
+
+    slen, real = len(x), x != PAD_ID
+    np.testing.assert_array_equal(batch["tokens"].T[:slen], x)
+    np.testing.assert_array_equal(batch["positions"].T[:slen][real], positions[real])
+    np.testing.assert_array_equal(batch["langs"].T[:slen][real], langs[real])
+    weights, targets = np.asarray(ours["weights"]).T, np.asarray(ours["targets"]).T
+    np.testing.assert_array_equal(weights[: slen - 1], pred_mask[:-1])
+    assert not weights[slen - 1 :].any()
+    np.testing.assert_array_equal(targets[: slen - 1][pred_mask[:-1]], y)
+
+
+def test_causal_targets_stay_within_a_packed_pair():
+    tokens = jnp.array([[1, 10, 1, 1, 11, 1, PAD_ID]], jnp.int32)
+    out = objectives.causal_targets(
+        {"tokens": tokens, "segments": jnp.array([[1, 1, 1, 2, 2, 2, 0]])}
+    )
+    np.testing.assert_array_equal(out["weights"], [[1, 1, 0, 1, 1, 0, 0]])
 
 
 def test_token_loss_sums():

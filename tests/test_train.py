@@ -45,6 +45,12 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     # and the losses actually moved, so the equality above is not trivial
     assert full_losses[12] != full_losses[1]
 
+    # XLM's --eval_only on the last checkpoint: the perplexities logged at step 12, exactly
+    logged = [r for r in read_jsonl(full / "metrics.jsonl") if "valid/mlm_ppl" in r][-1]
+    result = pretrain.train_and_evaluate(tiny_config(max_steps=12, eval_only=True), full)
+    assert logged["step"] == result.pop("step") == 12
+    assert result == {k: v for k, v in logged.items() if k.startswith("valid/")}
+
 
 def test_accumulated_micro_batches_give_the_large_batch_update(tmp_path):
     """accum_steps=k scans k micro-batches: the same losses and parameters as one big batch."""
@@ -83,12 +89,27 @@ def test_accumulated_micro_batches_give_the_large_batch_update(tmp_path):
 
 def test_alternation_compiles_each_step_once(tmp_path, caplog):
     caplog.set_level("INFO")
-    config = tiny_config(max_steps=20, clm_steps="en,fr", eval_every=10, log_every=5)
+    config = tiny_config(max_steps=20, clm_steps="en,fr,en-fr", eval_every=10, log_every=5)
+    config.context_size = 2
     config.peak_flops_per_device = 1e9
+    config.data.test = "en: val.en; en-fr: val.en|val.fr"  # evaluated too, by the same programs
     pretrain.train_and_evaluate(config, tmp_path)
     lines = [r.getMessage() for r in caplog.records if "compiled programs" in r.getMessage()]
-    # train: clm (4x32), masked MLM (4x32), masked TLM (4x48); eval: clm, masked (8x32, 8x48)
-    assert lines == ["compiled programs: 6"]
+    # train: clm (4x32, and 4x48 for the pair), masked MLM (4x32), masked TLM (4x48); eval:
+    # clm, masked (8x32, 8x48)
+    assert lines == ["compiled programs: 8"]
+    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "valid/mlm_ppl" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    for r in evals:  # the test split's files are valid's: the same batches, masks and numbers
+        tested = {k.removeprefix("test/"): v for k, v in r.items() if k.startswith("test/")}
+        keys = {k.split("/")[0] for k in tested if "/" in k}
+        assert keys == {"clm_en", "clm_en-fr", "mlm_en", "tlm_en-fr"}
+        assert tested == {
+            **{k: r[f"valid/{k}"] for k in tested if "/" in k},
+            "clm_ppl": float(np.mean([r["valid/clm_en/ppl"], r["valid/clm_en-fr/ppl"]])),
+            "mlm_ppl": r["valid/mlm_en/ppl"],
+            "tlm_ppl": r["valid/tlm_en-fr/ppl"],
+        }
     # throughput and MFU from the second logging window on (the first one compiles)
     logged = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/lr" in r]
     assert [r["step"] for r in logged] == [5, 10, 15, 20]

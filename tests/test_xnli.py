@@ -13,11 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import CPU_ENV, SHARED_DATA, XNLI_DIR, needs_xnli, override
 from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind_down
+from xlm_jax.core import parallel, train_state
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.core.metrics import read_jsonl
 from xlm_jax.core.preemption import EXIT_PREEMPTED, Preempted
@@ -99,6 +101,173 @@ def test_classifier_dropout_only_in_training():
         rngs={"dropout": jax.random.key(2)},
     )
     assert not np.allclose(a, c)
+
+
+# --- finetune_layers and weighted_training (XLM's glue-xnli.py flags) ----------------------------
+
+
+def _options_config(**overrides):
+    c = xnli.default_config()
+    c.data.train, c.data.valid = "en: t.tsv", "en: v.tsv"  # never read: check() only
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("0:_1", (0, 2)), ("1:_1", (1, 2)), ("_1:_1", (2, 2)), ("0:-1", (0, 2)), ("_3:0", (0, 0))],
+)
+def test_finetune_layers_reads_xlm_indices(spec, expected):
+    assert xnli.layer_range(spec, n_layers=2) == expected
+
+
+@pytest.mark.parametrize("spec", ["3:1", "0:5", "_6:_1", "1", "a:_1", "1:2:3", ""])
+def test_a_bad_finetune_layers_is_refused_by_the_check(spec):
+    with pytest.raises(ValueError, match=r"^finetune_layers="):
+        xnli.TASK.check(_options_config(finetune_layers=spec))  # model.n_layers = 4
+    xnli.TASK.check(_options_config(finetune_layers="_4:4"))
+
+
+def _labels_by_group(labels) -> dict[str, str]:
+    """{'encoder/layer_0': label, ...}: the one label of each parameter group."""
+    out: dict[str, set[str]] = {}
+    for path, label in jax.tree_util.tree_leaves_with_path(labels):
+        out.setdefault("/".join(k.key for k in path[:2]), set()).add(label)
+    return {k: v.pop() if len(v) == 1 else "mixed" for k, v in out.items()}
+
+
+def test_finetune_layers_labels_map_xlm_indices_to_parameters():
+    model = XNLIClassifier(_tiny_model(), n_classes=3)
+    inputs = _inputs(np.random.default_rng(0))
+    boxed = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, *inputs))["params"]
+    params = nn.meta.unbox(boxed)
+    embeddings = ["position_embeddings", "lang_embeddings", "layer_norm_emb", "embeddings"]
+    expected = {f"encoder/{k}": "frozen" for k in [*embeddings, "pred_bias"]}
+    expected |= {"encoder/layer_0": "encoder", "encoder/layer_1": "encoder"}
+    expected |= {"head/bias": "head", "head/kernel": "head"}
+    assert _labels_by_group(xnli.param_labels(params, "1:_1")) == expected
+    assert _labels_by_group(xnli.param_labels(boxed, "1:_1")) == expected  # one label per box
+    only_first = xnli.param_labels(params, "0:1")  # the embeddings and the first block
+    assert _labels_by_group(only_first) == expected | {
+        **{f"encoder/{k}": "encoder" for k in embeddings},
+        "encoder/layer_1": "frozen",
+    }
+    # everything: the label prefix of runs before the setting (their optimizer state resumes)
+    assert xnli.param_labels(params, "0:_1") == {"encoder": "encoder", "head": "head"}
+
+
+TRAIN_LABELS = np.array([0] * 6 + [1] * 3 + [2])  # XLM's weights: 1/6, 1/3, 1 -> 0.1, 0.2, 0.7
+
+
+def _xlm_weighted_loss(logits, labels, weights, train_labels):
+    """glue.py: w = 1 / count per class, normalised to sum 1; F.cross_entropy(weight=w) is
+    sum_i w[y_i] * nll_i / sum_i w[y_i] over the batch (its real rows here)."""
+    w = 1.0 / np.bincount(train_labels, minlength=3)
+    w = w / w.sum()
+    nll = -jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]
+    wy = jnp.asarray(w, jnp.float32)[labels] * weights
+    return jnp.sum(wy * nll) / jnp.sum(wy)
+
+
+def _one_device():
+    rules = parallel.rules_from_config(parallel.DEFAULT_RULES)
+    return parallel.make_mesh((1, 1, 1), jax.devices()[:1]), rules
+
+
+def test_a_step_leaves_frozen_parameters_bit_identical_and_without_adam_state():
+    config = _options_config(finetune_layers="2:_1")  # the last of 2 blocks + the head
+    config.optimizer_e.lr, config.optimizer_e.weight_decay = 1e-2, 0.1  # decay: not on frozen
+    model = XNLIClassifier(_tiny_model(), n_classes=3)
+    mesh, rules = _one_device()
+    tx = xnli.make_optimizer(config)
+    state, shardings = train_state.init_state(model, tx, jax.random.key(0), mesh, rules, 1)
+    before = jax.device_get(state.params)
+    labels = xnli.param_labels(before, config.finetune_layers)
+    weights = xnli.weights_by_class(TRAIN_LABELS, 3)
+    step_fn, _ = xnli.make_steps(config, model, tx, mesh, rules, shardings, weights)
+    tokens, positions, langs = _inputs(np.random.default_rng(0), batch=4)
+    tokens[3] = PAD_ID  # a filler row: all padding, weight 0
+    batch = {"tokens": tokens, "positions": positions, "langs": langs}
+    batch["labels"] = np.array([[0], [1], [2], [0]], np.int32)
+    batch["weights"] = np.array([[1], [1], [1], [0]], np.float32)
+    with parallel.mesh_context(mesh, rules):
+        state, sums = step_fn(state, batch, np.int32(0), np.float32(1.0))
+    assert float(sums["nonfinite"]) == 0.0
+    assert float(sums["n_pred"]) == 1.0 + 2.0 + 6.0  # the class weights reach the loss
+    after = jax.device_get(state.params)
+    for (path, label), a, b in zip(
+        jax.tree_util.tree_leaves_with_path(labels),
+        jax.tree.leaves(before),
+        jax.tree.leaves(after),
+        strict=True,
+    ):
+        if label == "frozen":
+            assert a.tobytes() == b.tobytes(), path
+        elif a.ndim > 1:
+            assert not np.array_equal(a, b), path
+    # Adam's two moments for the trained parameters only (the counts are scalars)
+    pairs = zip(jax.tree.leaves(before), jax.tree.leaves(labels), strict=True)
+    trained = sum(a.size for a, label in pairs if label != "frozen")
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+    assert moments == 2 * trained
+    assert set(state.opt_state.inner_states) == {"encoder", "head", "frozen"}
+    default = xnli.make_optimizer(_options_config()).init(before)
+    assert set(default.inner_states) == {"encoder", "head"}  # as before the setting
+
+
+def test_weighted_loss_is_xlm_weighted_cross_entropy():
+    mesh, rules = _one_device()
+    axes = parallel.mesh_axes_of("batch", rules)
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+    labels, weights = np.array([0, 1, 2, 2, 1]), np.array([1.0, 1, 1, 1, 0])  # a filler row
+    batch = {"labels": labels[:, None].astype(np.int32), "weights": weights[:, None]}
+    cw = xnli.weights_by_class(TRAIN_LABELS, 3)
+    np.testing.assert_allclose(cw, [1.0, 2.0, 6.0])  # the most frequent class weighs 1
+    sums = xnli.pair_loss_sums(logits, batch, cw, mesh=mesh, batch_axes=axes)
+    reference = _xlm_weighted_loss(logits, labels, weights, TRAIN_LABELS)
+    np.testing.assert_allclose(sums["loss_sum"] / sums["n_pred"], reference, rtol=1e-6)
+    # the filler row counts nothing, whatever its logits
+    other = xnli.pair_loss_sums(logits.at[4].set(50.0), batch, cw, mesh=mesh, batch_axes=axes)
+    assert float(other["loss_sum"]) == float(sums["loss_sum"])
+    plain = xnli.pair_loss_sums(logits, batch, None, mesh=mesh, batch_axes=axes)  # unweighted
+    np.testing.assert_allclose(
+        plain["loss_sum"] / plain["n_pred"], _xlm_weighted_loss(logits, labels, weights, [0, 1, 2])
+    )
+
+    # An update on two frequent-class pairs, whose XLM weights sum to 0.3: exactly -grad of
+    # XLM's weighted mean, not of a sum cut short by apply_gradients' max(n_pred, 1).
+    labels, weights = np.array([0, 1, 1]), np.array([1.0, 1, 0])
+    batch = {"labels": labels[:, None].astype(np.int32), "weights": weights[:, None]}
+    tx = optax.sgd(1.0)
+
+    def update(params):
+        def loss(p):
+            sums = xnli.pair_loss_sums(p["logits"], batch, cw, mesh=mesh, batch_axes=axes)
+            return sums["loss_sum"], sums
+
+        grads, sums = jax.grad(loss, has_aux=True)(params)
+        state = train_state.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        return train_state.apply_gradients(state, grads, sums, jnp.float32(1.0), tx)[0].params
+
+    with parallel.mesh_context(mesh, rules):
+        new = jax.jit(update)({"logits": logits[:3]})["logits"]
+    grad = jax.grad(_xlm_weighted_loss)(logits[:3], labels, weights, TRAIN_LABELS)
+    np.testing.assert_allclose(new, logits[:3] - grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_resume_under_other_training_settings_is_refused():
+    saved = _options_config().to_dict()
+    for key in xnli.TRAINING_DEFAULTS:
+        del saved[key]  # a checkpoint from before the settings: their defaults
+    xnli.check_resumable(saved, _options_config(), "checkpoint 4")
+    with pytest.raises(ValueError) as e:
+        xnli.check_resumable(
+            saved, _options_config(finetune_layers="1:_1", weighted_training=True), "checkpoint 4"
+        )
+    assert str(e.value).splitlines()[1:3] == [
+        "  finetune_layers: checkpoint '0:_1' vs config '1:_1'",
+        "  weighted_training: checkpoint False vs config True",
+    ]
 
 
 # --- end to end: a tiny pretraining (conftest.pretrained), then fine-tuning -----------------------
@@ -368,6 +537,19 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(finished_run, tmp_
     assert resumed["history"] == first["history"]  # accuracies and the epoch's loss, exactly
     _assert_same_final_state(original, work)
     assert (work / "checkpoints_unreadable" / "4" / "state").is_dir()  # kept for inspection
+
+
+@needs_xnli
+def test_eval_only_reproduces_the_logged_accuracies(finished_run, tmp_path):
+    """XLM's --eval_only on the epoch's checkpoint: the accuracies of its history, exactly."""
+    original, config, first = finished_run
+    work = tmp_path / "work"
+    shutil.copytree(original, work)
+    evaluated = xnli.finetune(override(config.copy_and_resolve_references(), eval_only=True), work)
+    assert evaluated.pop("step") == 4
+    record = first["history"][-1]
+    assert {k: record[k] for k in evaluated} == evaluated
+    assert set(evaluated) == {"valid/en/acc", "valid/avg/acc"}
 
 
 @needs_xnli

@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1), "rules": parallel.DEFAULT_RULES})
     loop.nonfinite_settings(c)
     loop.resume_settings(c)  # restart_from_scratch
+    loop.eval_only_settings(c)  # XLM's --eval_only
+    loop.epoch_settings(c)  # XLM's epoch_size / max_epoch
     return c
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: train state + data-iterator state + metadata, keep-last-N plus the best one.
+"""Checkpoints: train state + data-iterator state + metadata, keep-last-N plus the best ones.
 
 One `Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` (typically in
 `<workdir>/checkpoints`). Every step directory holds three items:
@@ -12,9 +12,9 @@ One `Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` (typically in
               whether the run was skipping non-finite updates when it saved (`core.integrity`).
               A restore recomputes the fingerprints and refuses a checkpoint that differs.
 
-Retention keeps the newest N, the best by a metric, and the newest *good* checkpoint (finite when
-saved, no non-finite updates being skipped): a run that goes bad keeps saving, but never pushes
-its last good state out of keep-last-N.
+Retention keeps the newest N, the best by each tracked metric, and the newest *good* checkpoint
+(finite when saved, no non-finite updates being skipped): a run that goes bad keeps saving, but
+never pushes its last good state out of keep-last-N.
 
 Multi-process: every process calls `save`/`restore`/`wait`/`close` with the same arguments, in
 the same order. Orbax coordinates them (barriers), writes each array shard from the process that
@@ -88,6 +88,44 @@ class NewestGood:
         return [c.step == newest for c in checkpoints]
 
 
+def parse_tracked(spec: str | None, default_mode: str = "min") -> list[tuple[str, str]]:
+    """``best_metric`` as ``[(metric, mode)]``: ``"valid/bleu,valid/ppl:min"``, each entry with
+    an optional ``:min`` / ``:max`` (else ``default_mode``). XLM's ``--validation_metrics``: each
+    metric keeps its own best checkpoint; the first is *the* best one (and patience's)."""
+    if default_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {default_mode!r}")
+    tracked: list[tuple[str, str]] = []
+    for item in filter(None, (x.strip() for x in (spec or "").split(","))):
+        name, _, mode = item.rpartition(":") if item.endswith((":min", ":max")) else (item, "", "")
+        mode = mode or default_mode
+        if name in dict(tracked):
+            raise ValueError(f"best_metric {spec!r}: {name!r} is listed twice")
+        tracked.append((name, mode))
+    return tracked
+
+
+def _usable(metrics: Mapping[str, Any] | None, name: str) -> float | None:
+    value = None if metrics is None else metrics.get(name)
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
+@dataclasses.dataclass
+class BestBy:
+    """An orbax preservation policy: keep the checkpoint with the best usable (present, not NaN)
+    value of ``metric``; the newest among equals. Checkpoints without it are not ranked."""
+
+    metric: str
+    mode: str
+
+    def best(self, values: Mapping[int, float | None]) -> int | None:
+        scored = [(v if self.mode == "max" else -v, s) for s, v in values.items() if v is not None]
+        return max(scored)[1] if scored else None
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        best = self.best({c.step: _usable(c.metrics, self.metric) for c in checkpoints})
+        return [c.step == best for c in checkpoints]
+
+
 def abstract_of(tree: Any) -> Any:
     """The arrays' shapes, dtypes and shardings: what a restore reads into."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -108,12 +146,12 @@ class Checkpointer:
     """Save/restore training checkpoints with keep-last-N, best-by-metric and newest-good
     retention.
 
-    Retention is `AnyPreservationPolicy([LatestN(keep_last), NewestGood, BestN(n=1)])`: a
+    Retention is `AnyPreservationPolicy([LatestN(keep_last), NewestGood, BestBy(metric)...])`: a
     checkpoint survives if it is among the newest `keep_last`, OR it is the newest good one (see
-    the module's docstring), OR it is the best by `best_metric`. Only
-    checkpoints whose metrics contain a non-NaN `best_metric` take part in the ranking; the
-    others are kept by recency alone (`keep_checkpoints_without_metrics=False`), so saves
-    without an evaluation neither pin themselves forever nor displace the best one.
+    the module's docstring), OR it is the best by one of the metrics `best_metric` lists
+    (`parse_tracked`). Only checkpoints whose metrics hold a non-NaN tracked metric take part in
+    its ranking; the others are kept by recency alone, so saves without an evaluation neither pin
+    themselves forever nor displace a best one.
     """
 
     def __init__(
@@ -129,12 +167,10 @@ class Checkpointer:
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (resume needs the latest), got {keep_last}")
-        if best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         path = epath.Path(directory)
         if "://" not in str(directory):  # orbax wants absolute local paths; keep gs:// as is
             path = path.resolve()
-        self._best_metric = best_metric
+        self._best = [BestBy(m, mode) for m, mode in parse_tracked(best_metric, best_mode)]
         self._read_only = read_only
         self._retry_delays = tuple(retry_delays)  # seconds before each new attempt at a read
         self._good: dict[int, bool] = {}  # step -> finite and healthy when saved
@@ -142,29 +178,22 @@ class Checkpointer:
         policies: list[ocm.PreservationPolicy] = [
             ocm.LatestN(n=keep_last),
             NewestGood(self.is_good),  # a run gone bad never pushes out its last good state
+            *self._best,
         ]
-        best_fn = None
-        if best_metric is not None:
-            # Only called on metrics that contain the key (see `save`).
+        best_fn, first = None, self._best[0] if self._best else None
+        if first is not None:
+            # The manager writes per-step metrics (so the rankings survive restarts) only with a
+            # best_fn; `best_step` ranks by itself, so a missing value just ranks last here.
             def best_fn(metrics: Mapping[str, float]) -> float:
-                return float(metrics[best_metric])
+                value = _usable(metrics, first.metric)
+                worst = -math.inf if first.mode == "max" else math.inf
+                return value if value is not None else worst
 
-            policies.append(
-                ocm.BestN(
-                    get_metric_fn=best_fn,
-                    # BestN keeps the tail of an ascending sort: reverse it when lower is better.
-                    reverse=best_mode == "min",
-                    n=1,
-                    keep_checkpoints_without_metrics=False,
-                )
-            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
-            # best_fn/best_mode are still needed with a preservation policy: they make the
-            # manager write per-step metrics (so the ranking survives restarts) and drive
-            # `best_step()`. max_to_keep must stay unset (exclusive with preservation_policy).
+            # max_to_keep must stay unset (exclusive with preservation_policy).
             best_fn=best_fn,
-            best_mode=best_mode,
+            best_mode=first.mode if first is not None else "min",
             enable_async_checkpointing=async_save,
             # A writer removes the tmp directories of interrupted saves. A reader must not: they
             # may be the saves in flight of a run still writing to this directory.
@@ -214,16 +243,17 @@ class Checkpointer:
         return self._manager.directory
 
     def _ranking(self, step: int, metrics: Mapping[str, float] | None) -> dict | None:
-        """The metrics the manager ranks ``step`` by, or None (recency alone keeps it)."""
-        if metrics is None or self._best_metric is None:
+        """The metrics the manager records for ``step``, or None (recency alone keeps it)."""
+        if metrics is None or not self._best:
             return None
-        value = metrics.get(self._best_metric)
-        if value is None or math.isnan(float(value)):
-            # The manager must see "no metrics", otherwise best_fn fails (missing key) or
-            # sorting breaks (NaN).
-            logging.info("checkpoint %d: no usable %r, not ranked", step, self._best_metric)
+        if all(_usable(metrics, b.metric) is None for b in self._best):
+            logging.info("checkpoint %d: no usable %s, not ranked", step, self.tracked)
             return None
         return {k: float(v) for k, v in metrics.items()}
+
+    @property
+    def tracked(self) -> list[str]:
+        return [b.metric for b in self._best]
 
     def save(
         self,
@@ -290,11 +320,17 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def best_step(self) -> int | None:
-        """Best step by `best_metric`; None if untracked or no checkpoint carries the metric."""
-        if self._best_metric is None:
-            return None  # the manager would answer latest_step(), which is not a "best"
-        return self._manager.best_step()
+    def best_step(self, metric: str | None = None) -> int | None:
+        """The best step by ``metric`` (default: the first tracked); None if untracked or no
+        checkpoint carries a usable value of it."""
+        if not self._best:
+            return None
+        by = {b.metric: b for b in self._best}
+        if metric is not None and metric not in by:
+            raise KeyError(f"{metric!r} is not tracked (best_metric lists {self.tracked})")
+        policy = by[metric] if metric is not None else self._best[0]
+        steps = self.all_steps()
+        return policy.best({s: _usable(self._manager.metrics(s), policy.metric) for s in steps})
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

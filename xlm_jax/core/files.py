@@ -42,6 +42,26 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
             raise
 
 
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A unique temporary path beside ``path`` to write in its place, for output that is not one
+    buffer (``write_atomic``): memory-mapped, or written in parts. When the block ends without an
+    error the file is synced and becomes ``path`` (``os.replace``); otherwise it is removed."""
+    path = Path(path)
+    with errors_name(path, "creating a temporary file for"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temporary(path)
+        os.close(fd)
+    try:
+        yield Path(tmp)
+        with errors_name(path, "writing"), open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _create_temporary(path: Path) -> tuple[int, str]:
     """A new file beside ``path`` with a unique name, open for writing.
 

@@ -19,6 +19,7 @@ import base64
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,7 +36,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from xlm_jax.core import data_sources, mfu, parallel
-from xlm_jax.core.checkpoint import Checkpointer, abstract_of
+from xlm_jax.core.checkpoint import Checkpointer, abstract_of, parse_tracked
+from xlm_jax.core.files import write_atomic
 from xlm_jax.core.metrics import MetricWriter, summarize
 from xlm_jax.core.preemption import Preempted, PreemptionGuard
 from xlm_jax.core.train_state import TrainState, init_state
@@ -64,6 +66,23 @@ class Env:
         return parallel.process_rows(self.batch_sharding, n)
 
 
+def xlm_epoch(epoch_size: int, batch_size: int, iteration_length: int) -> int:
+    """Loop steps in one of XLM's epochs: whole iterations (``iteration_length`` steps each)
+    until ``epoch_size`` sentences were seen, each step counting ``batch_size`` (XLM's
+    ``while n_sentences < epoch_size`` in train.py, checked after each iteration)."""
+    per_iteration = batch_size * iteration_length
+    return iteration_length * -(-epoch_size // per_iteration)
+
+
+def epoch_settings(c: ml_collections.ConfigDict) -> None:
+    """XLM's ``--epoch_size`` / ``--max_epoch``, for commands pasted from XLM (``xlm_epoch``)."""
+    # > 0: evaluate (and keep the best) every epoch of this many sentences, batch_size per step
+    # in whole iterations, instead of eval_every. XLM counts one GPU's sentences: multiply its
+    # number by its GPU count when batch_size is the global batch of all of them
+    c.epoch_size = -1
+    c.max_epoch = -1  # > 0 (with epoch_size): stop after this many epochs, instead of max_steps
+
+
 @dataclasses.dataclass(frozen=True)
 class Cadence:
     max_steps: int
@@ -72,9 +91,14 @@ class Cadence:
     checkpoint_every: int  # 0 = only after evaluations, at the end and on preemption
 
     @classmethod
-    def of(cls, config: ml_collections.ConfigDict) -> Cadence:
+    def of(cls, config: ml_collections.ConfigDict, iteration_length: int = 1) -> Cadence:
+        """The config's cadence; in XLM's units when ``epoch_size`` > 0 (``xlm_epoch``)."""
         c = config
-        return cls(c.max_steps, c.log_every, c.eval_every, c.checkpoint_every)
+        max_steps, eval_every = c.max_steps, c.eval_every
+        if c.get("epoch_size", -1) > 0:
+            eval_every = xlm_epoch(c.epoch_size, c.batch_size, iteration_length)
+            max_steps = c.max_epoch * eval_every if c.max_epoch > 0 else max_steps
+        return cls(max_steps, c.log_every, eval_every, c.checkpoint_every)
 
     def evaluates(self, step: int) -> bool:
         return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.max_steps)
@@ -189,10 +213,18 @@ def nonfinite_settings(c: ml_collections.ConfigDict) -> None:
 def resume_settings(c: ml_collections.ConfigDict) -> None:
     """What a run does with a workdir whose checkpoints all fail to read (``prepare``), and a
     resume whose data changed (``data_sources``)."""
-    c.restart_from_scratch = False  # True: set them aside and start over; False: refuse to run
+    # A workdir whose checkpoints all fail to read: True = set them aside and start over;
+    # False = refuse to run (never a silent restart)
+    c.restart_from_scratch = False
     # A resume whose data files changed (size or hash): True = go on, warn and record it in the
     # checkpoint; False = refuse (the saved data positions index into the old data)
     c.allow_data_change = False
+
+
+def eval_only_settings(c: ml_collections.ConfigDict) -> None:
+    """XLM's ``--eval_only``: evaluate one checkpoint of the workdir (``evaluate_only``)."""
+    c.eval_only = False  # True: evaluate a checkpoint and exit; nothing is trained or saved
+    c.eval_checkpoint = "latest"  # which: "latest" (what a resume reads), "best", or a step
 
 
 LEAST = {"max_steps": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}
@@ -366,6 +398,7 @@ def prepare(task: Task, config: ml_collections.ConfigDict, workdir: Path, ckpt_k
     for what, n in task.batch_sizes(config).items():
         parallel.check_batch_size(n, mesh, rules, what)
     best_metric, best_mode = task.best(config)
+    tracked = parse_tracked(best_metric, best_mode)  # the first is patience's
     ckpt = Checkpointer(
         workdir / "checkpoints", best_metric=best_metric, best_mode=best_mode, **ckpt_kw
     )
@@ -374,7 +407,7 @@ def prepare(task: Task, config: ml_collections.ConfigDict, workdir: Path, ckpt_k
     latest, saved = newest if newest is not None else (None, None)
     where = f"checkpoint {latest} in {ckpt.directory}"
     env = Env(workdir, mesh, rules, parallel.batch_sharding(mesh, rules), saved, where, latest)
-    return env, ckpt, (best_metric, best_mode)
+    return env, ckpt, tracked
 
 
 def start_state(plan: Plan, env: Env, ckpt: Checkpointer, seed: int):
@@ -395,12 +428,13 @@ def start_state(plan: Plan, env: Env, ckpt: Checkpointer, seed: int):
     return state, shardings, loop
 
 
-def check_measured(best_metric: str | None, names: Sequence[str] | None) -> None:
-    if best_metric and names is not None and best_metric not in names:
-        raise ValueError(
-            f"best_metric {best_metric!r} will not be measured; the evaluation reports "
-            f"{sorted(names)}"
-        )
+def check_measured(tracked: Sequence[tuple[str, str]], names: Sequence[str] | None) -> None:
+    for metric, _ in tracked if names is not None else ():
+        if metric not in names:
+            raise ValueError(
+                f"best_metric {metric!r} will not be measured; the evaluation reports "
+                f"{sorted(names)}"
+            )
 
 
 def one_update(
@@ -428,7 +462,7 @@ def one_update(
 def start(task: Task, config: ml_collections.ConfigDict, workdir: Path, guard: PreemptionGuard):
     """Everything before the first update: checks, the task's setup, the state (restored or
     initialised) and the compiled programs. A stop requested meanwhile ends it, unsaved."""
-    env, ckpt, best = prepare(task, config, workdir, {"keep_last": config.keep_checkpoints})
+    env, ckpt, tracked = prepare(task, config, workdir, {"keep_last": config.keep_checkpoints})
     plan = task.setup(config, env)
     # Before anything compiles: a resume over changed data is refused (or, allowed, recorded).
     allow, step = config.allow_data_change, env.saved_step
@@ -437,7 +471,7 @@ def start(task: Task, config: ml_collections.ConfigDict, workdir: Path, guard: P
             env.saved, plan.sources, allow, step, env.where, known=plan.known_sources
         )
     )
-    check_measured(best[0], plan.metric_names)
+    check_measured(tracked, plan.metric_names)
     state, shardings, loop = start_state(plan, env, ckpt, config.seed)
     programs = plan.compile(shardings)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -445,7 +479,55 @@ def start(task: Task, config: ml_collections.ConfigDict, workdir: Path, guard: P
     if guard.should_stop(loop["step"]):  # nothing trained yet: nothing to save
         ckpt.close()
         raise Preempted(loop["step"], saved=False)
-    return env, ckpt, plan, (state, loop, programs), best
+    return env, ckpt, plan, (state, loop, programs), tracked
+
+
+def _listed(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def eval_step_of(ckpt: Checkpointer, which: str, latest: int) -> int:
+    """The checkpoint ``eval_checkpoint`` names: "latest" (the newest readable), "best" (by the
+    first tracked metric) or a step number; an absent one is an error, never another step."""
+    which = str(which).strip()
+    if which == "latest":
+        return latest
+    step = ckpt.best_step() if which == "best" else int(which) if which.isdigit() else None
+    if step is None or step not in ckpt.all_steps():
+        raise ValueError(
+            f"eval_checkpoint={which!r}: no such checkpoint in {ckpt.directory} (steps "
+            f"{ckpt.all_steps()}, best {ckpt.best_step()}; expected 'latest', 'best' or a step)"
+        )
+    return step
+
+
+def evaluate_only(task: Task, config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+    """XLM's ``--eval_only``: the task's evaluation of one checkpoint of ``workdir``, written to
+    ``workdir/eval_only/step_N.json`` and returned (with ``step``). Nothing is trained, and the
+    checkpoints are opened read-only: nothing there is written or removed."""
+    env, ckpt, _ = prepare(task, config, workdir, {"read_only": True})
+    try:
+        if env.saved is None:
+            raise FileNotFoundError(f"eval_only: no readable checkpoint in {ckpt.directory}")
+        step = eval_step_of(ckpt, config.eval_checkpoint, env.saved_step)
+        plan = task.setup(config, env)
+        dp = parallel.data_parallel_size(env.mesh, env.rules)
+        state, shardings = init_state(
+            plan.model, plan.tx, jax.random.key(config.seed), env.mesh, env.rules, dp, plan.example
+        )
+        state = ckpt.restore(step, abstract_state=abstract_of(state))[0]
+    finally:
+        ckpt.close()
+    programs = plan.compile(shardings)
+    with parallel.mesh_context(env.mesh, env.rules):
+        metrics = programs.evaluate(state.params, step)
+    logging.info("eval_only, checkpoint %d: %s", step, _listed(metrics))
+    result = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    if jax.process_index() == 0:
+        out = workdir / "eval_only" / f"step_{step}.json"
+        out.parent.mkdir(exist_ok=True)
+        write_atomic(out, (json.dumps(result, indent=1, sort_keys=True) + "\n").encode())
+    return result
 
 
 def run(
@@ -462,12 +544,13 @@ def run(
     raises ``Preempted``. ``on_step(step, state)`` runs after every loop step (tests).
     """
     workdir = Path(workdir)
+    if config.get("eval_only"):
+        return evaluate_only(task, config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     # Installed first: a signal while starting up also ends with Preempted (exit 75).
     with PreemptionGuard() as guard:
-        env, ckpt, plan, (state, loop, programs), (best_metric, best_mode) = start(
-            task, config, workdir, guard
-        )
+        env, ckpt, plan, (state, loop, programs), tracked = start(task, config, workdir, guard)
+        best_metric, best_mode = tracked[0] if tracked else (None, "min")
         cad = plan.cadence
         writer = MetricWriter(
             workdir, total_steps=cad.max_steps, is_primary=jax.process_index() == 0
@@ -491,11 +574,7 @@ def run(
         def evaluate(step: int) -> dict[str, float]:
             metrics = programs.evaluate(state.params, step)
             writer.write(step, metrics)
-            logging.info(
-                "eval step %d: %s",
-                step,
-                ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())),
-            )
+            logging.info("eval step %d: %s", step, _listed(metrics))
             last.update(metrics)
             return plan.on_eval(loop, step, metrics) if plan.on_eval is not None else metrics
 

@@ -72,7 +72,7 @@ def _scalar(value: Any) -> float | int:
     return float(value)
 
 
-def _si(x: float) -> str:
+def format_si(x: float) -> str:
     """3400 -> '3.4k', 1.2e6 -> '1.2M'."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -80,7 +80,7 @@ def _si(x: float) -> str:
     return f"{x:.1f}"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -195,8 +195,8 @@ class MetricWriter:
             dt = now - last[1]
             steps_per_s = (step - last[0]) / dt
             eta = (self._total_steps - step) / steps_per_s
-            parts.append(f"{steps_per_s:.3g} steps/s {_si(tokens / dt)} tok/s")
-            parts.append(f"ETA {_duration(eta)}")
+            parts.append(f"{steps_per_s:.3g} steps/s {format_si(tokens / dt)} tok/s")
+            parts.append(f"ETA {format_duration(eta)}")
         print(" | ".join(parts), flush=True)
 
     def close(self) -> None:

@@ -452,7 +452,7 @@ def eval_pair_batches(
 class StepSpec:
     """One entry of ``clm_steps`` / ``mlm_steps``: objective and language (pair)."""
 
-    objective: str  # 'clm', 'mlm' or 'tlm' (an mlm_steps entry with a pair)
+    objective: str  # 'clm' (a language or a pair), 'mlm' or 'tlm' (an mlm_steps pair)
     lang1: str
     lang2: str | None = None
 
@@ -463,7 +463,8 @@ class StepSpec:
 
 
 def parse_steps(objective: str, spec: str, langs: Sequence[str]) -> list[StepSpec]:
-    """Parses XLM's ``clm_steps``/``mlm_steps``: ``"en,fr,en-fr"``; a pair in mlm_steps is TLM."""
+    """Parses XLM's ``clm_steps``/``mlm_steps``: ``"en,fr,en-fr"``; a pair in mlm_steps is TLM,
+    in clm_steps CLM on the pair's row ``</s> src </s></s> tgt </s>``."""
     steps = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split("-")
@@ -476,9 +477,8 @@ def parse_steps(objective: str, spec: str, langs: Sequence[str]) -> list[StepSpe
                 )
         if len(parts) == 2 and parts[0] == parts[1]:
             raise ValueError(f"{objective}_steps: {item!r} pairs a language with itself")
-        if len(parts) == 2 and objective == "clm":
-            raise ValueError(f"clm_steps: {item!r}: CLM on pairs is not supported; list languages")
-        kind = "tlm" if len(parts) == 2 else objective
+        # XLM: a pair in mlm_steps is TLM; in clm_steps, CLM over the pair's row
+        kind = "tlm" if len(parts) == 2 and objective == "mlm" else objective
         steps.append(StepSpec(kind, parts[0], parts[1] if len(parts) == 2 else None))
     if len(set(steps)) != len(steps):
         raise ValueError(f"{objective}_steps: duplicate entries in {spec!r}")
@@ -539,7 +539,8 @@ class Schedule:
 
 
 def parse_lambda(spec: str | float) -> list[tuple[int, float]]:
-    """XLM's lambda schedules: ``"1"`` or ``"0:1,10000:0.1,30000:0"`` (linear in between)."""
+    """XLM's lambda schedules: ``"1"`` or ``"0:1,10000:0.1,30000:0"`` (linear in between; the
+    points count XLM's iterations, see `Lambdas`)."""
     text = str(spec).strip()
     if ":" not in text:
         return [(0, float(text))]
@@ -557,6 +558,43 @@ def parse_lambda(spec: str | float) -> list[tuple[int, float]]:
     return points
 
 
-def lambda_at(points: Sequence[tuple[int, float]], step: int) -> float:
-    steps, values = zip(*points, strict=True)
-    return float(np.interp(step, steps, values))
+def lambda_at(points: Sequence[tuple[int, float]], at: int) -> float:
+    keys, values = zip(*points, strict=True)
+    return float(np.interp(at, keys, values))
+
+
+LAMBDA_UNITS = ("iterations", "steps")
+
+
+def lambda_steps_per_point(
+    unit: str, saved_config: Mapping[str, Any] | None, iteration_length: int
+) -> int:
+    """Loop steps per unit of a λ schedule: an iteration (``iteration_length``), or one step.
+
+    A run resumed from a checkpoint written before schedules counted iterations (its config has
+    no ``lambda_unit``) keeps counting steps, as it did: a resume never changes its weights."""
+    if saved_config is not None and "lambda_unit" not in saved_config:
+        unit = "steps"
+    if unit not in LAMBDA_UNITS:
+        raise ValueError(f"lambda_unit={unit!r}: expected one of {LAMBDA_UNITS}")
+    return iteration_length if unit == "iterations" else 1
+
+
+class Lambdas:
+    """The loss weights ``lambda_<objective>`` of a task, each constant or a schedule.
+
+    A schedule counts XLM's *iterations* (its ``n_total_iter``): one iteration is one pass over
+    every configured step (``clm_steps`` + ``mlm_steps``, or ``ae_steps`` + ``mt_steps`` +
+    ``bt_steps``), i.e. ``iteration_length`` loop steps, so a schedule pasted from an XLM command
+    decays at the same point of training. XLM updates its λ after each iteration, so every step of
+    iteration ``i`` uses the schedule's value at ``i``. (``iteration_length=1``: loop steps.)
+    """
+
+    def __init__(self, specs: Mapping[str, str | float], iteration_length: int) -> None:
+        if iteration_length < 1:
+            raise ValueError(f"iteration_length must be >= 1, got {iteration_length}")
+        self.points = {name: parse_lambda(spec) for name, spec in specs.items()}
+        self.iteration_length = iteration_length
+
+    def __call__(self, objective: str, step: int) -> float:
+        return lambda_at(self.points[objective], step // self.iteration_length)

@@ -1,7 +1,8 @@
 """The XLM Transformer decoder (XLM's `TransformerModel` with `is_decoder=True`) and its KV cache.
 
-Same embeddings, parameter names and tied output layer as `XLMEncoder` (so a pretrained encoder
-initialises it by name); each block adds cross-attention to the source with its own LayerNorm:
+Same embeddings, parameter names, FFN activation and output layer (tied, or XLM's untied
+`share_inout_emb=False`) as `XLMEncoder` (so a pretrained encoder initialises it by name); each
+block adds cross-attention to the source with its own LayerNorm:
 x = LN1(x + self_attn(x)); x = LN15(x + cross_attn(x, src)); x = LN2(x + ffn(x)), post-LN.
 The target language reaches the decoder through the language embedding.
 
@@ -46,7 +47,7 @@ class DecoderLayer(nn.Module):
         # `encoder_attn` / `layer_norm15` pair for cross-attention.
         self.attention, self.layer_norm1 = attention(), norm()
         self.cross_attention, self.layer_norm15 = attention(), norm()
-        self.ffn = layers.FeedForward(cfg.ffn_dim, cfg.dropout, dtype, pdt)
+        self.ffn = layers.FeedForward(cfg.ffn_dim, cfg.dropout, dtype, pdt, cfg.gelu_activation)
         self.layer_norm2 = norm()
         self.dropout = layers.Dropout(cfg.dropout)
 
@@ -75,7 +76,7 @@ class DecoderLayer(nn.Module):
 
 
 class XLMDecoder(XLMEncoder):
-    """Decoder with the encoder's embeddings and tied output layer.
+    """Decoder with the encoder's embeddings and output layer (`XLMEncoder.logits`).
 
     Methods (`(batch, length)` int32 inputs; `memory` = encoder output, `memory_valid` its mask):
       __call__(tokens, positions, langs, memory, memory_valid, *, deterministic) -> logits

@@ -1,8 +1,9 @@
-"""The XLM Transformer encoder (XLM's `TransformerModel` with `is_encoder=True`) and its tied head.
+"""The XLM Transformer encoder (XLM's `TransformerModel` with `is_encoder=True`) and its head.
 
 Port of facebookresearch/XLM `src/model/transformer.py` (`fwd` + `PredLayer` with
 `share_inout_emb`) in `(batch, length)` layout: post-LN blocks, learned or sinusoidal positions,
-optional language embeddings, exact GELU, an output layer tied to the token embedding.
+optional language embeddings, exact GELU (or ReLU: `gelu_activation=False`), an output layer tied
+to the token embedding (or a weight of its own: `share_inout_emb=False`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ class ModelConfig:
     """Hyper-parameters of the XLM encoder (names follow XLM's command-line flags).
 
     `ffn_dim=None` resolves to `4 * emb_dim` (XLM's fixed ratio). `dtype` is the compute dtype of
-    the matmuls; `param_dtype` the storage dtype of the parameters.
+    the matmuls; `param_dtype` the storage dtype of the parameters. `gelu_activation=False` is
+    a ReLU FFN; `share_inout_emb=False` an output layer with its own `(vocab, emb_dim)` weight
+    `pred_weight` instead of the token embedding (XLM's flags and defaults).
     """
 
     vocab_size: int
@@ -41,6 +44,8 @@ class ModelConfig:
     max_positions: int = 512
     sinusoidal_embeddings: bool = False
     use_lang_emb: bool = True
+    gelu_activation: bool = True
+    share_inout_emb: bool = True
     pad_id: int = 2
     layer_norm_eps: float = 1e-12
     dtype: str = "float32"
@@ -64,6 +69,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        for name in ("gelu_activation", "share_inout_emb"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.emb_dim % self.n_heads:
             raise ValueError(
                 f"ModelConfig.emb_dim={self.emb_dim} must be a multiple of n_heads={self.n_heads}"
@@ -168,7 +176,9 @@ class EncoderLayer(nn.Module):
         x = layers.layer_norm(
             cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name="layer_norm1"
         )(x + attn)
-        ffn = layers.FeedForward(cfg.ffn_dim, cfg.dropout, dtype, param_dtype, name="ffn")
+        ffn = layers.FeedForward(
+            cfg.ffn_dim, cfg.dropout, dtype, param_dtype, cfg.gelu_activation, name="ffn"
+        )
         x = layers.layer_norm(
             cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name="layer_norm2"
         )(x + ffn(x, deterministic=deterministic))
@@ -177,7 +187,7 @@ class EncoderLayer(nn.Module):
 
 
 class XLMEncoder(nn.Module):
-    """XLM Transformer encoder with a prediction layer tied to the token embedding.
+    """XLM Transformer encoder with a prediction layer (tied to the token embedding, or not).
 
     Methods (all take `(batch, length)` int32 arrays):
       encode(tokens, positions, langs, *, causal, deterministic, segments)
@@ -215,6 +225,16 @@ class XLMEncoder(nn.Module):
             (cfg.vocab_size,),
             pdt,
         )
+        if not cfg.share_inout_emb:
+            # XLM's own `pred_layer.proj.weight`: laid out and sharded as the embedding table,
+            # initialised as its torch Linear(emb_dim, vocab) (U(+-1/sqrt(emb_dim))).
+            init = layers.torch_linear_kernel_init(in_axis=-1, out_axis=-2)
+            self.pred_weight = self.param(
+                "pred_weight",
+                nn.with_logical_partitioning(init, (VOCAB, EMBED)),
+                (cfg.vocab_size, cfg.emb_dim),
+                pdt,
+            )
 
     def make_layers(self) -> list[nn.Module]:
         # The decoder subclass overrides this (and only this) part of the setup.
@@ -277,8 +297,13 @@ class XLMEncoder(nn.Module):
         return nn.with_logical_constraint(x, ACT_EMBED), valid
 
     def logits(self, hidden: Array) -> Array:
-        """Tied output layer: `hidden @ embeddings.T + pred_bias`, in float32 (loss precision)."""
-        out = self.embeddings.attend(hidden.astype(jnp.float32))
+        """Output layer: `hidden @ W.T + pred_bias`, in float32 (loss precision); W is the token
+        embedding table (tied, XLM's default) or `pred_weight` (`share_inout_emb=False`)."""
+        hidden = hidden.astype(jnp.float32)
+        if self.config.share_inout_emb:
+            out = self.embeddings.attend(hidden)
+        else:
+            out = jnp.dot(hidden, self.pred_weight.astype(jnp.float32).T)  # as `attend` does
         out = out + self.pred_bias.astype(jnp.float32)
         if out.ndim == len(ACT_VOCAB):
             out = nn.with_logical_constraint(out, ACT_VOCAB)
@@ -333,9 +358,10 @@ def xlm_flops_per_token(config: ModelConfig, length: int, n_pred_fraction: float
         6 * L * (4 d^2 + 2 d f)    weight matmuls (q, k, v, out, lin1, lin2); 2 FLOPs per MAC,
                                    x3 for forward + backward (grads w.r.t. inputs and weights)
       + 12 * L * T * d             attention scores q.k and weights.v: 2 * 2 T d forward, x3
-      + 6 * p * d * V              tied output projection, only at predicted slots
+      + 6 * p * d * V              output projection, only at predicted slots (tied or not:
+                                   the same matmul; untied adds V * d parameters, not FLOPs)
 
-    Embedding lookups, LayerNorms, softmax, biases and GELU are ignored (O(d) per token). The
+    Embedding lookups, LayerNorms, softmax, biases and GELU/ReLU are ignored (O(d) per token). The
     causal mask is applied to a full T x T product, so CLM is counted like MLM.
     """
     if length < 1:

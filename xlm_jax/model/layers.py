@@ -101,7 +101,7 @@ def embedding(
     """An XLM-initialised embedding table with logical axes `axes`.
 
     Lookups (and `attend`) run in float32: the embedding sum feeds a LayerNorm, and `attend`
-    is the tied output layer whose logits must be float32 for the loss.
+    is the tied output layer (XLM's `share_inout_emb`) whose logits must be float32 for the loss.
     """
     init = nn.with_logical_partitioning(xlm_embedding_init(padding_idx), axes)
     return Embed(
@@ -387,12 +387,13 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """XLM's TransformerFFN: lin1 -> exact GELU -> lin2 -> dropout (dropout inside, as XLM)."""
+    """XLM's TransformerFFN: lin1 -> exact GELU (or ReLU) -> lin2 -> dropout (inside, as XLM)."""
 
     hidden_dim: int
     dropout_rate: float = 0.0
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    gelu_activation: bool = True  # False: ReLU, as XLM's `--gelu_activation false`
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
@@ -407,7 +408,7 @@ class FeedForward(nn.Module):
             name="lin1",
         )(x)
         # XLM's gelu is the erf form, not the tanh approximation.
-        h = jax.nn.gelu(h, approximate=False)
+        h = jax.nn.gelu(h, approximate=False) if self.gelu_activation else jax.nn.relu(h)
         h = nn.with_logical_constraint(h, ACT_MLP)
         y = dense(
             dim,

@@ -108,12 +108,18 @@ def mask_tokens(
     }
 
 
-def causal_targets(batch: Batch) -> dict[str, jax.Array]:
-    """CLM: every position predicts the next token (XLM's ``clm_step``); the last cannot."""
+def causal_targets(batch: Batch, context_size: int = 0) -> dict[str, jax.Array]:
+    """CLM: every position predicts the next token (XLM's ``clm_step``); the last cannot, nor
+    the first ``context_size`` positions of a row (XLM's ``--context_size``: they are context
+    only). A packed row (``segments``) predicts no token of another pair."""
     tokens = batch["tokens"]
     targets = jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], PAD_ID)], axis=1)
-    weights = ((tokens != PAD_ID) & (targets != PAD_ID)).astype(jnp.float32)
-    return {**batch, "targets": targets, "weights": weights}
+    weights = (tokens != PAD_ID) & (targets != PAD_ID)
+    weights &= jnp.arange(tokens.shape[1])[None, :] >= context_size
+    if batch.get("segments") is not None:
+        seg = batch["segments"]
+        weights &= jnp.concatenate([seg[:, 1:] == seg[:, :-1], jnp.zeros_like(seg[:, :1], bool)], 1)
+    return {**batch, "targets": targets, "weights": weights.astype(jnp.float32)}
 
 
 def token_loss_sums(

@@ -58,6 +58,8 @@ def source_settings(c: ml_collections.ConfigDict) -> None:
     c.model.max_positions = 512
     c.model.sinusoidal_embeddings = False
     c.model.use_lang_emb = True
+    c.model.gelu_activation = True  # False = ReLU (XLM's --gelu_activation)
+    c.model.share_inout_emb = True  # False = an untied output layer (XLM's --share_inout_emb)
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
 
@@ -127,8 +129,8 @@ def load_checkpoint(path: str | os.PathLike, step: int = -1) -> tuple[Path, int,
             best_mode=pre.get("best_mode", "min"),
             read_only=True,
         ) as ck:
-            best = ck.best_step()
-        step, chosen = (best, f"best by {best_metric}") if best is not None else (latest, "latest")
+            best, by = ck.best_step(), ck.tracked[:1]
+        step, chosen = (best, f"best by {by[0]}") if best is not None else (latest, "latest")
     with Checkpointer(directory, read_only=True) as ck:
         if step not in ck.all_steps():
             raise FileNotFoundError(f"{directory}: no checkpoint {step} (has {ck.all_steps()})")
@@ -269,16 +271,27 @@ def _plain(x: Any) -> Any:
     return [_plain(v) for v in x] if isinstance(x, list | tuple) else x
 
 
+# What a `model` entry missing from a checkpoint's metadata means: ModelConfig's default, as
+# `ModelConfig.from_dict` reads it (a field added later, e.g. gelu_activation, share_inout_emb).
+_MODEL_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(ModelConfig)
+    if f.default is not dataclasses.MISSING
+}
+
+
 def setting_differences(
     saved: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str], prefix: str = ""
 ) -> list[str]:
     """``"KEY: checkpoint A vs config B"`` for each of ``keys`` whose values differ; a group
-    (a dict, e.g. ``model``) is compared entry by entry. A key one side lacks counts as None."""
+    (a dict, e.g. ``model``) is compared entry by entry. A key one side lacks counts as None, or
+    in ``model`` as ModelConfig's default."""
     diffs = []
     for key in keys:
         if prefix == "model." and key in RUNTIME_FIELDS:
             continue  # how the model runs (attention kernel, remat), not what it computes
-        a, b = saved.get(key), current.get(key)
+        missing = _MODEL_DEFAULTS.get(key) if prefix == "model." else None
+        a, b = saved.get(key, missing), current.get(key, missing)
         if isinstance(a, Mapping) or isinstance(b, Mapping):
             a, b = a or {}, b or {}
             diffs += setting_differences(a, b, sorted(set(a) | set(b)), f"{prefix}{key}.")

@@ -46,7 +46,7 @@ from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import prepare as prepare_lib
 from xlm_jax.data import prepared as prepared_lib
 from xlm_jax.data import sentences
-from xlm_jax.data.batches import lambda_at, parse_lambda
+from xlm_jax.data.batches import Lambdas, lambda_steps_per_point
 from xlm_jax.data.sources import DataError
 from xlm_jax.model import decoding, objectives, pretrained
 from xlm_jax.model.encoder import ModelConfig
@@ -85,7 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.ae_steps = "en,fr"  # denoising auto-encoding per language
     c.mt_steps = ""  # supervised "src-tgt" pairs
     c.bt_steps = "en-fr-en,fr-en-fr"  # "l1-l2-l1": l1 → l2 (generated) → l1 (trained)
-    c.lambda_ae = "0:1,100000:0.1,300000:0"  # loss weights, constant or "step:value,..." schedules
+    # Loss weights: constant, or a schedule "ITER:VALUE,..." (linear in between) counted in XLM's
+    # iterations, one pass over ae_steps + mt_steps + bt_steps (so 4 loop steps here)
+    c.lambda_ae = "0:1,100000:0.1,300000:0"
+    c.lambda_unit = "iterations"  # what schedules count: "iterations" (XLM's), or "steps"
     c.lambda_mt = "1"
     c.lambda_bt = "1"
     c.word_shuffle = 3.0  # AE noise: local shuffle (words move < k positions)
@@ -106,19 +109,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.length_penalty = 1.0
     c.early_stopping = False
     c.eval_max_len = "1.5,10"  # a,b: at most a * source_length + b tokens (XLM's evaluator)
+    # Which source_length bt_max_len and eval_max_len use: "row" = each sentence's own (its
+    # output never depends on the batch it is in), "batch" = the batch's longest, as XLM (then a
+    # short sentence batched with long ones may be translated longer)
+    c.max_len_rule = "row"
 
     c.optimizer = config_lib.optimizer_config()
-    c.max_steps = 100_000
-    c.log_every = 100
+    c.max_steps = 100_000  # loop steps (each one objective's update)
+    loop.epoch_settings(c)  # epoch_size, max_epoch: XLM's units
+    c.log_every = 100  # loop steps
     c.peak_flops_per_device = 0.0  # for train/mfu, as pretraining's (0 = a known accelerator's)
-    c.eval_every = 2_000
-    c.checkpoint_every = 2_000
+    c.eval_every = 2_000  # loop steps; 0 = never
+    c.checkpoint_every = 2_000  # loop steps; 0 = after evaluations and at the end only
     c.keep_checkpoints = 3
-    c.best_metric = "valid/bleu"  # mean sacreBLEU over the validation directions; "" = none
+    # Mean sacreBLEU over the validation directions; "" = none. A list, e.g.
+    # "valid/en-fr/bleu,valid/fr-en/bleu" (XLM's validation_metrics), keeps a best checkpoint per
+    # metric (an optional :min/:max each); the first one is patience's (XLM's stopping_criterion).
+    c.best_metric = "valid/bleu"
     c.best_mode = "max"
     c.patience = -1
     loop.nonfinite_settings(c)
     loop.resume_settings(c)  # restart_from_scratch
+    loop.eval_only_settings(c)  # XLM's --eval_only
     return c
 
 
@@ -232,20 +244,27 @@ def generate(
     early_stopping: bool = False,
     eos_allowed: bool = True,
     kv_cache: bool = True,
+    max_len_rule: str = "row",
 ) -> tuple[jax.Array, jax.Array]:
     """Translations `(batch, T)` of `src_*` rows into `tgt_lang`, with their lengths.
 
     `T = int(a * src_len + b)` from the padded source length (static, so one compile per
-    bucket); each row may also stop at `int(a * its_length + b)`. Greedy for `beam_size=1`.
-    `kv_cache=False` recomputes the decoder over the prefix at every step (for measurements).
+    bucket). `max_len_rule="row"` stops each row at `int(a * its_length + b)`, so a sentence's
+    output does not depend on the batch it shares; `"batch"` is XLM's rule (its evaluator and
+    `bt_step`): every row stops at `int(a * longest_source_in_the_batch + b)`, so a short source
+    batched with a long one may run longer. Greedy for `beam_size=1`. `kv_cache=False`
+    recomputes the decoder over the prefix at every step (for measurements).
     """
     src = batch["src_tokens"]
     n, src_len = src.shape
     a, b = max_len
     total = max_len_of(src_len, a, b)
-    limit = jnp.minimum(
-        (a * jnp.sum(src != PAD_ID, axis=1) + b).astype(jnp.int32), total
-    )  # per row, as XLM's per-sentence max_len
+    lengths = jnp.sum(src != PAD_ID, axis=1)
+    if max_len_rule == "batch":  # the global batch's longest source, over every shard
+        lengths = jnp.broadcast_to(jnp.max(lengths), lengths.shape)
+    elif max_len_rule != "row":
+        raise ValueError(f"max_len_rule={max_len_rule!r}: expected 'row' or 'batch'")
+    limit = jnp.minimum((a * lengths + b).astype(jnp.int32), total)
     tgt_langs = jnp.broadcast_to(tgt_lang, (n,)).astype(jnp.int32)
     cache = model.apply(
         {"params": params},
@@ -295,6 +314,7 @@ class Objectives:
     noise_kw: Mapping[str, Any]
     word_start: jax.Array | None
     bt_max_len: tuple[float, float]
+    max_len_rule: str = "row"
 
     def prepare(self, kind: str, params, batch: Batch, rng, lang2: jax.Array) -> Batch:
         if kind == "mt":
@@ -306,7 +326,12 @@ class Objectives:
         # bt: the current model translates (inference mode, no gradient) into lang2 ...
         src = pair_batch(tokens, langs[:, None], tokens, langs[:, None])
         generated, _ = generate(
-            self.model, jax.lax.stop_gradient(params), src, lang2, max_len=self.bt_max_len
+            self.model,
+            jax.lax.stop_gradient(params),
+            src,
+            lang2,
+            max_len=self.bt_max_len,
+            max_len_rule=self.max_len_rule,
         )
         # ... and learns to translate that back into the original.
         return pair_batch(generated, lang2, tokens, langs[:, None])
@@ -532,6 +557,7 @@ class Steps:
             },
             word_start,
             _two_floats(config.bt_max_len, "bt_max_len"),
+            config.max_len_rule,
         )
         self.batch_sharding = parallel.batch_sharding(mesh, rules)
         repl = parallel.replicated(mesh)
@@ -562,6 +588,7 @@ class Steps:
                 generate,
                 model,
                 max_len=_two_floats(config.eval_max_len, "eval_max_len"),
+                max_len_rule=config.max_len_rule,
                 beam_size=config.beam_size,
                 length_penalty=config.length_penalty,
                 early_stopping=config.early_stopping,
@@ -786,7 +813,10 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         build_iterators(config, entries, prepared_set, lang_id, env.rows_of, data_parallel),
         {split: directions(s, config.eval_directions) for split, s in eval_splits.items()},
     )
-    lambdas = {k: parse_lambda(config[f"lambda_{k}"]) for k in ("ae", "mt", "bt")}
+    # XLM: one iteration passes over every entry, and λ schedules count iterations
+    saved = env.saved["config"] if env.saved is not None else None
+    per_point = lambda_steps_per_point(config.lambda_unit, saved, len(entries))
+    lambdas = Lambdas({k: config[f"lambda_{k}"] for k in ("ae", "mt", "bt")}, per_point)
     model, tx = EncoderDecoder(enc_cfg, dec_cfg), train_state.make_optimizer(config.optimizer)
     word_start = word_starts(config, tokenizer)
     flops = {k: flops_per_token(enc_cfg, dec_cfg, k) for k in ("ae", "mt", "bt")}
@@ -797,7 +827,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         return loop.Update(
             key=entry.key,
             program=entry.objective,
-            lam=lambda_at(lambdas[entry.objective], step),
+            lam=lambdas(entry.objective, step),
             rows=it.next_rows(),  # the global rows of the batch fetch returns
             fetch=lambda: next(it),
             flops_per_token=flops[entry.objective],
@@ -844,7 +874,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         tx=tx,
         compile=compile_programs,
         update=update,
-        cadence=loop.Cadence.of(config),
+        cadence=loop.Cadence.of(config, len(entries)),
         meta=meta,
         describe=f"translation model (encoder {enc_cfg.n_layers} layers, decoder "
         f"{dec_cfg.n_layers}), vocab {tokenizer.vocab_size}, from {source.description}; "
@@ -879,6 +909,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     corpus_lib.checked_langs(config)
     check_token_budget(config)  # the mesh's batch split is checked again in setup
     prepare_lib.records_of(config, expected="text")  # sentences, not NLI records
+    lambda_steps_per_point(config.lambda_unit, None, 1)  # a known unit
+    if config.max_len_rule not in ("row", "batch"):
+        raise ValueError(f"max_len_rule={config.max_len_rule!r}: expected 'row' or 'batch'")
 
 
 TASK = loop.Task("nmt", setup, batch_sizes, check=check)

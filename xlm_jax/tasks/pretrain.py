@@ -72,6 +72,7 @@ class Objective:
     vocab_axes: tuple[str, ...] = ()
     word_pred: float = 0.15
     mask_keep_rand: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    context: int = 0  # CLM: the first positions of a row are context only (XLM's context_size)
     log_weights: jax.Array | None = dataclasses.field(default=None, compare=False)
 
     @property
@@ -171,10 +172,10 @@ def eval_step(params, batch, rng, *, model, objective: Objective) -> Sums:
 
 @dataclasses.dataclass
 class Data:
-    """Everything the loop reads: iterators per step key, fixed validation batches, sizes."""
+    """Everything the loop reads: iterators per step key, fixed evaluation batches, sizes."""
 
     train: dict[str, batches_lib.EpochIterator]  # step key -> StreamBatches, TLM pairs' batches
-    valid: dict[str, list[dict[str, np.ndarray]]]  # step key -> batches
+    evals: dict[str, dict[str, list[Batch]]]  # "valid" / "test" -> step key -> batches
     sizes: dict[str, int]  # step key -> training tokens (for language sampling)
     token_counts: np.ndarray  # training-token frequencies (for sample_alpha)
     root: str = ""  # where the sources were read (data.root, or the toy corpus)
@@ -272,6 +273,11 @@ def build_data(
     return tokenizer, data, prepared_set.verified()  # before any batch is read
 
 
+def eval_splits(config: ml_collections.ConfigDict, prepared_set, key: str) -> list[str]:
+    """The evaluation splits with data for ``key``: XLM evaluates valid and, when given, test."""
+    return [s for s in ("valid", "test") if config.data[s].strip() and key in prepared_set.keys(s)]
+
+
 def _eval_rows(batches: list[Batch], config, rows_of) -> list[Batch]:
     """This process's rows of each validation batch."""
     start, stop = rows_of(config.eval_batch_size)
@@ -293,14 +299,14 @@ def add_stream(data: Data, spec, config, prepared_set, rows_of) -> None:
     )
     data.sizes[spec.key] = len(stream)
     data.token_counts += prepared_set.counts("train", spec.lang1, len(data.token_counts))
-    if spec.lang1 in prepared_set.keys("valid"):
+    for split in eval_splits(config, prepared_set, spec.lang1):
         batches = batches_lib.eval_stream_batches(
-            prepared_set.stream("valid", spec.lang1).array(),
+            prepared_set.stream(split, spec.lang1).array(),
             lang_id=lid,
             batch_size=config.eval_batch_size,
             length=config.bptt,
         )
-        data.valid[spec.key] = _eval_rows(batches, config, rows_of)
+        data.evals.setdefault(split, {})[spec.key] = _eval_rows(batches, config, rows_of)
 
 
 MIN_TLM_ROW = 6  # </s> w </s></s> w </s>: a TLM row's fewest tokens
@@ -388,8 +394,8 @@ def tlm_batches(
 
 
 def add_pairs(data: Data, spec, config, prepared_set, rows_of, row_multiple: int = 1) -> None:
-    """A TLM entry: sentence pairs in ``tlm_length`` rows, one per row or several (``tlm_pack``),
-    or one per row in ``tlm_buckets`` (``tlm_batches``).
+    """A TLM (or CLM pair) entry: sentence pairs in ``tlm_length`` rows, one per row or several
+    (``tlm_pack``), or one per row in ``tlm_buckets`` (``tlm_batches``).
 
     Validation rows stay one pair each in ``tlm_length`` rows, packed or bucketed or not: the
     same batches (and scores) either way.
@@ -414,12 +420,12 @@ def add_pairs(data: Data, spec, config, prepared_set, rows_of, row_multiple: int
         )
     data.train[spec.key] = it
     data.sizes[spec.key] = it.tokens
-    if key in prepared_set.keys("valid"):
-        vs, vt = prepared_set.sentences("valid", key)
+    for split in eval_splits(config, prepared_set, key):
+        vs, vt = prepared_set.sentences(split, key)
         batches = batches_lib.eval_pair_batches(
             vs, vt, **ids, batch_size=config.eval_batch_size, length=config.tlm_length
         )
-        data.valid[spec.key] = _eval_rows(batches, config, rows_of)
+        data.evals.setdefault(split, {})[spec.key] = _eval_rows(batches, config, rows_of)
 
 
 def config_fingerprint(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -450,7 +456,7 @@ class Program:
 
 
 PROGRAMS = {
-    "clm": Program(True, lambda obj, batch, rng: objectives.causal_targets(batch)),
+    "clm": Program(True, lambda obj, batch, rng: objectives.causal_targets(batch, obj.context)),
     "masked": Program(
         False,
         lambda obj, batch, rng: objectives.mask_tokens(
@@ -489,7 +495,14 @@ OBJECTIVES = {
         "masked", True, "tlm_batch_size", "tlm_length", "lambda_mlm", lambda c: c.word_pred
     ),
     "clm": Kind("clm", False, "batch_size", "bptt", "lambda_clm", lambda c: 1.0),
+    # XLM: a pair in clm_steps is CLM over TLM's rows (its batches), weighted by lambda_clm
+    "clm_pairs": Kind("clm", True, "tlm_batch_size", "tlm_length", "lambda_clm", lambda c: 1.0),
 }
+
+
+def kind_of(spec: batches_lib.StepSpec) -> str:
+    """The OBJECTIVES entry of a step: its objective, or ``clm_pairs`` for a CLM pair."""
+    return "clm_pairs" if spec.objective == "clm" and spec.lang2 else spec.objective
 
 
 class Steps:
@@ -516,6 +529,7 @@ class Steps:
                 batch_axes=parallel.mesh_axes_of("batch", rules),
                 vocab_axes=parallel.mesh_axes_of("vocab", rules),
                 word_pred=config.word_pred,
+                context=config.context_size,
                 mask_keep_rand=split,
                 log_weights=log_weights,
             )
@@ -559,7 +573,7 @@ class Steps:
 
     @staticmethod
     def kind(spec: batches_lib.StepSpec) -> str:
-        return OBJECTIVES[spec.objective].program
+        return OBJECTIVES[kind_of(spec)].program
 
     def compilations(self) -> int:
         """Number of compiled programs so far (tests check the alternation never recompiles)."""
@@ -571,33 +585,42 @@ class Steps:
 
 def eval_metric_names(data: Data) -> list[str]:
     """The names ``evaluate`` reports for this data, known before anything runs."""
-    names = [f"valid/{key}/{stat}" for key in data.valid for stat in ("loss", "acc", "ppl")]
-    kinds = {key.split("_", 1)[0] for key in data.valid}
-    return sorted(names + [f"valid/{kind}_ppl" for kind in kinds])
+    names = []
+    for split, keys in data.evals.items():
+        names += [f"{split}/{key}/{stat}" for key in keys for stat in ("loss", "acc", "ppl")]
+        names += [f"{split}/{kind}_ppl" for kind in {key.split("_", 1)[0] for key in keys}]
+    return sorted(names)
 
 
 def evaluate(steps: Steps, params, data: Data, n_rows: int) -> dict[str, float]:
-    """Validation loss/accuracy/perplexity per step key, with the same masks at every evaluation."""
-    sums: dict[str, dict[str, float]] = {}
-    with parallel.mesh_context(steps.mesh, steps.rules):
-        for key, batches in data.valid.items():
-            kind = OBJECTIVES[key.split("_", 1)[0]].program
-            out = [
-                steps.eval[kind](
-                    params,
-                    parallel.global_batch(b, steps.batch_sharding, n_rows),
-                    np.int32(i),
-                )
-                for i, b in enumerate(batches)
+    """Loss/accuracy/perplexity per step key of each evaluation split (valid, and test when
+    given), with the same masks at every evaluation."""
+    out: dict[str, float] = {}
+    for split, keys in data.evals.items():
+        scalars = summarize(
+            {key: _eval_sums(steps, params, key, b, n_rows) for key, b in keys.items()}
+        )
+        for kind in OBJECTIVES:
+            ppls = [
+                v for k, v in scalars.items() if k.startswith(f"{kind}_") and k.endswith("/ppl")
             ]
-            totals = jax.device_get(out)
-            sums[key] = {k: float(sum(t[k] for t in totals)) for k in totals[0]}
-    scalars = summarize(sums)
-    for kind in OBJECTIVES:
-        ppls = [v for k, v in scalars.items() if k.startswith(f"{kind}_") and k.endswith("/ppl")]
-        if ppls:
-            scalars[f"{kind}_ppl"] = float(np.mean(ppls))
-    return {f"valid/{k}": v for k, v in scalars.items()}
+            if ppls:
+                scalars[f"{kind}_ppl"] = float(np.mean(ppls))
+        out.update({f"{split}/{k}": v for k, v in scalars.items()})
+    return out
+
+
+def _eval_sums(steps: Steps, params, key: str, batches: list[Batch], n_rows: int) -> dict:
+    kind = OBJECTIVES[key.split("_", 1)[0]].program
+    with parallel.mesh_context(steps.mesh, steps.rules):
+        out = [
+            steps.eval[kind](
+                params, parallel.global_batch(b, steps.batch_sharding, n_rows), np.int32(i)
+            )
+            for i, b in enumerate(batches)
+        ]
+    totals = jax.device_get(out)
+    return {k: float(sum(t[k] for t in totals)) for k in totals[0]}
 
 
 # --- the task -----------------------------------------------------------------------------------
@@ -625,6 +648,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     evaluators.parse(config.evals, EVALUATORS)
     train_state.check_optimizer(config.optimizer)
     corpus_lib.checked_langs(config)
+    if not 0 <= config.context_size < min(config.bptt, config.tlm_length):
+        raise ValueError(
+            f"context_size={config.context_size}: 0 (off) or fewer positions than a row has "
+            f"(bptt={config.bptt}, tlm_length={config.tlm_length})"
+        )
     for name in ("bptt", "tlm_length"):  # a row's positions must have embeddings
         if not 1 <= config[name] <= config.model.max_positions:
             raise ValueError(
@@ -632,6 +660,7 @@ def check(config: ml_collections.ConfigDict) -> None:
                 f"{config.model.max_positions} positions"
             )
     check_tlm_rows(config, config.accum_steps)  # the mesh's batch split is checked in setup
+    batches_lib.lambda_steps_per_point(config.lambda_unit, None, 1)  # a known unit
     prepare_lib.records_of(config, expected="text")  # sentences, not NLI records
 
 
@@ -646,8 +675,8 @@ def read_probe(config: ml_collections.ConfigDict, data: Data, tokenizer) -> retr
 
 
 def source_paths(config: ml_collections.ConfigDict, data: Data, probe) -> list[Path]:
-    """The files the run reads (``Plan.sources``): data.train and data.valid, the probe's pairs."""
-    splits = {"data.train": config.data.train, "data.valid": config.data.valid}
+    """The files the run reads (``Plan.sources``): data.train, valid and test, the probe's pairs."""
+    splits = {f"data.{s}": config.data[s] for s in ("train", "valid", "test") if config.data[s]}
     if probe is not None:
         splits["probe_pairs"] = config.probe_pairs
     return corpus_lib.split_paths(
@@ -694,7 +723,11 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     schedule = batches_lib.Schedule(
         step_lists, data.sizes, sampling_factor=config.lg_sampling_factor, seed=config.seed
     )
-    lambdas = {k: batches_lib.parse_lambda(config[o.lambda_setting]) for k, o in OBJECTIVES.items()}
+    saved = env.saved["config"] if env.saved is not None else None
+    lambdas = batches_lib.Lambdas(
+        {k: config[o.lambda_setting] for k, o in OBJECTIVES.items()},
+        batches_lib.lambda_steps_per_point(config.lambda_unit, saved, schedule.iteration_length),
+    )
     mcfg = model_config(config, tokenizer.vocab_size)
     model, tx = XLMEncoder(mcfg), make_optimizer(config.optimizer)
     pred_fraction = {k: o.pred_fraction(config) for k, o in OBJECTIVES.items()}
@@ -709,10 +742,10 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         return loop.Update(
             key=spec.key,
             program=Steps.kind(spec),
-            lam=batches_lib.lambda_at(lambdas[spec.objective], step),
+            lam=lambdas(kind_of(spec), step),
             rows=it.next_rows(),  # the global rows of the batch fetch returns
             fetch=lambda: next(it),
-            flops_per_token=functools.partial(flops_per_token, spec.objective),
+            flops_per_token=functools.partial(flops_per_token, kind_of(spec)),
         )
 
     chosen = evaluators.parse(config.evals, EVALUATORS)
@@ -726,7 +759,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         tx=tx,
         compile=programs_of(config, env, model, tx, data, probe),
         update=update,
-        cadence=loop.Cadence.of(config),
+        cadence=loop.Cadence.of(config, schedule.iteration_length),
         meta=meta,
         describe=f"pretraining: vocab {tokenizer.vocab_size}, langs {lang_list(config)}, "
         f"schedule of {schedule.iteration_length} steps per iteration "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from xlm_jax.core import parallel
+from xlm_jax.core import loop, parallel
 from xlm_jax.data import prepare
 
 
@@ -26,11 +26,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.root = ""  # relative sources resolve here; "" = generate the toy corpus in the workdir
     c.data.train = "en: train.en; fr: train.fr; en-fr: train.en|train.fr"
     c.data.valid = "en: val.en; fr: val.fr; en-fr: val.en|val.fr"
+    # Evaluated beside data.valid at every evaluation (test/* metrics), as XLM does; "" = none
+    c.data.test = ""
     c.data.tfds_data_dir = ""  # for tfds: sources; "" = TFDS's default
     c.data.tfds_manual_dir = ""  # files from which the project's own builders are prepared
     c.data.max_chars = 10_000  # a longer line is an error (a broken file, not a sentence)
     c.data.on_invalid_utf8 = "error"  # or "replace" (U+FFFD); never a silent drop
     prepare.add_settings(c)
+    c.data.prepare_splits = "train,valid,test"  # the splits prepared (an empty one is skipped)
 
     # --- shared BPE vocabulary (SentencePiece) ---
     c.tokenizer = ml_collections.ConfigDict()
@@ -50,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.max_positions = 512
     c.model.sinusoidal_embeddings = False
     c.model.use_lang_emb = True  # the 17/100-language XLM models have none
+    c.model.gelu_activation = True  # XLM's --gelu_activation; False = ReLU in the FFN
+    # XLM's --share_inout_emb; False = an output layer with its own (vocab, emb_dim) weight
+    c.model.share_inout_emb = True
     c.model.dtype = "float32"  # compute; "bfloat16" on accelerators
     c.model.param_dtype = "float32"
     # How it runs (a checkpoint resumes under other values): "explicit" attention (dropout on the
@@ -59,10 +65,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # encoder blocks recomputed in the backward pass: "full" or "dots"
 
     # --- objectives and their alternation (XLM's clm_steps / mlm_steps) ---
-    c.clm_steps = ""  # e.g. "en,fr": CLM on each
+    # e.g. "en,fr,en-fr": CLM on each language's stream; on a pair, CLM over TLM's rows
+    # "</s> src </s></s> tgt </s>" (tlm_batch_size, tlm_length, tlm_buckets, tlm_pack)
+    c.clm_steps = ""
+    c.context_size = 0  # CLM: a row's first N positions predict nothing, context only (XLM's)
     c.mlm_steps = "en,fr,en-fr"  # a language = MLM on its stream, a pair = TLM
-    c.lambda_clm = "1"  # loss weight, constant or a schedule "0:1,10000:0.1" (in loop steps)
+    # Loss weights: constant or a schedule "0:1,10000:0.1" (linear in between) counted in XLM's
+    # iterations: one pass over clm_steps + mlm_steps (up to 5 + 5 entries each when sampled)
+    c.lambda_clm = "1"
     c.lambda_mlm = "1"
+    c.lambda_unit = "iterations"  # what schedules count: "iterations" (XLM's), or "steps"
     c.lg_sampling_factor = 0.7  # >0: sample languages p ∝ (n_l/N)^factor; <=0: shuffle the lists
     c.word_pred = 0.15  # fraction of tokens predicted
     c.word_mask_keep_rand = "0.8,0.1,0.1"  # of those: masked, kept, random
@@ -78,30 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = optimizer_config()
 
     # --- loop ---
-    c.max_steps = 100_000  # loop steps (each one objective's update)
-    c.log_every = 100
-    # Peak FLOP/s of one device for train/mfu; 0 = a known accelerator's bfloat16 peak
-    # (xlm_jax/core/mfu.py), or no MFU (a CPU: `python -m xlm_jax.bench` measures its peak)
-    c.peak_flops_per_device = 0.0
-    c.eval_every = 2_000  # 0 = never
-    # Evaluators at each evaluation, "NAME[@K]" (K: only every K-th): valid = the loss,
-    # accuracy and perplexity of data.valid per objective; retrieval = the Tatoeba probe
-    # (--mode=retrieval) on probe_pairs, with the encoder being trained (core/evaluators.py)
-    c.evals = "valid"
-    c.probe_pairs = ""  # "xx-en: SRC|EN; ..." under data.root, as --mode=retrieval's data.pairs
-    c.checkpoint_every = 2_000
-    c.keep_checkpoints = 3  # the last N, plus the best by best_metric
-    c.best_metric = "valid/mlm_ppl"  # "" = no best tracking
-    c.best_mode = "min"
-    c.patience = -1  # stop after this many evaluations without improvement; -1 = never
-    c.max_nonfinite_steps = 20  # stop after this many consecutive skipped (NaN/inf) updates
-    c.debug_nonfinite_steps = ""  # test hook: "5,6" makes those steps' loss NaN
-    # A workdir whose checkpoints all fail to read: True = set them aside and start over;
-    # False = refuse to run (never a silent restart)
-    c.restart_from_scratch = False
-    # A resume whose data files changed (size or hash): True = go on, warn and record it in the
-    # checkpoint; False = refuse (the saved data positions index into the old data)
-    c.allow_data_change = False
+    loop_settings(c)
 
     # --- devices ---
     c.mesh = ml_collections.ConfigDict()
@@ -109,6 +98,35 @@ def default_config() -> ml_collections.ConfigDict:
     # Logical axis name -> mesh axes (flax applies them in order; see xlm_jax/core/parallel.py).
     c.mesh.rules = parallel.DEFAULT_RULES
     return c
+
+
+def loop_settings(c: ml_collections.ConfigDict) -> None:
+    """The loop's cadence, evaluations, checkpoints and best/patience (core/loop.py)."""
+    c.max_steps = 100_000  # loop steps (each one objective's update)
+    loop.epoch_settings(c)  # epoch_size, max_epoch: XLM's units
+    c.log_every = 100  # loop steps
+    # Peak FLOP/s of one device for train/mfu; 0 = a known accelerator's bfloat16 peak
+    # (xlm_jax/core/mfu.py), or no MFU (a CPU: `python -m xlm_jax.bench` measures its peak)
+    c.peak_flops_per_device = 0.0
+    c.eval_every = 2_000  # loop steps; 0 = never
+    # Evaluators at each evaluation, "NAME[@K]" (K: only every K-th): valid = the loss,
+    # accuracy and perplexity of data.valid (and data.test) per objective; retrieval = Tatoeba
+    # (--mode=retrieval) on probe_pairs, with the encoder being trained (core/evaluators.py)
+    c.evals = "valid"
+    c.probe_pairs = ""  # "xx-en: SRC|EN; ..." under data.root, as --mode=retrieval's data.pairs
+    c.checkpoint_every = 2_000  # loop steps; 0 = after evaluations and at the end only
+    c.keep_checkpoints = 3  # the last N, plus the best by best_metric
+    # The best checkpoint by this metric; "" = none. A list "m1,m2:max" (each with an optional
+    # :min/:max, else best_mode) keeps a best checkpoint per metric, as XLM's validation_metrics;
+    # the first is the run's best (what an init_checkpoint loads) and patience's.
+    c.best_metric = "valid/mlm_ppl"
+    c.best_mode = "min"
+    # Stop after this many evaluations without a better first best_metric; -1 = never (XLM's
+    # --stopping_criterion METRIC,PATIENCE = that metric first in best_metric, and patience)
+    c.patience = -1
+    loop.nonfinite_settings(c)  # a NaN/inf update is skipped; too many in a row stop the run
+    loop.resume_settings(c)  # restart_from_scratch, allow_data_change
+    loop.eval_only_settings(c)  # XLM's --eval_only
 
 
 def tlm_settings(c: ml_collections.ConfigDict) -> None:

@@ -73,9 +73,9 @@ def tatoeba_pair_sources(
     return "; ".join(out)
 
 
-def mean_pooled(params, batch, *, model: XLMEncoder) -> jax.Array:
-    """Mean of the last layer over each row's non-pad tokens, float32 ``(batch, emb_dim)``."""
-    hidden = model.apply(
+def last_layer(params, batch, *, model: XLMEncoder) -> jax.Array:
+    """The encoder's last-layer states, float32 ``(batch, length, emb_dim)``."""
+    return model.apply(
         {"params": params},
         batch["tokens"],
         batch["positions"],
@@ -83,8 +83,17 @@ def mean_pooled(params, batch, *, model: XLMEncoder) -> jax.Array:
         deterministic=True,
         method=XLMEncoder.encode,
     ).astype(jnp.float32)
-    valid = (batch["tokens"] != PAD_ID).astype(jnp.float32)[..., None]
+
+
+def masked_mean(hidden: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The mean of ``hidden`` over each row's non-pad tokens."""
+    valid = (tokens != PAD_ID).astype(jnp.float32)[..., None]
     return (hidden * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
+
+
+def mean_pooled(params, batch, *, model: XLMEncoder) -> jax.Array:
+    """Mean of the last layer over each row's non-pad tokens, float32 ``(batch, emb_dim)``."""
+    return masked_mean(last_layer(params, batch, model=model), batch["tokens"])
 
 
 def retrieval_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -7,7 +7,8 @@ those languages. As XLM's ``src/evaluation/xnli.py``:
 * a pair is one row ``</s> premise </s> hypothesis </s>`` (``data/nli.py``);
 * the classifier reads the last layer at position 0 (``model/classifier.py``);
 * the encoder and the head have their own Adam (``optimizer_e`` / ``optimizer_p``), constant
-  learning rates, every encoder layer fine-tuned, the encoder's own dropout active;
+  learning rates, every encoder layer fine-tuned (or those of ``finetune_layers``), the
+  encoder's own dropout active; optionally a class-weighted loss (``weighted_training``);
 * an epoch is a fresh shuffle of the training pairs, cut at ``epoch_size`` pairs;
 * after every epoch, accuracy on the validation pairs of every language.
 
@@ -31,10 +32,12 @@ import base64
 import functools
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -114,6 +117,18 @@ def default_config() -> ml_collections.ConfigDict:
         o.eps = 1e-8
         o.weight_decay = 0.0
     c.clip_grad_norm = 0.0  # XLM does not clip when fine-tuning; > 0 = global-norm clipping
+    # The encoder's parts fine-tuned, as XLM's --finetune_layers "i:j": both ends included, "_"
+    # for a minus sign (negative = from the end, _1 = the last layer). Index 0 = the embeddings
+    # (encoder/embeddings, position_embeddings, lang_embeddings, layer_norm_emb), k = the k-th
+    # block (encoder/layer_{k-1}). The rest of the encoder and the unused MLM output layer
+    # (pred_bias, pred_weight) are frozen: no update, no Adam moments, no weight decay. The head
+    # always trains. "0:_1" = all (XLM's default); "1:_1" freezes the embeddings, "_2:_1" trains
+    # only the last two blocks.
+    c.finetune_layers = ALL_LAYERS
+    # XLM's --weighted_training (its GLUE tasks; its XNLI ignores the flag): a pair's loss weighs
+    # 1 / (its class's count in the training set), and a batch's loss is divided by its pairs'
+    # summed weights, as F.cross_entropy(weight=...). train/loss and train/acc are then weighted.
+    c.weighted_training = False
 
     c.batch_size = 8  # pairs per update (README: 8)
     c.eval_batch_size = 32
@@ -129,6 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0
     loop.nonfinite_settings(c)  # a NaN/inf update is skipped; too many in a row stop the run
     loop.resume_settings(c)  # restart_from_scratch
+    loop.eval_only_settings(c)  # XLM's --eval_only
 
     c.sweep = ml_collections.ConfigDict()  # --mode=xnli_sweep: every (lr, batch size) pair
     c.sweep.lrs = "5e-6,2.5e-5,1.25e-4"  # sets optimizer_e.lr and optimizer_p.lr
@@ -150,12 +166,142 @@ def row_length(needed: int, config: ml_collections.ConfigDict, model: ModelConfi
     return int(min(-(-needed // 8) * 8, model.max_positions))
 
 
+# --- which parameters train (finetune_layers), how much a pair weighs (weighted_training) --------
+
+ALL_LAYERS = "0:_1"
+# XLM's index 0 (SentenceEmbedder.get_parameters): everything before the first block
+EMBEDDING_PARAMS = ("embeddings", "position_embeddings", "lang_embeddings", "layer_norm_emb")
+# The MLM output layer's own parameters (pred_weight: untied only): no gradient in classification,
+# never in XLM's fine-tuning optimizer; frozen whenever finetune_layers is set.
+UNUSED_PARAMS = ("pred_bias", "pred_weight")
+# The values runs made before these settings existed trained with (their checkpoints lack them).
+TRAINING_DEFAULTS = {"finetune_layers": ALL_LAYERS, "weighted_training": False}
+
+
+def layer_range(spec: str, n_layers: int | None = None) -> tuple[int, int]:
+    """``finetune_layers`` read as XLM reads ``--finetune_layers``: ``"i:j"``, ``_`` for a minus.
+
+    Without ``n_layers``, the pair as written (syntax only). With it, negative indices count from
+    the end (``-1`` = ``n_layers``) and ``0 <= i <= j <= n_layers`` must hold (XLM quietly trains
+    no encoder parameter for ``i > j``; here that is refused as a likely typo).
+    """
+    try:
+        i, j = (int(part.strip().replace("_", "-")) for part in str(spec).split(":"))
+    except ValueError:  # not two integers
+        raise ValueError(
+            f"finetune_layers={spec!r}: expected 'i:j', e.g. '0:_1' (all) or '1:_1'"
+        ) from None
+    if n_layers is None:
+        return i, j
+    lo, hi = (n_layers + k + 1 if k < 0 else k for k in (i, j))
+    if not 0 <= lo <= hi <= n_layers:
+        raise ValueError(
+            f"finetune_layers={spec!r} is {lo}:{hi}: expected 0 <= i <= j <= {n_layers} "
+            f"(0 = the embeddings, 1..{n_layers} = the encoder's layers)"
+        )
+    return lo, hi
+
+
+def trains_everything(spec: str) -> bool:
+    return layer_range(spec) == (0, -1)
+
+
+def _layer_index(name: str) -> int | None:
+    """XLM's index of an encoder parameter group; None for the unused MLM bias."""
+    if name in EMBEDDING_PARAMS:
+        return 0
+    if re.fullmatch(r"layer_\d+", name):
+        return int(name[len("layer_") :]) + 1
+    if name in UNUSED_PARAMS:
+        return None
+    raise ValueError(f"finetune_layers: encoder parameter {name!r} has no XLM layer index")
+
+
+def param_labels(params: Any, spec: str) -> Any:
+    """Each parameter's optimizer group: ``head``, ``encoder`` (fine-tuned) or ``frozen``.
+
+    For ``"0:_1"``, the prefix ``{"encoder", "head"}`` of runs before the setting: the same
+    optimizer state, so their checkpoints resume. On a boxed tree (``nn.Partitioned``, as the
+    state is created), a prefix with one label per box.
+    """
+    if trains_everything(spec):
+        return {"encoder": "encoder", "head": "head"}
+    n_layers = sum(re.fullmatch(r"layer_\d+", name) is not None for name in params["encoder"])
+    lo, hi = layer_range(spec, n_layers)
+
+    def label(path, _) -> str:
+        top = path[0].key
+        if top == "head":
+            return "head"
+        if top != "encoder":
+            raise ValueError(f"finetune_layers: unexpected parameter group {top!r}")
+        index = _layer_index(path[1].key)
+        return "encoder" if index is not None and lo <= index <= hi else "frozen"
+
+    # One label per box, not per array inside it: optax then masks a frozen parameter's state
+    # as a whole (a MaskedNode, no shardings), as the prefix labels do.
+    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=boxed)
+
+
+def stop_frozen(params: Any, spec: str) -> Any:
+    """``params`` with the frozen ones behind ``stop_gradient``: the backward pass skips their
+    gradients (zeros), so the gradient norm (clipping, the non-finite check) counts only the
+    trained ones."""
+    if trains_everything(spec):
+        return params
+    labels = param_labels(params, spec)
+    return jax.tree.map(
+        lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p, params, labels
+    )
+
+
+def weights_by_class(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``weighted_training``'s weights: XLM's ``1 / count`` per class (normalised to sum 1 there),
+    here scaled so the most frequent class weighs 1. The weighted mean is scale-free, and any
+    batch with a real pair sums to >= 1, which ``apply_gradients``' ``max(n_pred, 1)`` needs."""
+    counts = np.bincount(np.asarray(labels), minlength=n_classes)
+    if (counts == 0).any():
+        raise ValueError(f"weighted_training: a class has no training pair (counts {counts})")
+    return (counts.max() / counts).astype(np.float32)
+
+
+def class_weights_of(config: ml_collections.ConfigDict, train: Sequence[nli.Pairs]):
+    """The class weights over every training language's pairs, or None (unweighted)."""
+    if not config.weighted_training:
+        return None
+    weights = weights_by_class(np.concatenate([p.labels for p in train]), len(LABELS))
+    logging.info(
+        "weighted_training: class weights %s", dict(zip(LABELS, weights.tolist(), strict=True))
+    )
+    return weights
+
+
+def pair_loss_sums(logits, batch, class_weights, *, mesh, batch_axes) -> dict[str, jax.Array]:
+    """The batch's cross-entropy, weight and correct sums (exact on any mesh: per-shard sums,
+    psum'd). A pair weighs its row weight (0 for filler rows) times its class weight, so
+    ``loss_sum / n_pred`` is ``F.cross_entropy(weight=w)``'s ``sum w_y nll / sum w_y``."""
+    weights = batch["weights"]
+    if class_weights is not None:
+        table = jnp.asarray(class_weights, jnp.float32)
+        weights = weights * jnp.take(table, batch["labels"], mode="clip")
+    return objectives.sharded_token_loss_sums(
+        logits[:, None, :],
+        batch["labels"],
+        weights,
+        mesh=mesh,
+        batch_axes=batch_axes,
+        vocab_axes=(),
+    )
+
+
 # --- steps ---------------------------------------------------------------------------------------
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam for the encoder (``optimizer_e``) and for the head (``optimizer_p``), as XLM's two
-    optimizers; decoupled weight decay (if any) skips 1-D parameters, as pretraining does."""
+    optimizers; decoupled weight decay (if any) skips 1-D parameters, as pretraining does. The
+    encoder's parameters outside ``finetune_layers`` are left out (``param_labels``)."""
 
     def adam(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
         return optax.adamw(
@@ -167,19 +313,32 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
         )
 
-    tx = optax.multi_transform(
-        {"encoder": adam(config.optimizer_e), "head": adam(config.optimizer_p)},
-        {"encoder": "encoder", "head": "head"},  # a prefix of the parameter tree
-    )
+    groups = {"encoder": adam(config.optimizer_e), "head": adam(config.optimizer_p)}
+    if not trains_everything(config.finetune_layers):
+        groups["frozen"] = optax.set_to_zero()  # no state: frozen weights get no moments, no decay
+    tx = optax.multi_transform(groups, functools.partial(param_labels, spec=config.finetune_layers))
     if config.clip_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
     return tx
 
 
-def train_step(state: train_state.TrainState, batch, rng, lam, *, model, tx, mesh, batch_axes):
+def train_step(
+    state: train_state.TrainState,
+    batch,
+    rng,
+    lam,
+    *,
+    model,
+    tx,
+    mesh,
+    batch_axes,
+    finetune_layers: str = ALL_LAYERS,
+    class_weights: np.ndarray | None = None,
+):
     """One update on ``lam`` (1, or NaN from the ``debug_nonfinite_steps`` test hook) times the
-    mean cross-entropy of the batch's real rows (weight 1); a non-finite loss or gradient skips
-    it (``train_state.apply_gradients``, as pretraining and translation).
+    mean cross-entropy of the batch's real rows (weight 1, or their class's: ``pair_loss_sums``); a
+    non-finite loss or gradient skips it (``train_state.apply_gradients``, as pretraining and
+    translation). Parameters outside ``finetune_layers`` get no gradient (``stop_frozen``).
 
     Sums and counts come from ``objectives.sharded_token_loss_sums`` (rows split over the batch
     axes, a psum of the per-shard sums), so they are exact whatever the mesh.
@@ -187,21 +346,14 @@ def train_step(state: train_state.TrainState, batch, rng, lam, *, model, tx, mes
 
     def loss_sums(params):
         logits = model.apply(
-            {"params": params},
+            {"params": stop_frozen(params, finetune_layers)},
             batch["tokens"],
             batch["positions"],
             batch["langs"],
             deterministic=False,
             rngs={"dropout": rng},
         )
-        sums = objectives.sharded_token_loss_sums(
-            logits[:, None, :],
-            batch["labels"],
-            batch["weights"],
-            mesh=mesh,
-            batch_axes=batch_axes,
-            vocab_axes=(),
-        )
+        sums = pair_loss_sums(logits, batch, class_weights, mesh=mesh, batch_axes=batch_axes)
         return sums["loss_sum"], sums
 
     grads, sums = jax.grad(loss_sums, has_aux=True)(state.params)
@@ -215,8 +367,11 @@ def predict(params, batch, *, model) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def make_steps(config, model, tx, mesh: Mesh, rules, shardings) -> tuple[Callable, Callable]:
-    """The compiled update ``(state, batch, step, lam)`` and prediction ``(params, batch)``."""
+def make_steps(
+    config, model, tx, mesh: Mesh, rules, shardings, class_weights: np.ndarray | None = None
+) -> tuple[Callable, Callable]:
+    """The compiled update ``(state, batch, step, lam)`` and prediction ``(params, batch)``;
+    ``class_weights``: ``class_weights_of`` (None = unweighted)."""
     batch_sharding = parallel.batch_sharding(mesh, rules)
     repl = parallel.replicated(mesh)
     step_fn = jax.jit(
@@ -227,6 +382,8 @@ def make_steps(config, model, tx, mesh: Mesh, rules, shardings) -> tuple[Callabl
                 tx=tx,
                 mesh=mesh,
                 batch_axes=parallel.mesh_axes_of("batch", rules),
+                finetune_layers=config.finetune_layers,
+                class_weights=class_weights,
             ),
             config.seed,
             argnum=2,
@@ -289,8 +446,21 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         if not config.data[what].strip():
             raise ValueError(f"data.{what} is empty: give 'LANG: SOURCE' entries")
     buckets_of(config, 2 * config.max_len)  # a malformed length_buckets fails before any reading
+    _check_finetune_layers(config)
     prepare_lib.records_of(config, expected="nli")
     _check_languages(config)
+
+
+def _check_finetune_layers(config: ml_collections.ConfigDict) -> None:
+    """``finetune_layers`` against the encoder's depth, read from ``model`` or the checkpoint's
+    metadata (no parameters): a bad range fails before any text is read."""
+    if trains_everything(config.finetune_layers):
+        return
+    if config.init_checkpoint:
+        n_layers = pretrained.source_model(config)[0].n_layers
+    else:
+        n_layers = config.model.n_layers
+    layer_range(config.finetune_layers, n_layers)
 
 
 def _check_languages(config: ml_collections.ConfigDict) -> None:
@@ -397,12 +567,19 @@ def source_paths(config: ml_collections.ConfigDict) -> list[Path]:
     )
 
 
+def check_resumable(saved_config: Mapping[str, Any], config, where: str) -> None:
+    """Refuses a resume under another source, dropout, ``finetune_layers`` (the optimizer state's
+    layout) or ``weighted_training`` (the loss); a checkpoint older than the last two has their
+    defaults."""
+    keys = ("dropout", "encoder_dropout", "encoder_attention_dropout", *TRAINING_DEFAULTS)
+    pretrained.check_same_source({**TRAINING_DEFAULTS, **saved_config}, config, where, *keys)
+
+
 def source_of(config: ml_collections.ConfigDict, env: loop.Env) -> pretrained.EncoderSource:
     """The encoder: the checkpoint's own (resuming), a pretraining run's, or a random init."""
     saved = env.saved
     if saved is not None:
-        keys = ("dropout", "encoder_dropout", "encoder_attention_dropout")
-        pretrained.check_same_source(saved["config"], config, env.where, *keys)
+        check_resumable(saved["config"], config, env.where)
         return pretrained.EncoderSource(
             Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
             ModelConfig.from_dict(saved["model"]),
@@ -609,6 +786,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     model = XNLIClassifier(source.model, n_classes=len(LABELS), dropout=config.dropout)
     buckets = buckets_of(config, length)
     tx, epochs = make_optimizer(config), Epochs(config, list(sets["train"].values()), buckets)
+    weights = class_weights_of(config, list(sets["train"].values()))
     best_metric = f"valid/{config.select_lang}/acc"
     order_inputs = order_inputs_of(config, epochs.n_pairs)
     rows = env.rows_of(config.batch_size)
@@ -620,7 +798,7 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
         return loop.Update("xnli", "xnli", 1.0, config.batch_size, fetch, flops)
 
     def compile_programs(shardings) -> loop.Programs:
-        step_fn, predict_fn = make_steps(config, model, tx, env.mesh, env.rules, shardings)
+        step_fn, predict_fn = make_steps(config, model, tx, env.mesh, env.rules, shardings, weights)
         runner, n = Runner(env.mesh, env.rules), config.eval_batch_size
         evaluate = functools.partial(evaluate_sets, max_len=config.max_len, buckets=buckets)
         return loop.Programs(
@@ -718,6 +896,8 @@ def summary_of(config, source, train_langs, n_train: int, length: int) -> dict[s
         "lr_p": config.optimizer_p.lr,
         "batch_size": config.batch_size,
         "select_lang": config.select_lang,
+        "finetune_layers": config.finetune_layers,
+        "weighted_training": config.weighted_training,
     }
 
 
@@ -792,6 +972,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     ``workdir/lr{lr}_bs{bs}/`` (runs with complete results are skipped, an interrupted one
     resumes), then writes ``sweep.csv`` / ``sweep.md``: each run's selected-epoch numbers.
     """
+    if config.eval_only:
+        raise ValueError("eval_only evaluates one run: --mode=xnli --workdir=SWEEP/lr{lr}_bs{bs}")
     workdir = Path(workdir)
     lrs = _numbers(config.sweep.lrs, float, "sweep.lrs")
     sizes = _numbers(config.sweep.batch_sizes, int, "sweep.batch_sizes")

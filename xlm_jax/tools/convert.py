@@ -18,10 +18,12 @@ wrote it needs the full state.
 
 Weight mapping (XLM `TransformerModel` / HF `XLMModel` → `model/encoder.py`): torch `Linear`
 weights `(out, in)` are transposed, q/k/v/out split into `(heads, head_dim)`; LayerNorm
-`weight` → `scale`; the output layer is tied to the embeddings (XLM's `share_inout_emb`, HF's
-tied `pred_layer.proj.weight`), so only its bias (`pred_bias`) is kept; a sinusoidal position
-table is not a parameter here (it is checked against ours instead); decoders add
-`encoder_attn` → `cross_attention` and `layer_norm15`.
+`weight` → `scale`; the output layer's bias becomes `pred_bias`, and its weight
+`pred_layer.proj.weight` is the embedding table when tied (XLM's `share_inout_emb`, HF's
+`tie_word_embeddings`: not stored twice) or `pred_weight` when not; `gelu_activation=False`
+(ReLU) carries over as the model setting of the same name; a sinusoidal position table is not a
+parameter here (it is checked against ours instead); decoders add `encoder_attn` →
+`cross_attention` and `layer_norm15`.
 
 torch is needed only for `.pth` / `pytorch_model.bin` files; safetensors are read with numpy.
 A `.pth` is a pickle: it is loaded with torch's `weights_only` unpickler unless `--allow_pickle`
@@ -274,18 +276,7 @@ def params_from_xlm(state: Mapping[str, np.ndarray], cfg: ModelConfig, *, where:
         layer["ffn"] = {"lin1": {"kernel": k1, "bias": b1}, "lin2": {"kernel": k2, "bias": b2}}
         layer["layer_norm2"] = read.norm(f"layer_norm2.{i}", e)
         tree[f"layer_{i}"] = layer
-    if "pred_layer.proj.bias" in state:
-        tree["pred_bias"] = read("pred_layer.proj.bias", (cfg.vocab_size,))
-    else:
-        _log.warning("%s: no output layer (pred_layer.proj.bias): pred_bias starts at 0", where)
-        tree["pred_bias"] = np.zeros((cfg.vocab_size,), np.float32)
-    if "pred_layer.proj.weight" in state:
-        proj = read("pred_layer.proj.weight", (cfg.vocab_size, e))
-        if not np.array_equal(proj, embeddings):
-            raise ValueError(
-                f"{where}: the output layer is not tied to the embeddings (XLM's "
-                "share_inout_emb=False); xlm_jax's model always ties them"
-            )
+    tree.update(_output_layer(read, embeddings, cfg, where))
     rest = sorted(set(state) - read.used - {"position_ids"})
     if any(k.startswith("memories.") for k in rest):
         raise ValueError(f"{where}: product-key memory layers (use_memory) are not supported")
@@ -295,8 +286,28 @@ def params_from_xlm(state: Mapping[str, np.ndarray], cfg: ModelConfig, *, where:
     return tree
 
 
+def _output_layer(read: _Reader, embeddings: np.ndarray, cfg: ModelConfig, where: str) -> Tree:
+    """`pred_bias`, and `pred_weight` for an untied output layer (`share_inout_emb=False`)."""
+    out: Tree = {}
+    if "pred_layer.proj.bias" in read.state:
+        out["pred_bias"] = read("pred_layer.proj.bias", (cfg.vocab_size,))
+    else:
+        _log.warning("%s: no output layer (pred_layer.proj.bias): pred_bias starts at 0", where)
+        out["pred_bias"] = np.zeros((cfg.vocab_size,), np.float32)
+    name, shape = "pred_layer.proj.weight", (cfg.vocab_size, cfg.emb_dim)
+    if not cfg.share_inout_emb:
+        out["pred_weight"] = read(name, shape)
+    # A tied copy (XLM's state dicts, older HF files) must be the embedding table.
+    elif name in read.state and not np.array_equal(read(name, shape), embeddings):
+        raise ValueError(
+            f"{where}: the output layer is not tied to the embeddings, but the config says it "
+            "is (XLM's share_inout_emb, HF's tie_word_embeddings)"
+        )
+    return out
+
+
 def xlm_from_params(params: Mapping[str, Any], cfg: ModelConfig) -> StateDict:
-    """The inverse of `params_from_xlm` (XLM names, no prefix; tied output weight left out)."""
+    """The inverse of `params_from_xlm` (XLM names, no prefix; a tied output weight left out)."""
     e, h, d = cfg.emb_dim, cfg.n_heads, cfg.head_dim
     p = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params))
     out: StateDict = {"embeddings.weight": p["embeddings"]["embedding"]}
@@ -331,6 +342,8 @@ def xlm_from_params(params: Mapping[str, Any], cfg: ModelConfig) -> StateDict:
             out[f"ffns.{i}.{lin}.bias"] = layer["ffn"][lin]["bias"]
         norm(f"layer_norm2.{i}", layer["layer_norm2"])
     out["pred_layer.proj.bias"] = p["pred_bias"]
+    if not cfg.share_inout_emb:
+        out["pred_layer.proj.weight"] = p["pred_weight"]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
@@ -390,10 +403,9 @@ def _model_config(
     use_lang_emb: bool,
     layer_norm_eps: float,
     gelu: bool,
+    share_inout_emb: bool,
     where: str,
 ) -> ModelConfig:
-    if not gelu:
-        raise ValueError(f"{where}: ReLU models (gelu_activation=False) are not supported")
     for key in ("embeddings.weight", "position_embeddings.weight", "ffns.0.lin1.weight"):
         if key not in state:
             raise ValueError(f"{where}: no tensor {key!r}; is this an XLM model?")
@@ -415,6 +427,8 @@ def _model_config(
         max_positions=int(np.shape(state["position_embeddings.weight"])[0]),
         sinusoidal_embeddings=bool(sinusoidal),
         use_lang_emb=bool(use_lang_emb),
+        gelu_activation=bool(gelu),
+        share_inout_emb=bool(share_inout_emb),
         pad_id=PAD_ID,
         layer_norm_eps=float(layer_norm_eps),
     )
@@ -507,6 +521,7 @@ def import_xlm_pth(
         use_lang_emb=hp.get("use_lang_emb", True),  # older checkpoints predate the flag
         layer_norm_eps=1e-12,  # XLM's LayerNorms
         gelu=hp.get("gelu_activation", True),
+        share_inout_emb=hp.get("share_inout_emb", True),
     )
     n_enc = hp.get("n_layers") if dec_state is None else hp.get("n_enc_layers", hp.get("n_layers"))
     enc_cfg = _model_config(enc_state, n_layers=n_enc, where=f"{where} encoder", **common)
@@ -599,6 +614,7 @@ def import_hf(
         use_lang_emb=config.get("use_lang_emb", True),
         layer_norm_eps=config.get("layer_norm_eps", 1e-12),
         gelu=config.get("gelu_activation", True),
+        share_inout_emb=config.get("tie_word_embeddings", True),
         where=where,
     )
     if not (folder / "vocab.json").exists() or not (folder / "merges.txt").exists():
@@ -779,7 +795,7 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int = -1) -> Path:
         "n_heads": cfg.n_heads,
         "dropout": cfg.dropout,
         "attention_dropout": cfg.attention_dropout,
-        "gelu_activation": True,
+        "gelu_activation": cfg.gelu_activation,
         "sinusoidal_embeddings": cfg.sinusoidal_embeddings,
         "causal": causal,
         "asm": False,
@@ -799,7 +815,7 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int = -1) -> Path:
         "is_encoder": True,
         "lang2id": lang2id,
         "id2lang": {str(i): lang for lang, i in lang2id.items()},
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": cfg.share_inout_emb,
         "torch_dtype": "float32",
     }
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -9,7 +9,7 @@ nearest neighbours, attention maps of a TLM pair.
 Rows are laid out as in training: one sentence is ``</s> w… </s>`` (an MLM stream's sentence), a
 pair is a TLM row ``</s> a </s></s> b </s>`` with positions restarting in the second sentence and
 each sentence's own language id (``batches.pack_pair``). Used by the notebooks in notebooks/ and
-by ``python -m xlm_jax.plots attention``.
+by ``python -m xlm_jax.plots attention`` and ``python -m xlm_jax.embed``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -247,30 +247,98 @@ def strongest_links(
     return out
 
 
-def sentence_vectors(
-    enc: Encoder, sentences: Sequence[str], lang: str, *, batch_size: int = 64, max_len: int = 256
-) -> np.ndarray:
-    """Mean-pooled last-layer states ``(n, emb_dim)`` of ``sentences``, each ``</s> s </s>`` with
-    its language's id (the retrieval probe's vectors, ``retrieval.mean_pooled``)."""
-    ids = enc.tokenizer.encode_many(list(sentences), lang)
-    needed = max(nli.sentence_length(x, max_len) for x in ids)
-    length = min(-(-needed // 16) * 16, enc.source.model.max_positions)
+POOLINGS = ("mean", "first")  # how a row's last-layer states become its sentence vector
+
+
+class Embedded(NamedTuple):
+    """One batch of ``embed_batches``: its rows' places in the input and what they gave."""
+
+    index: np.ndarray  # (k,) positions in the input
+    vectors: np.ndarray  # (k, emb_dim) float32
+    tokens: list[np.ndarray] | None  # per row: its token ids ``</s> s </s>`` (after the cut)
+    states: list[np.ndarray] | None  # per row: last-layer states ``(len(tokens[j]), emb_dim)``
+
+
+def row_lengths(enc: Encoder, ids: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """Tokens of each sentence's row ``</s> s </s>``: cut to ``max_len`` and the positions."""
+    cap = enc.source.model.max_positions
+    return np.array([min(nli.sentence_length(x, max_len), cap) for x in ids], np.int64)
+
+
+def embed_batches(
+    enc: Encoder,
+    ids: Sequence[np.ndarray],
+    lang: str,
+    *,
+    pooling: str = "mean",
+    batch_size: int = 64,
+    max_len: int = 256,
+    states: bool = False,
+) -> Iterator[Embedded]:
+    """Sentence vectors of the token ids ``ids``, each row ``</s> s </s>`` with its language's
+    id, batch by batch, longest rows first: a batch is padded only to its longest row, rounded
+    up to a multiple of 16 (one compile per such length), and topped up with all-pad rows to
+    ``batch_size``. ``pooling``: ``"mean"`` over the row's tokens (the retrieval probe's vector,
+    ``retrieval.mean_pooled``), ``"first"`` the state at position 0, the first ``</s>`` (XLM's
+    generate-embeddings notebook: ``tensor[0]``). ``states``: also each row's token states."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r}: one of {POOLINGS}")
     lid = enc.lang_id(lang)
-    rows = nli.Rows.stack(
-        [nli.pack_sentence(x, lid, max_len=max_len, length=length) for x in ids],
-        np.zeros(len(ids), np.int32),
-    )
-    embed = _embed_fn(enc.source.model)
-    out = [
-        embed(enc.params, {k: b[k] for k in ("tokens", "positions", "langs")})
-        for b in nli.eval_batches(rows, batch_size)
-    ]
-    return np.concatenate(jax.device_get(out))[: len(ids)]
+    lengths = row_lengths(enc, ids, max_len)
+    order = np.argsort(-lengths, kind="stable")
+    embed = _embed_fn(enc.source.model, pooling, states)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        length = min(-(-int(lengths[index[0]]) // 16) * 16, enc.source.model.max_positions)
+        rows = nli.Rows.stack(
+            [nli.pack_sentence(ids[i], lid, max_len=max_len, length=length) for i in index],
+            np.zeros(len(index), np.int32),
+        )
+        batch = rows.batch(np.arange(len(index)), batch_size)
+        vectors, hidden = jax.device_get(
+            embed(enc.params, {k: batch[k] for k in ("tokens", "positions", "langs")})
+        )
+        k, n = len(index), lengths[index]
+        if not states:
+            yield Embedded(index, vectors[:k], None, None)
+            continue
+        tokens = [rows.tokens[j, : n[j]] for j in range(k)]
+        yield Embedded(index, vectors[:k], tokens, [hidden[j, : n[j]] for j in range(k)])
+
+
+def sentence_vectors(
+    enc: Encoder,
+    sentences: Sequence[str],
+    lang: str,
+    *,
+    pooling: str = "mean",
+    batch_size: int = 64,
+    max_len: int = 256,
+) -> np.ndarray:
+    """Sentence vectors ``(n, emb_dim)`` float32 of ``sentences``, each ``</s> s </s>`` with its
+    language's id: mean-pooled last-layer states (the retrieval probe's vectors) or, with
+    ``pooling="first"``, the first ``</s>``'s state (``embed_batches``). ``python -m
+    xlm_jax.embed`` is the same over a file."""
+    ids = enc.tokenizer.encode_many(list(sentences), lang)
+    out = np.zeros((len(ids), enc.source.model.emb_dim), np.float32)
+    for b in embed_batches(enc, ids, lang, pooling=pooling, batch_size=batch_size, max_len=max_len):
+        out[b.index] = b.vectors
+    return out
 
 
 @functools.cache
-def _embed_fn(model_config):
-    return jax.jit(functools.partial(retrieval.mean_pooled, model=XLMEncoder(model_config)))
+def _embed_fn(model_config, pooling: str, states: bool):
+    """Jitted (params, batch) → (vectors, last-layer states or None)."""
+    model = XLMEncoder(model_config)
+
+    def embed(params, batch):
+        hidden = retrieval.last_layer(params, batch, model=model)
+        pooled = (
+            retrieval.masked_mean(hidden, batch["tokens"]) if pooling == "mean" else hidden[:, 0]
+        )
+        return pooled, hidden if states else None
+
+    return jax.jit(embed)
 
 
 def cosine_neighbours(

@@ -65,8 +65,8 @@ def _refuse_tlm_budget(config, mesh, rules) -> None:
 
 def pretrain_programs(config, mesh, rules, all_shapes: bool = False) -> list[Program]:
     """The MLM, TLM and CLM steps the configured objectives use, and their evaluations."""
-    used = {s.objective for specs in pretrain.build_steps(config) for s in specs}
-    if "tlm" in used:
+    used = {pretrain.kind_of(s) for specs in pretrain.build_steps(config) for s in specs}
+    if used & {"tlm", "clm_pairs"}:  # steps on TLM's rows
         _refuse_tlm_budget(config, mesh, rules)
     vocab = config.tokenizer.vocab_size
     model = XLMEncoder(pretrain.model_config(config, vocab))
