@@ -466,7 +466,7 @@ class Plan:
                 step.family += "".join(f" {x}" for x in ("ae", "mt", "bt") if config[f"{x}_steps"])
             args += tiny_main_args(mode, args[3:], step.where)
             check_main_args(args[3:], step.where)
-            step.check = check_workdir(mode)
+            step.check = check_eval_only if eval_only(cmd) else check_workdir(mode)
         elif kind == "bench":
             args += tiny_bench_args(args)
             check_main_args(args[3:], step.where, module="bench")
@@ -568,8 +568,15 @@ def classify(cmd: list[str], env: list[str]) -> str:
     return ""
 
 
+def eval_only(cmd: list[str]) -> bool:
+    """XLM's --eval_only: the run evaluates an earlier run's workdir (a reader of it)."""
+    return any(t.lower() in ("--config.eval_only=true", "--config.eval_only=1") for t in cmd)
+
+
 def output_indices(kind: str, cmd: list[str]) -> list[int]:
     """Indices of the tokens naming what the command writes."""
+    if kind == "main" and eval_only(cmd):
+        return []
     out = []
     for i, tok in enumerate(cmd):
         name, eq, value = tok.partition("=")
@@ -612,6 +619,12 @@ def check_translate(step: Step) -> str | None:
     out = Path(target).read_text(encoding="utf-8") if target else step.stdout()
     n_out = len(out.splitlines())
     return None if n_out == n_in else f"{n_out} lines out for {n_in} in"
+
+
+def check_eval_only(step: Step) -> str | None:
+    workdir = Path(_arg(step, "--workdir") or "")
+    found = list((workdir / "eval_only").glob("step_*.json"))
+    return None if found else f"no eval_only/step_N.json in {workdir}"
 
 
 def check_embed(step: Step) -> str | None:

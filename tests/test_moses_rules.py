@@ -2,9 +2,10 @@
 
 XLM's `tools/tokenize.sh` runs `replace-unicode-punctuation.perl | normalize-punctuation.perl -l
 LANG | remove-non-printing-char.perl | tokenizer.perl -no-escape -l LANG`; the expected tokens
-below are that pipeline's output. Line numbers: moses-smt/mosesdecoder, scripts/tokenizer/, at
-commits 0036c6c (tokenizer.perl), 0d72cdd (remove-non-printing-char.perl) and 30e31d4
-(normalize-punctuation.perl).
+below are that pipeline's output (perl 5.36, Unicode 14). Line numbers: moses-smt/mosesdecoder,
+scripts/tokenizer/, at commits 0036c6c (tokenizer.perl), 0d72cdd (remove-non-printing-char.perl)
+and 30e31d4 (normalize-punctuation.perl); `python -m xlm_jax.tools.bench_tokenize` compares the
+whole pipeline with them on real text.
 Also: the files the tokenizer exports get the usual mode, not `mkstemp`'s 0o600.
 """
 
@@ -66,6 +67,47 @@ def test_period_quote_moves_at_the_end_of_a_line_except_in_english():
         assert moses('Er sagte "Ja."', lang) == ["Er", "sagte", '"', "Ja", ".", '"'], lang
     # l. 74 `s/,\"/\",/g`, and the rule inside the line (both as before).
     assert moses('A, "b," c."d', "fr") == ["A", ",", '"', "b", '"', ",", "c", '"', ".d"]
+
+
+# --- normalize-punctuation.perl: a lone ‘ or ‚ becomes `"` ---------------------------------------
+# l. 39-42: `s/([a-z])‘([a-z])/$1\'$2/gi;` ... `s/‘/\"/g; s/‚/\"/g;` (sacremoses: `'`, which
+# tokenizer.perl would then split as an apostrophe: de `' Twp '`).
+
+
+def test_lone_low_and_left_single_quotes_become_double_quotes():
+    # perl -l de: 'der Name „mit ‚Twp‘ und ‚Pwp‘ reimt“.' (NTREX de, line 5)
+    assert moses("der Name „mit ‚Twp‘ und ‚Pwp‘ reimt“.", "de") == [
+        *("der", "Name", '"', "mit", '"', "Twp", '"', "und", '"', "Pwp", '"', "reimt", '"', "."),
+    ]
+    # perl -l en: "It 's a \" test \" of \" quotes \" here" (‘ between letters is an apostrophe)
+    assert moses("It‘s a ‚test‘ of ‘quotes‘ here", "en") == [
+        *("It", "'s", "a", '"', "test", '"', "of", '"', "quotes", '"', "here"),
+    ]
+
+
+# --- normalize-punctuation.perl: French quotes with no-break spaces -------------------------------
+# l. 48, 51: `s/NBSP«NBSP/ \"/g; s/NBSP»NBSP/\" /g;` keep a space (sacremoses without perl_parity
+# drops it, and the continental `."` rule then glues the period to the next word: `.Puis`).
+
+
+def test_french_quotes_with_no_break_spaces_keep_a_space():
+    # perl -l fr: 'Il a dit " oui " . Puis il est parti .'
+    text = "Il a dit\u00a0«\u00a0oui.\u00a0»\u00a0Puis il est parti."
+    assert moses(text, "fr") == [
+        *("Il", "a", "dit", '"', "oui", '"', ".", "Puis", "il", "est", "parti", "."),
+    ]
+
+
+# --- tokenizer.perl: what is not `\p{IsAlnum}` is split off, with perl's Unicode classes ----------
+# l. 282 `s/([^\p{IsAlnum}\s\.\'\`\,\-])/ $1 /g`: sacremoses' table adds the Indic viramas and
+# nuktas (not alphabetic for perl) and lacks Hangul, most CJK, ... (alphabetic for perl).
+
+
+def test_alphanumerics_are_perls():
+    # perl -l hi: 'वेल ् श के AM' (NTREX hi, line 1: the virama U+094D is split off)
+    assert moses("वेल्श के AM", "hi") == ["वेल", "\u094d", "श", "के", "AM"]
+    # perl -l en: 'Samsung 삼성 phones .' (sacremoses: '삼 성')
+    assert moses("Samsung 삼성 phones.", "en") == ["Samsung", "삼성", "phones", "."]
 
 
 # --- end to end: ids ------------------------------------------------------------------------------

@@ -40,8 +40,9 @@ from xlm_jax.data.text_files import DataError
 from xlm_jax.text.specials import EOS_ID
 
 # Bumped when the same tokenizer file would now give other ids, so older shards are redone:
-# 2 = XLM BPE's Moses steps follow the perl scripts (final period, non-printing chars, quotes).
-FORMAT = 2
+# 2 = XLM BPE's Moses steps follow the perl scripts (final period, non-printing chars, quotes);
+# 3 = zh / th through XLM's segmenters; perl's lone-quote, «» spacing and alphanumeric rules.
+FORMAT = 3
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 

@@ -21,20 +21,30 @@ Ids follow XLM's dictionary, whose first 14 entries are fixed (the constants of 
 `XLMBPETokenizer` has the interface of `tokenizer.Tokenizer` (without subclassing it: `tokenizer`
 imports this module to dispatch to it); its `serialized` form is a JSON document behind a magic
 header, so checkpoints embed it like a SentencePiece model and `Tokenizer.from_bytes` brings back
-the right class. XLM used other segmenters for zh (Stanford), th (PyThaiNLP) and ja (KyTea);
-here every language goes through Moses (a warning says so once).
+the right class.
+
+XLM's `tools/tokenize.sh` gives three languages to their own segmenter instead of steps 1-3:
+  * th: `tools/segment_th.py` (PyThaiNLP's `word_tokenize(line)`, its default engine `newmm`,
+    words joined by spaces) then `remove-non-printing-char`: done here with the same call
+    (`th_segmenter`);
+  * zh: the Stanford segmenter (`segment.sh pku`, Java + a CRF model, not available here); jieba's
+    default `cut` stands in for it (`zh_segmenter`): the words differ where the two segmenters'
+    standards do (docs/interop.md measures it);
+  * ja: KyTea, not reproduced: ja goes through Moses (a warning says so).
+Both segmenters are requirements; without one, tokenizing its language fails naming the package.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +60,13 @@ _log = logging.getLogger(__name__)
 
 END_OF_WORD = "</w>"  # fastBPE's marker on a word's last symbol (codes and HF vocab.json)
 CONTINUATION = "@@"  # XLM's marker on every subword but a word's last
-# Languages that XLM segmented with another tool than Moses (see the module docstring).
-_OWN_SEGMENTER = {"zh": "the Stanford segmenter", "th": "PyThaiNLP", "ja": "KyTea"}
+# Languages that XLM segmented with a tool not reproduced here (see the module docstring).
+_NOT_REPRODUCED = {"ja": "KyTea"}
+# lang -> (module, pip requirement, its role): the segmenters that replace Moses for a language.
+_SEGMENTER_PACKAGES = {
+    "th": ("pythainlp.tokenize", "pythainlp==2.0.7", "XLM's tools/segment_th.py"),
+    "zh": ("jieba", "jieba==0.42.1", "in place of XLM's Stanford segmenter"),
+}
 
 
 # --- the dictionary ------------------------------------------------------------------------------
@@ -261,6 +276,20 @@ def printing_only(text: str) -> str:
     return _non_printing().sub(" ", text)
 
 
+# normalize-punctuation.perl l. 41-42: `s/‘/\"/g; s/‚/\"/g;` (a ‘ between two ASCII letters
+# became `'` just before, l. 39): sacremoses' port makes them `'`, which tokenizer.perl then splits
+# off as an apostrophe (de `‚Twp‘` → `' Twp '` instead of `" Twp "`).
+_PERL_DOUBLE_QUOTES = ("‘", "‚")
+
+
+def perl_quote_rules(substitutions: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """sacremoses' normalizer substitutions with perl's `"` for a lone ‘ or ‚."""
+    found = [pattern for pattern, _ in substitutions if pattern in _PERL_DOUBLE_QUOTES]
+    if sorted(found) != sorted(_PERL_DOUBLE_QUOTES):  # a sacremoses upgrade changed its rules
+        raise RuntimeError(f"sacremoses' normalizer has no single rule for each of ‘ ‚: {found}")
+    return [(p, '"') if p in _PERL_DOUBLE_QUOTES else (p, r) for p, r in substitutions]
+
+
 def split_final_period(tokens: list[str]) -> list[str]:
     """tokenizer.perl splits the period off the line's last word whatever the word ("split last
     words independently as they are unlikely to be non-breaking prefixes"); sacremoses applies
@@ -274,40 +303,92 @@ def split_final_period(tokens: list[str]) -> list[str]:
     return tokens
 
 
+# --- the segmenters XLM used instead of Moses (zh, th) --------------------------------------------
+
+
+def th_segmenter() -> Callable[[str], list[str]]:
+    r"""XLM's `segment_th.py | remove-non-printing-char.perl`: `' '.join(word_tokenize(line))`
+    (PyThaiNLP, default arguments), then `\p{C}` → space; words are what spaces separate (the
+    whitespace tokens PyThaiNLP keeps vanish there, as in fastBPE and XLM's dictionary)."""
+    word_tokenize = import_segmenter("th").word_tokenize
+    return lambda text: printing_only(" ".join(word_tokenize(text))).split()
+
+
+def zh_segmenter() -> Callable[[str], list[str]]:
+    """jieba's default `cut` (dictionary + HMM) where XLM ran the Stanford segmenter on the raw
+    line (`segment.sh pku`, no Moses step before or after)."""
+    jieba = import_segmenter("zh")
+    jieba.setLogLevel(logging.WARNING)  # not its "Building prefix dict..." lines in every run
+    return lambda text: " ".join(jieba.lcut(text)).split()
+
+
+_SEGMENTERS: dict[str, Callable[[], Callable[[str], list[str]]]] = {
+    "th": th_segmenter,
+    "zh": zh_segmenter,
+}
+
+
+def import_segmenter(lang: str) -> Any:
+    """The module of `lang`'s segmenter; a clear error naming the package when it is missing (no
+    fallback to Moses: its words would silently differ from the model's)."""
+    module, requirement, role = _SEGMENTER_PACKAGES[lang]
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = requirement.partition("==")[0]
+        raise ImportError(
+            f"tokenizing {lang!r} as XLM did needs the {package!r} package ({role}): "
+            f"pip install {requirement} (it is in requirements.txt)"
+        ) from e
+
+
 class MosesPipeline:
-    """Steps 1-4 of the module docstring for one language: raw text → XLM's words."""
+    """XLM's `tools/tokenize.sh` (+ lowercasing) for one language: raw text → XLM's words.
+
+    Steps 1-4 of the module docstring; for zh and th their segmenter replaces steps 1-3.
+    """
 
     def __init__(self, lang: str, *, lowercase: bool, romanian: bool) -> None:
         self.lang = lang
         self.lowercase = lowercase
         self.romanian = romanian and lang == "ro"
+        self._segment = _SEGMENTERS[lang]() if lang in _SEGMENTERS else None
+        if self._segment is not None:
+            return  # no Moses step for this language
         sacremoses = _sacremoses()
-        # Non-printing characters and the continental quote rule are done here, the perl way.
+        # Non-printing characters and the continental quote rule are done here, the perl way;
+        # perl_parity: the perl script's spaces around French quotes.
         self._normalizer = sacremoses.MosesPunctNormalizer(
             lang=lang,
             pre_replace_unicode_punct=True,
             norm_quote_commas=lang == "en",
             post_remove_control_chars=False,
+            perl_parity=True,
         )
+        self._normalizer.substitutions = perl_quote_rules(self._normalizer.substitutions)
         self._tokenizer = sacremoses.MosesTokenizer(lang=lang)
-        if lang in _OWN_SEGMENTER:
+        self._tokenizer.PAD_NOT_ISALNUM = (_not_alnum(), r" \1 ")
+        if lang in _NOT_REPRODUCED:
             _log.warning(
                 "XLM segmented %r text with %s, not Moses: ids may differ from the reference",
                 lang,
-                _OWN_SEGMENTER[lang],
+                _NOT_REPRODUCED[lang],
             )
 
     def __call__(self, text: str) -> list[str]:
+        tokens = self._segment(text) if self._segment is not None else self._moses(text)
+        if self.lowercase:
+            tokens = lowercase_and_remove_accent(tokens)
+        return tokens
+
+    def _moses(self, text: str) -> list[str]:
         text = self._normalizer.normalize(text)
         if self.lang not in _OWN_QUOTE_RULE:
             text = continental_quotes(text)
         text = printing_only(text)  # after the quote rule, whose `\s*` must see them as perl does
         if self.romanian:
             text = text.translate(_ROMANIAN)
-        tokens = split_final_period(self._tokenizer.tokenize(text, escape=False))
-        if self.lowercase:
-            tokens = lowercase_and_remove_accent(tokens)
-        return tokens
+        return split_final_period(self._tokenizer.tokenize(text, escape=False))
 
 
 # --- the tokenizer -------------------------------------------------------------------------------
@@ -492,6 +573,17 @@ def _non_printing() -> Any:
     import regex
 
     return regex.compile(r"\p{C}")
+
+
+@functools.cache
+def _not_alnum() -> Any:
+    r"""tokenizer.perl's first split, `s/([^\p{IsAlnum}\s\.\'\`\,\-])/ $1 /g`, with perl's class
+    (Alphabetic or Nd). sacremoses' table adds the Indic viramas and nuktas, which perl splits
+    off (hi `वेल्श` → `वेल ् श`), and misses ~120k alphanumerics (CJK and Hangul outside zh/ja/ko,
+    letters added in newer Unicode versions), which it splits off one by one."""
+    import regex
+
+    return regex.compile(r"([^\p{Alnum}\s\.'\`\,\-])")
 
 
 def _sacremoses() -> Any:
