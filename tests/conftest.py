@@ -1,6 +1,5 @@
 """Shared fixtures: tiny configs and the path of the real data (never copied into the repo)."""
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -21,25 +20,15 @@ def compilation_cache(tmp_path_factory):
     """Tests compile the same tiny programs many times: reuse them within the session, in this
     process and in the ones tests start (a signal test's rerun, a CLI run), which inherit the
     cache through the environment (``CPU_ENV`` and ``os.environ``)."""
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     shared = {
+        "JAX_COMPILATION_CACHE_DIR": cache,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER") and importlib.util.find_spec("filelock"):
-        # One cache for every xdist worker (their files often compile the same programs). A
-        # size limit turns on the cache's file lock: concurrent writers and readers then never
-        # see a half-written entry.
-        base = base.parent
-        shared["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-    cache = base / "jax_cache"
-    cache.mkdir(exist_ok=True)
-    shared["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" in shared:
-        jax.config.update("jax_compilation_cache_max_size", 8 << 30)
     CPU_ENV.update(shared)
     os.environ.update(shared)
 
