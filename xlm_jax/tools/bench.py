@@ -70,10 +70,12 @@ def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: b
     return {"tokens": tokens, "positions": positions, "langs": langs}
 
 
-def _matmul_floor(fn: Callable, *args, loop_trips: int = 1) -> dict:
+def _matmul_floor(
+    fn: Callable, *args, loop_trips: int = 1, sample_seconds: float = roofline.SAMPLE_SECONDS
+) -> dict:
     """The program's matrix products timed alone (``xlm_jax.tools.roofline``): seconds and FLOPs."""
     floor = roofline.time_dot_products(
-        roofline.program_dot_products(fn, *args, loop_trips=loop_trips)
+        roofline.program_dot_products(fn, *args, loop_trips=loop_trips), sample_seconds
     )
     return {"seconds": floor["seconds"], "flops": floor["flops"]}
 
@@ -84,6 +86,7 @@ def bench_steps(
     memory_only: bool = False,
     only: tuple[str, ...] = ("mlm", "tlm", "clm"),
     floor: bool = True,
+    sample_seconds: float = roofline.SAMPLE_SECONDS,  # of each product's timing (the floor)
 ) -> dict:
     """Compiles each step kind for the config's mesh; times it unless ``memory_only``.
 
@@ -163,7 +166,14 @@ def bench_steps(
                 achieved_flops=flops * tokens / seconds,
             )
             if floor and mesh.size == 1:  # the traced shapes are the global ones
-                f = _matmul_floor(steps.train[kind], abstract, abstract_batch, step, lam)
+                f = _matmul_floor(
+                    steps.train[kind],
+                    abstract,
+                    abstract_batch,
+                    step,
+                    lam,
+                    sample_seconds=sample_seconds,
+                )
                 results[name].update(
                     matmul_floor_s=f["seconds"],
                     matmul_flops_per_token=f["flops"] / tokens,
@@ -173,7 +183,13 @@ def bench_steps(
 
 
 def bench_decoding(
-    config, batch: int, src_len: int, out_tokens: int, n_runs: int = 3, floor: bool = True
+    config,
+    batch: int,
+    src_len: int,
+    out_tokens: int,
+    n_runs: int = 3,
+    floor: bool = True,
+    sample_seconds: float = roofline.SAMPLE_SECONDS,
 ) -> list[dict]:
     """Sentences/s of greedy and beam-4 decoding with and without the KV cache.
 
@@ -236,7 +252,14 @@ def bench_decoding(
             )
             if floor and kv:  # without the cache the floor says nothing new
                 # the loop body runs once per output token (the last one a forced </s>)
-                f = _matmul_floor(fn, params, inputs, np.int32(1), loop_trips=out_tokens)
+                f = _matmul_floor(
+                    fn,
+                    params,
+                    inputs,
+                    np.int32(1),
+                    loop_trips=out_tokens,
+                    sample_seconds=sample_seconds,
+                )
                 results[-1].update(
                     matmul_floor_s=f["seconds"],
                     matmul_flops=f["flops"],
@@ -313,6 +336,7 @@ def run(
     pipeline: bool = False,
     peak_size: int = 2048,
     floor: bool = True,
+    sample_seconds: float = roofline.SAMPLE_SECONDS,  # of each product's timing (the floor)
 ) -> dict:
     """Everything the benchmark measures, in one process: the report `main` prints and saves.
 
@@ -328,7 +352,7 @@ def run(
             "jax float32": matmul_peak(jnp.float32, peak_size),
             "jax bfloat16": matmul_peak(jnp.bfloat16, peak_size),
         }
-    steps = bench_steps(config, n_steps, memory_only, kinds, floor)
+    steps = bench_steps(config, n_steps, memory_only, kinds, floor, sample_seconds)
     peak = None if memory_only else report["matmul_peak_flops"][f"jax {config.model.dtype}"]
     for r in steps.values():
         if "achieved_flops" in r:
@@ -359,7 +383,9 @@ def run(
                     )
     if decode_shape is not None:
         batch, src_len, out_tokens = decode_shape
-        runs = bench_decoding(config, batch, src_len, out_tokens, floor=floor)
+        runs = bench_decoding(
+            config, batch, src_len, out_tokens, floor=floor, sample_seconds=sample_seconds
+        )
         report["decoding"] = {
             "batch": batch,
             "source_tokens": src_len,

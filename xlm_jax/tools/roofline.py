@@ -101,7 +101,12 @@ def program_dot_products(
     return dot_products(jax.make_jaxpr(fn)(*args).jaxpr, loop_trips)
 
 
-def _seconds_per_call(f: Callable[..., Any], args: tuple, min_seconds: float = 0.05) -> float:
+SAMPLE_SECONDS = 0.05  # each timing sample of a product runs at least this long
+
+
+def _seconds_per_call(
+    f: Callable[..., Any], args: tuple, min_seconds: float = SAMPLE_SECONDS
+) -> float:
     """Median time of one call; calls are issued back to back (JAX dispatches asynchronously),
     enough of them per sample that dispatch overhead is spread out."""
     jax.block_until_ready(f(*args))  # compile
@@ -120,7 +125,9 @@ def _seconds_per_call(f: Callable[..., Any], args: tuple, min_seconds: float = 0
     return float(np.median(samples))
 
 
-def time_dot_products(counts: collections.Counter) -> dict[str, Any]:
+def time_dot_products(
+    counts: collections.Counter, sample_seconds: float = SAMPLE_SECONDS
+) -> dict[str, Any]:
     """Seconds the program's products take alone, each shape timed once on random operands.
 
     Returns ``{"seconds", "flops", "products"}``: the total over all calls, its FLOPs, and one
@@ -137,7 +144,7 @@ def time_dot_products(counts: collections.Counter) -> dict[str, Any]:
                 a, b, dot.dimension_numbers, preferred_element_type=dot.preferred_element_type
             )
         )
-        s = _seconds_per_call(f, (lhs, rhs))
+        s = _seconds_per_call(f, (lhs, rhs), sample_seconds)
         total_s += s * n
         total_flops += dot.flops * n
         rows.append(
