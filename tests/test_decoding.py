@@ -273,6 +273,22 @@ def test_greedy_without_eos_has_fixed_lengths():
 # ----------------------------------------------------------------------------- beam search
 
 
+@pytest.mark.parametrize("n, block", [(1000, 64), (1037, 64), (300, 16)])
+def test_top_k_equals_lax_top_k_ties_included(n, block):
+    """Values and indices of lax.top_k (ties to the lower index), with a partial last block, -inf
+    entries and rows of many equal values."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(6, n)).astype(np.float32)
+    x[1] = rng.integers(0, 3, n)  # ties everywhere, also across the chosen blocks
+    x[2, rng.integers(0, n, n // 2)] = -np.inf
+    x[3, -3:] = 9.0  # the best entries in the partial block
+    for k in (1, 5, 12):
+        got = jax.jit(decoding.top_k, static_argnums=(1, 2))(x, k, block)
+        want = jax.lax.top_k(x, k)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
 def test_tile_beams_repeats_rows():
     tree = {"a": jnp.arange(6).reshape(3, 2), "b": (jnp.arange(3.0),)}
     out = decoding.tile_beams(tree, 2)
@@ -421,7 +437,7 @@ def test_beam_is_exact_when_it_covers_the_space(case, length_penalty):
 def test_beam_without_cache_reordering_is_caught(monkeypatch):
     """The toy model's history lives in the cache: skipping its reordering changes the output."""
     expected = beam_run(4, 1.0, False)
-    monkeypatch.setattr(decoding, "_reorder_cache", lambda cache, rows, shared=frozenset(): cache)
+    monkeypatch.setattr(decoding, "_reorder_cache", lambda cache, rows, reordered=None: cache)
     tokens, _, scores = jax.device_get(
         beam_fn(MODEL, 8, 4)(MODEL.init_cache(BIAS), LIMITS, 1.0, False)
     )

@@ -88,7 +88,7 @@ def test_cached_decoding_equals_full_recomputation(model_and_params):
     np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(full), atol=1e-5)
 
 
-def _decoder_fns(model, params, batch, max_len):
+def _decoder_fns(model, params, batch, max_len, beam_size=1):
     cache = model.apply(
         {"params": params},
         batch["src_tokens"],
@@ -96,6 +96,7 @@ def _decoder_fns(model, params, batch, max_len):
         batch["src_langs"],
         jnp.ones((B,), jnp.int32),
         max_len + 1,
+        beam_size=beam_size,
         method=EncoderDecoder.init_cache,
     )
 
@@ -103,6 +104,26 @@ def _decoder_fns(model, params, batch, max_len):
         return model.apply({"params": params}, tokens, index, cache, method=EncoderDecoder.step)
 
     return step_fn, cache
+
+
+def test_beam_cache_is_reordered_through_its_history(model_and_params):
+    """Beam search's cache stays in place and only `beam_history` follows the parent beams: each
+    step's logits equal those of a cache with one row per beam, every row gathered."""
+    model, params = model_and_params
+    batch, beams = _batch(5), 3
+    step_fn, in_place = _decoder_fns(model, params, batch, 6, beam_size=beams)
+    _, per_row = _decoder_fns(model, params, batch, 6)
+    per_row = decoding.tile_beams(per_row, beams)
+    rng = np.random.default_rng(0)
+    for t in range(5):
+        tokens = jnp.asarray(rng.integers(4, V, B * beams), jnp.int32)
+        logits, in_place = step_fn(tokens, jnp.int32(t), in_place)
+        expected, per_row = step_fn(tokens, jnp.int32(t), per_row)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5)
+        parents = rng.integers(0, beams, (B, beams))  # beams switch parents at every step
+        rows = jnp.asarray((np.arange(B)[:, None] * beams + parents).reshape(-1))
+        in_place = decoding._reorder_cache(in_place, rows, ("beam_history",))
+        per_row = decoding._reorder_cache(per_row, rows)
 
 
 def test_beam_one_equals_greedy_on_the_model(model_and_params):
@@ -158,11 +179,12 @@ def test_beam_search_scores_its_own_output(model_and_params):
     batch = _batch(3)
     src = {k: v for k, v in batch.items() if k.startswith("src_")}
     total = nmt.max_len_of(S, 1.0, 3.0)
-    step_fn, cache = _decoder_fns(model, params, batch, total - 1)
+    step_fn, cache = _decoder_fns(model, params, batch, total - 1, beam_size=3)
 
     tokens, lengths, scores = decoding.beam_search(
         step_fn,
-        decoding.tile_beams(cache, 3),
+        cache,  # the decoder's beam cache: rows in place, read through `beam_history`
+        reordered=("beam_history",),
         batch_size=B,
         beam_size=3,
         max_len=total - 1,

@@ -62,11 +62,13 @@ class DecoderLayer(nn.Module):
         *,
         deterministic: bool,
         cache_layout: bool = False,
+        history: Array | None = None,
     ) -> Array:
         """One block given the keys/values to attend to (fresh projections, or a cache in
-        `MultiHeadAttention.to_cache_layout`'s layout)."""
+        `MultiHeadAttention.to_cache_layout`'s layout, its rows read through beam search's
+        `history`: see `MultiHeadAttention.attend`)."""
         kw = {"deterministic": deterministic, "cache_layout": cache_layout}
-        a = self.attention.attend(x, *self_kv, self_mask, **kw)
+        a = self.attention.attend(x, *self_kv, self_mask, history=history, **kw)
         x = self.layer_norm1(x + self.dropout(a, deterministic=deterministic))
         a = self.cross_attention.attend(x, *cross_kv, cross_mask, **kw)
         x = self.layer_norm15(x + self.dropout(a, deterministic=deterministic))
@@ -80,7 +82,7 @@ class XLMDecoder(XLMEncoder):
 
     Methods (`(batch, length)` int32 inputs; `memory` = encoder output, `memory_valid` its mask):
       __call__(tokens, positions, langs, memory, memory_valid, *, deterministic) -> logits
-      init_cache(memory, memory_valid, langs, max_len) -> cache
+      init_cache(memory, memory_valid, langs, max_len, beam_size=1) -> cache
       step(tokens, index, cache) -> (logits (n, vocab), cache)
     """
 
@@ -133,42 +135,72 @@ class XLMDecoder(XLMEncoder):
         )
         return self.logits(hidden)
 
-    def init_cache(self, memory: Array, memory_valid: Array, langs: Array, max_len: int) -> Cache:
-        """A cache for decoding up to `max_len` tokens per row (the start token included).
+    def init_cache(
+        self, memory: Array, memory_valid: Array, langs: Array, max_len: int, beam_size: int = 1
+    ) -> Cache:
+        """A cache for decoding up to `max_len` tokens per row (the start token included), with
+        `beam_size` rows per source sentence (row b * beam_size + j = beam j of sentence b).
 
-        Cross-attention keys/values are projected once here, not at every step. `langs` (n,) is
-        each row's target language.
+        Cross-attention keys/values are projected once here, not at every step, and kept once
+        per sentence: every beam's query reads the same rows. `langs` (batch,) is each sentence's
+        target language. With beams, `beam_history` (rows, max_len) names the row whose keys and
+        values hold each beam's position t: beam search reorders it (`decoding.beam_search`'s
+        `reordered`), and the cache itself stays in place.
         """
         cfg = self.config
-        n = memory.shape[0]
+        n = memory.shape[0] * beam_size
         to_cache = layers.MultiHeadAttention.to_cache_layout
-        cache: Cache = {"memory_valid": memory_valid, "langs": langs.astype(jnp.int32)}
+        langs = jnp.repeat(langs.astype(jnp.int32), beam_size)
+        cache: Cache = {"memory_valid": memory_valid, "langs": langs}
+        if beam_size > 1:
+            cache["beam_history"] = jnp.zeros((n, max_len), jnp.int32)
         for i, layer in enumerate(self.layers):
             cache[f"cross_k_{i}"], cache[f"cross_v_{i}"] = to_cache(
                 *layer.cross_attention.project_kv(memory)
             )
-            dt = cfg.compute_dtype
-            cache[f"self_k_{i}"] = jnp.zeros((n, cfg.n_heads, cfg.head_dim, max_len), dt)
-            cache[f"self_v_{i}"] = jnp.zeros((n, cfg.n_heads, max_len, cfg.head_dim), dt)
+            # In the layouts the products read (to_cache_layout's), with beams one row per beam:
+            # `(sentences, beams, ...)` (read through `beam_history`; see `attend`).
+            rows = (n,) if beam_size == 1 else (memory.shape[0], beam_size)
+            dt, heads, head_dim = cfg.compute_dtype, cfg.n_heads, cfg.head_dim
+            cache[f"self_k_{i}"] = jnp.zeros((*rows, heads, head_dim, max_len), dt)
+            cache[f"self_v_{i}"] = jnp.zeros((*rows, heads, max_len, head_dim), dt)
         return cache
 
     def step(self, tokens: Array, index: Array, cache: Cache) -> tuple[Array, Cache]:
         """Feeds `tokens` (n,) at position `index` (a scalar, the same for all rows); returns the
-        logits `(n, vocab)` of the next token and the cache with this position's keys/values."""
+        logits `(n, vocab)` of the next token and the cache with this position's keys/values.
+
+        The n rows are `beams` per sentence of `memory_valid`; inside the blocks they are laid
+        out `(sentences, beams, dim)`, each beam one query position of its sentence."""
         n = tokens.shape[0]
+        sentences = cache["memory_valid"].shape[0]
+        beams = n // sentences
         positions = jnp.full((n, 1), index, jnp.int32)
         x, valid = self.embed(
             tokens[:, None], positions, cache["langs"][:, None], deterministic=True
         )
+        x, valid = x.reshape(sentences, beams, -1), valid.reshape(sentences, beams)
         max_len = cache["self_k_0"].shape[-1]
         # Row-independent: positions <= index are filled (earlier steps, or this one).
         self_mask = (jnp.arange(max_len) <= index)[None, None, :]
         cross_mask = cache["memory_valid"][:, None, :]
         cache = dict(cache)
+        history = None
+        if "beam_history" in cache:  # this position's keys/values go to each beam's own row
+            own = (jnp.arange(n, dtype=jnp.int32) % beams)[:, None]
+            cache["beam_history"] = jax.lax.dynamic_update_slice_in_dim(
+                cache["beam_history"], own, index, axis=1
+            )
+            history = cache["beam_history"].reshape(sentences, beams, max_len)
         for i, layer in enumerate(self.layers):
-            k, v = layers.MultiHeadAttention.to_cache_layout(*layer.attention.project_kv(x))
-            # the position axis: last for keys, third for values
-            for name, new, axis in ((f"self_k_{i}", k, 3), (f"self_v_{i}", v, 2)):
+            k, v = layer.attention.project_kv(x)  # (sentences, beams, heads, head_dim)
+            if history is None:  # one row per sentence: (n, heads, head_dim, 1), (n, heads, 1, _)
+                k, v = layers.MultiHeadAttention.to_cache_layout(k, v)
+            else:  # (sentences, beams, heads, head_dim, 1), (sentences, beams, heads, 1, head_dim)
+                k, v = k[..., None], v[..., None, :]
+            # the position axis: last for keys, the one before last for values
+            for name, new in ((f"self_k_{i}", k), (f"self_v_{i}", v)):
+                axis = new.ndim - 1 if name.startswith("self_k") else new.ndim - 2
                 cache[name] = jax.lax.dynamic_update_slice_in_dim(
                     cache[name], new.astype(cache[name].dtype), index, axis=axis
                 )
@@ -181,5 +213,6 @@ class XLMDecoder(XLMEncoder):
                 valid,
                 deterministic=True,
                 cache_layout=True,
+                history=history,
             )
-        return self.logits(x[:, 0]), cache
+        return self.logits(x.reshape(n, -1)), cache

@@ -14,15 +14,15 @@ The step function (the NMT decoder provides one) has the form::
 
     step_fn(tokens (n,) int32, index () int32, cache) -> (logits (n, vocab), cache)
 
-where `tokens` sit at position `index` and `logits` predict position `index + 1`; every array
-leaf of `cache` has leading dimension n (n = batch, or batch * beam for beam search).
+where `tokens` sit at position `index` and `logits` predict position `index + 1`; the cache
+entries beam search reorders have leading dimension n (n = batch, or batch * beam).
 
 Callers close the step function and the static sizes over and wrap the call in `jax.jit`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -76,18 +76,17 @@ def _float_logits(logits: Array, eos_id: int, eos_allowed: bool) -> Array:
     return logits
 
 
-def _reorder_cache(cache: Cache, rows: Array, shared: frozenset[str] = frozenset()) -> Cache:
-    """Gathers every cache entry along axis 0 (the parent beam of each new beam), except the
-    `shared` ones, whose rows are equal within a sentence (a parent is always a beam of the same
-    sentence). Indices are in bounds by construction: "clip" spares the out-of-bounds fill that
-    `take` would otherwise apply to every gathered element."""
+def _reorder_cache(cache: Cache, rows: Array, reordered: Collection[str] | None = None) -> Cache:
+    """Gathers cache entries along axis 0 (the parent beam of each new beam): all of them, or
+    the `reordered` entries of a dict cache. Indices are in bounds by construction: "clip"
+    spares the out-of-bounds fill that `take` would otherwise apply to every gathered element."""
 
     def take(tree: Cache) -> Cache:
         return jax.tree.map(lambda x: jnp.take(x, rows, axis=0, mode="clip"), tree)
 
-    if not isinstance(cache, dict):
+    if reordered is None or not isinstance(cache, dict):
         return take(cache)
-    return {k: v if k in shared else take(v) for k, v in cache.items()}
+    return {k: take(v) if k in reordered else v for k, v in cache.items()}
 
 
 def _gather_beams(x: Array, idx: Array) -> Array:
@@ -132,7 +131,7 @@ def greedy_decode(
         prev = lax.dynamic_index_in_dim(tokens, cur - 1, axis=1, keepdims=False)
         logits, cache = step_fn(prev, cur - 1, cache)
         logits = _float_logits(logits, eos_id, eos_allowed)
-        word = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        word = top_k(logits, 1)[1][:, 0]  # argmax (the first of equals), several times faster
         word = jnp.where(cur >= limits - 1, eos_id, word)  # the last position is always eos
         word = jnp.where(unfinished, word, pad_id)
         tokens = lax.dynamic_update_index_in_dim(tokens, word, cur, axis=1)
@@ -159,13 +158,14 @@ def beam_search(
     early_stopping: bool | Array = False,
     max_lengths: Array | None = None,
     eos_allowed: bool = True,
-    shared: frozenset[str] = frozenset(),
+    reordered: Collection[str] | None = None,
 ) -> tuple[Array, Array, Array]:
     """XLM's `generate_beam`; returns the best hypothesis per sentence `(tokens, lengths, scores)`.
 
-    `cache` (a dict) has batch_size * beam_size rows (see `tile_beams`); its entries are gathered
-    along axis 0 by the parent beams at every step, except those named in `shared`: entries equal
-    for all beams of a sentence (e.g. the source's keys and values), which need no reordering.
+    `cache` has batch_size * beam_size rows (see `tile_beams`); at every step its entries are
+    gathered along axis 0 by the parent beams: all of them, or only those a dict cache names in
+    `reordered` (the others are the same for all beams of a sentence, like the source's keys and
+    values, or are read through a reordered index, like `XLMDecoder`'s `beam_history`).
     `tokens` (int32 `(batch_size, max_len + 1)`) and `lengths` are laid out as in
     `greedy_decode`, including `max_lengths` and `eos_allowed`.
 
@@ -205,7 +205,7 @@ def beam_search(
         added, extends = _candidate_fates(word == eos_id, at_limit, done)
         finished = _add_finished(state, parent, top_score, added, eos_id, length_penalty)
         beams, rows = _next_beams(state, parent, word, top_score, extends, pad_id)
-        cache = _reorder_cache(cache, rows, shared)
+        cache = _reorder_cache(cache, rows, reordered)
         return {**finished, **beams, "cur": cur + 1, "done": done | at_limit, "cache": cache}
 
     start = _initial_beams(cache, batch_size, beam_size, max_len, bos_id, pad_id)
@@ -239,13 +239,41 @@ def _top_candidates(logprobs: Array, alive_score: Array) -> tuple[Array, Array, 
     V = logprobs.shape[-1]
     # Two-stage top-k: the best 2K of K x V candidates are among each beam's best 2K words,
     # and a top-k over (B*K, V) then (B, K*2K) is far cheaper than one over (B, K*V).
-    beam_lp, beam_word = lax.top_k(logprobs, min(2 * K, V))  # (B*K, 2K)
+    beam_lp, beam_word = top_k(logprobs, min(2 * K, V))  # (B*K, 2K)
     n = beam_lp.shape[-1]
     cand = (alive_score[:, :, None] + beam_lp.reshape(B, K, n)).reshape(B, K * n)
     top_score, top_idx = lax.top_k(cand, 2 * K)  # (B, 2K), best first
     parent = top_idx // n
     word = jnp.take_along_axis(beam_word.reshape(B, K * n), top_idx, axis=1).astype(jnp.int32)
     return top_score, parent, word
+
+
+def top_k(x: Array, k: int, block: int = 128) -> tuple[Array, Array]:
+    """`lax.top_k` over the last axis of a 2-D `x`: the same values and indices (ties to the lower
+    index; inputs without NaN), in passes a CPU runs several times faster over a vocabulary.
+
+    The k largest entries lie in the k blocks of `block` entries with the largest maxima (ties to
+    the lower block): a block left out has k blocks whose maxima are at least its own, and come
+    first. So one reduction over the row, a top-k over its block maxima and one over the
+    k * block entries of the chosen blocks (in index order, so that ties keep resolving to the
+    lower index) give the row's top k. Over beam search's (128, 32k) log-probabilities, XLA:CPU's
+    sort-based `top_k` took 6 ms of a 90 ms step.
+    """
+    rows, n = x.shape
+    n_blocks = n // block
+    if n_blocks <= k:
+        return lax.top_k(x, k)
+    blocks = x[:, : n_blocks * block].reshape(rows, n_blocks, block)
+    _, chosen = lax.top_k(jnp.max(blocks, axis=-1), k)
+    chosen = jnp.sort(chosen, axis=-1)
+    candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(rows, -1)
+    index = (chosen[:, :, None] * block + jnp.arange(block)).reshape(rows, -1)
+    if n_blocks * block < n:  # the last, partial block is always a candidate
+        candidates = jnp.concatenate([candidates, x[:, n_blocks * block :]], axis=1)
+        rest = jnp.arange(n_blocks * block, n, dtype=index.dtype)
+        index = jnp.concatenate([index, jnp.broadcast_to(rest, (rows, rest.size))], axis=1)
+    values, position = lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(index, position, axis=1).astype(jnp.int32)
 
 
 def _sentences_done(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from xlm_jax.model import decoding
 from xlm_jax.model.decoder import Cache, XLMDecoder
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder, xlm_flops_per_token
 
@@ -26,7 +27,8 @@ class EncoderDecoder(nn.Module):
     """Methods:
     __call__(batch, *, deterministic) -> logits (batch, tgt_len, vocab) for the next target token
     encode(tokens, positions, langs) -> memory (batch, src_len, emb_dim)
-    init_cache(src_tokens, src_positions, src_langs, tgt_langs (n,), max_len) -> cache
+    init_cache(src_tokens, src_positions, src_langs, tgt_langs (batch,), max_len, kv_cache,
+               beam_size) -> cache with beam_size rows per sentence
     step(tokens (n,), index, cache) -> (logits (n, vocab), cache)
     """
 
@@ -66,8 +68,10 @@ class EncoderDecoder(nn.Module):
         tgt_langs: Array,
         max_len: int,
         kv_cache: bool = True,
+        beam_size: int = 1,
     ) -> Cache:
-        """Encodes the source (inference mode) and builds the decoder's cache for `max_len`.
+        """Encodes the source (inference mode) and builds the decoder's cache for `max_len`,
+        with `beam_size` rows per sentence (`XLMDecoder.init_cache`).
 
         `kv_cache=False` keeps only the generated prefix, and every `step` runs the decoder over
         all of it again: the same outputs, the reference that the KV cache is measured against.
@@ -75,14 +79,15 @@ class EncoderDecoder(nn.Module):
         memory = self.encode(src_tokens, src_positions, src_langs, deterministic=True)
         memory_valid = src_tokens != self.encoder_config.pad_id
         if kv_cache:
-            return self.decoder.init_cache(memory, memory_valid, tgt_langs, max_len)
+            return self.decoder.init_cache(memory, memory_valid, tgt_langs, max_len, beam_size)
         n = src_tokens.shape[0]
-        return {
+        cache = {
             "memory": memory,
             "memory_valid": memory_valid,
             "langs": tgt_langs.astype(jnp.int32),
             "prefix": jnp.full((n, max_len), self.decoder_config.pad_id, jnp.int32),
         }
+        return decoding.tile_beams(cache, beam_size)
 
     def step(self, tokens: Array, index: Array, cache: Cache) -> tuple[Array, Cache]:
         if "prefix" not in cache:

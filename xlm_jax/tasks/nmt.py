@@ -274,6 +274,7 @@ def generate(
         tgt_langs,
         total,
         kv_cache,
+        beam_size,
         method=EncoderDecoder.init_cache,
     )
 
@@ -289,12 +290,12 @@ def generate(
         return decoding.greedy_decode(
             step_fn, cache, batch_size=n, max_lengths=limit, eos_allowed=eos_allowed, **kw
         )
-    # What depends on the source only is the same for every beam of a sentence.
-    shared = frozenset(k for k in cache if k.startswith(("cross_", "memory")) or k == "langs")
+    # What a beam's cache rows hold moves with the beam: the cache's history index, or the
+    # recomputed prefix. The rest is the source's, the same for every beam of a sentence.
     tokens, lengths, _ = decoding.beam_search(
         step_fn,
-        decoding.tile_beams(cache, beam_size),
-        shared=shared,
+        cache,
+        reordered=("beam_history", "prefix"),
         batch_size=n,
         beam_size=beam_size,
         length_penalty=length_penalty,
