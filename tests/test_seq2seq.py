@@ -122,7 +122,7 @@ def test_beam_cache_is_reordered_through_its_history(model_and_params):
         np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5)
         parents = rng.integers(0, beams, (B, beams))  # beams switch parents at every step
         rows = jnp.asarray((np.arange(B)[:, None] * beams + parents).reshape(-1))
-        in_place = decoding._reorder_cache(in_place, rows, ("beam_history",))
+        in_place = decoding._reorder_cache(in_place, rows, EncoderDecoder.BEAM_REORDERED)
         per_row = decoding._reorder_cache(per_row, rows)
 
 
@@ -184,7 +184,7 @@ def test_beam_search_scores_its_own_output(model_and_params):
     tokens, lengths, scores = decoding.beam_search(
         step_fn,
         cache,  # the decoder's beam cache: rows in place, read through `beam_history`
-        reordered=("beam_history",),
+        reordered=EncoderDecoder.BEAM_REORDERED,
         batch_size=B,
         beam_size=3,
         max_len=total - 1,

@@ -86,6 +86,10 @@ class XLMDecoder(XLMEncoder):
       step(tokens, index, cache) -> (logits (n, vocab), cache)
     """
 
+    # The cache entries beam search reorders (`decoding.beam_search`'s `reordered`): the rest
+    # stays in place, the source's the same for all beams, the keys/values read through it.
+    BEAM_REORDERED = ("beam_history",)
+
     def make_layers(self) -> list[nn.Module]:
         if self.config.remat != "none":
             # The decoder reaches into its layers (projecting keys/values for the cache), which
@@ -144,8 +148,8 @@ class XLMDecoder(XLMEncoder):
         Cross-attention keys/values are projected once here, not at every step, and kept once
         per sentence: every beam's query reads the same rows. `langs` (batch,) is each sentence's
         target language. With beams, `beam_history` (rows, max_len) names the row whose keys and
-        values hold each beam's position t: beam search reorders it (`decoding.beam_search`'s
-        `reordered`), and the cache itself stays in place.
+        values hold each beam's position t: beam search reorders it (`BEAM_REORDERED`), and
+        the cache itself stays in place.
         """
         cfg = self.config
         n = memory.shape[0] * beam_size
@@ -199,8 +203,7 @@ class XLMDecoder(XLMEncoder):
             else:  # (sentences, beams, heads, head_dim, 1), (sentences, beams, heads, 1, head_dim)
                 k, v = k[..., None], v[..., None, :]
             # the position axis: last for keys, the one before last for values
-            for name, new in ((f"self_k_{i}", k), (f"self_v_{i}", v)):
-                axis = new.ndim - 1 if name.startswith("self_k") else new.ndim - 2
+            for name, new, axis in ((f"self_k_{i}", k, k.ndim - 1), (f"self_v_{i}", v, v.ndim - 2)):
                 cache[name] = jax.lax.dynamic_update_slice_in_dim(
                     cache[name], new.astype(cache[name].dtype), index, axis=axis
                 )

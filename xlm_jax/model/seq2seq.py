@@ -34,6 +34,8 @@ class EncoderDecoder(nn.Module):
 
     encoder_config: ModelConfig
     decoder_config: ModelConfig
+    # What beam search reorders: the KV cache's history index, or the recomputed prefix.
+    BEAM_REORDERED = (*XLMDecoder.BEAM_REORDERED, "prefix")
 
     def setup(self) -> None:
         self.encoder = XLMEncoder(self.encoder_config)

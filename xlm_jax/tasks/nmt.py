@@ -290,12 +290,10 @@ def generate(
         return decoding.greedy_decode(
             step_fn, cache, batch_size=n, max_lengths=limit, eos_allowed=eos_allowed, **kw
         )
-    # What a beam's cache rows hold moves with the beam: the cache's history index, or the
-    # recomputed prefix. The rest is the source's, the same for every beam of a sentence.
     tokens, lengths, _ = decoding.beam_search(
         step_fn,
         cache,
-        reordered=("beam_history", "prefix"),
+        reordered=EncoderDecoder.BEAM_REORDERED,
         batch_size=n,
         beam_size=beam_size,
         length_penalty=length_penalty,
