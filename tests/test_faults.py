@@ -222,14 +222,15 @@ def small_state(value: float) -> dict:
 
 
 @contextlib.contextmanager
-def disk_full_for(marker: str):
+def disk_full_for(root: Path, marker: str):
     """Every file write orbax makes through etils (metadata, JSON items) whose path contains
     ``marker`` fails as on a full disk. (Array data goes through tensorstore, in C++; the test
     on a real full filesystem below covers it.)
 
     The disk stays full until the failed save's background threads are done: orbax reports the
     first failure while other writers still run, and room made at that moment lets them finish
-    the step after all (a complete, valid checkpoint, but not the case under test)."""
+    the step after all (a complete, valid checkpoint, but not the case under test). On the way
+    out it waits for the failed step's array writes under ``root`` to end."""
     cls = epath.gpath.PosixGPath
     real = cls.write_text
     before = set(threading.enumerate())
@@ -250,7 +251,34 @@ def disk_full_for(marker: str):
             if not t.daemon and not t.name.startswith("metadata_store"):
                 with contextlib.suppress(Exception):  # orbax's join re-raises their error
                     t.join(max(0.0, deadline - time.monotonic()))
+        _tensorstore_settled(root, marker, deadline)
         cls.write_text = real
+
+
+def _tensorstore_settled(root: Path, marker: str, deadline: float) -> None:
+    """Tensorstore's array writes run on C++ threads that outlive orbax's failed save: a later
+    cleanup of the tmp directory would race them (seen in CI). Waits until every OCDBT database
+    of the failed step has its manifest (written last) and nothing changes for 0.5 s."""
+
+    def snapshot() -> list:
+        return sorted(
+            (str(p), p.stat().st_size if p.is_file() else -1)
+            for p in root.rglob("*")
+            if marker in str(p)
+        )
+
+    before, stable_since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):  # a file may vanish while listed
+            now = snapshot()
+            if now != before:
+                before, stable_since = now, time.monotonic()
+            dbs = [p for p, _ in now if Path(p).name.startswith("ocdbt.process_")]
+            done = all(Path(db, "manifest.ocdbt").exists() for db in dbs)
+            if done and time.monotonic() - stable_since >= 0.5:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"tensorstore writes under {root} ({marker}) did not settle in 30 s")
 
 
 def orbax_threads_wind_down(test):
@@ -267,7 +295,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, async_sav
     ckpt = Checkpointer(directory, async_save=async_save)
     ckpt.save(1, small_state(1), data_state={"cursor": 1}, meta={})
     ckpt.wait()
-    with disk_full_for("/2.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
+    with disk_full_for(tmp_path, "/2.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
         ckpt.save(2, small_state(2), data_state={"cursor": 2}, meta={})
         ckpt.wait()  # an async save fails in the background: reported here
     msg = str(e.value)
@@ -327,7 +355,7 @@ def test_disk_full_in_training_resumes_from_the_previous_checkpoint(tmp_path):
         config(), tmp_path / "full", on_step=lambda s, st: full.setdefault(s, jax.device_get(st))
     )
     work = tmp_path / "work"
-    with disk_full_for("/8.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
+    with disk_full_for(tmp_path, "/8.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
         pretrain.train_and_evaluate(config(), work)
     msg = str(e.value)
     assert f"checkpoint 8 could not be written to {(work / 'checkpoints').resolve()}" in msg, msg

@@ -360,7 +360,7 @@ def test_disk_full_during_a_save_resumes_from_the_previous_checkpoint(checkpoint
     rerun resumes from 2 and ends with the parameters of the run that had room."""
     _, seen = checkpointed_run
     work = tmp_path / "work"
-    with disk_full_for("/4.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
+    with disk_full_for(work, "/4.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
         nmt.train_and_evaluate(_checkpointed_config(), work)
     msg = str(e.value)
     assert f"checkpoint 4 could not be written to {(work / 'checkpoints').resolve()}" in msg, msg

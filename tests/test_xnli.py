@@ -593,7 +593,7 @@ def test_disk_full_during_a_save_resumes_from_the_previous_checkpoint(finished_r
     checkpoint 2 is untouched; the rerun resumes from 2 and ends as the run that had room."""
     original, config, first = finished_run
     work = tmp_path / "work"
-    with disk_full_for("/4.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
+    with disk_full_for(work, "/4.orbax-checkpoint-tmp"), pytest.raises(OSError) as e:
         xnli.finetune(config, work)
     msg = str(e.value)
     assert f"checkpoint 4 could not be written to {(work / 'checkpoints').resolve()}" in msg, msg
