@@ -22,7 +22,9 @@ def load_config(name: str, *args):
     return module.get_config(*args)
 
 
-@pytest.mark.parametrize("name", ["demo", "multi30k_mlm_tlm", "xnli15_mlm_tlm", "xnli15_small"])
+@pytest.mark.parametrize(
+    "name", ["demo", "multi30k_mlm_tlm", "xnli15_mlm_tlm", "xnli15_small", "xnli15_parallel"]
+)
 def test_config_builds_and_docstring_shows_its_command(name):
     config = load_config(name)
     text = (REPO / "configs" / f"{name}.py").read_text()
@@ -53,7 +55,9 @@ def test_xnli15_model_has_the_paper_size():
     assert 245e6 < count_params(params) < 255e6
 
 
-@pytest.mark.parametrize("name", ["xnli15_mlm_tlm", "xnli15_small", "multi30k_mlm_tlm"])
+@pytest.mark.parametrize(
+    "name", ["xnli15_mlm_tlm", "xnli15_small", "multi30k_mlm_tlm", "xnli15_parallel"]
+)
 def test_real_data_configs_read_their_sources(name, shared_data):
     """Every source the config names exists and its line ranges fit the files."""
     from xlm_jax.data.corpus import read_split
@@ -66,3 +70,24 @@ def test_real_data_configs_read_their_sources(name, shared_data):
         assert set(split.mono) == set(langs)
         for src, tgt in split.para.values():
             assert len(src) == len(tgt) > 0
+
+
+def test_parallel_text_adds_pairs_and_sides_only_to_training(shared_data):
+    """configs/xnli15_parallel.py = xnli15_small's text + parallel/ (NTREX in every pair, news and
+    UN where they exist), the same validation; its MLM-only variant keeps the text."""
+    from xlm_jax.data.corpus import read_split
+
+    small, more = load_config("xnli15_small"), load_config("xnli15_parallel")
+    assert more.data.valid == small.data.valid
+    assert load_config("xnli15_parallel", "mlm").data.train == more.data.train
+    langs = corpus_lib.lang_list(more)
+    a, b = (read_split(c.data.train, langs, root=str(shared_data), where="") for c in (small, more))
+    ntrex = 1997
+    for pair, (src, _) in a.para.items():
+        extra = len(b.para[pair][0]) - len(src)
+        assert extra >= ntrex, pair
+        lang = pair[1]
+        assert len(b.mono[lang]) - len(a.mono[lang]) == extra, pair  # the xx side of each pair
+    assert len(b.para[("en", "de")][0]) - len(a.para[("en", "de")][0]) == ntrex + 31_158  # news
+    assert len(b.para[("en", "fr")][0]) - len(a.para[("en", "fr")][0]) == ntrex + 20_173 + 8_000
+    assert len(b.mono["en"]) - len(a.mono["en"]) == ntrex + 8_000 + 31_158  # one news English

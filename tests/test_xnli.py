@@ -77,6 +77,15 @@ def test_classifier_head_reads_the_last_layer_at_position_zero():
     other = model.apply({"params": params}, hidden[:, 1], method=XNLIClassifier.classify)
     assert not np.allclose(logits, other)  # position 0, not any position
 
+    # pooling="mean": the head reads the mean over each row's non-pad positions (row 0 has 6)
+    mean_model = XNLIClassifier(cfg, n_classes=3, dropout=0.1, pooling="mean")
+    mean_logits = mean_model.apply({"params": params}, tokens, positions, langs)
+    means = np.stack([hidden[0, :6].mean(0), hidden[1].mean(0), hidden[2].mean(0)])
+    via_mean = model.apply({"params": params}, means, method=XNLIClassifier.classify)
+    np.testing.assert_allclose(mean_logits, via_mean, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling='max': one of"):
+        XNLIClassifier(cfg, pooling="max").init(jax.random.key(0), tokens, positions, langs)
+
     # The pretraining encoder's parameter tree drops in unchanged under 'encoder'.
     enc_params = XLMEncoder(cfg).init({"params": jax.random.key(1)}, tokens, positions, langs)
     assert jax.tree.structure(nn.meta.unbox(enc_params)["params"]) == jax.tree.structure(

@@ -2,7 +2,8 @@
 
 As XLM's ``SentenceEmbedder.get_embeddings`` + projection: the encoder runs without a causal mask,
 the last layer's hidden state at position 0 (the first ``</s>`` of ``</s> s1 </s> s2 </s>``) is the
-pair's representation, then dropout and one linear layer give the class logits.
+pair's representation, then dropout and one linear layer give the class logits. ``pooling="mean"``
+averages the last layer over the row's tokens instead (a choice for small encoders, not XLM's).
 
 Parameters are ``{'encoder': <the pretrained XLMEncoder tree>, 'head': {'kernel', 'bias'}}``, so a
 pretraining checkpoint's parameters drop in under ``encoder``. The head's kernel carries the logical
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from xlm_jax.model import layers
-from xlm_jax.model.encoder import ModelConfig, XLMEncoder
+from xlm_jax.model.encoder import POOLINGS, ModelConfig, XLMEncoder, pooled
 from xlm_jax.model.layers import BATCH, EMBED
 
 Array = jax.Array
@@ -26,10 +27,10 @@ CLASSES = "classes"  # logical axis of the class dimension (unsharded)
 
 
 class XNLIClassifier(nn.Module):
-    """XLM encoder + dropout + linear head on the first position of the last layer.
+    """XLM encoder + dropout + linear head on the pooled last layer (by default position 0).
 
     Methods (all inputs ``(batch, length)`` int32, as the encoder's):
-      pool(tokens, positions, langs, *, deterministic) -> (batch, emb_dim) last layer at position 0
+      pool(tokens, positions, langs, *, deterministic) -> (batch, emb_dim) the pooled last layer
       classify(pooled, *, deterministic) -> (batch, n_classes) float32 logits
       __call__(tokens, positions, langs, *, deterministic) -> classify(pool(...))
     Dropout (the encoder's and the head's) draws from the rng stream 'dropout'.
@@ -38,8 +39,11 @@ class XNLIClassifier(nn.Module):
     config: ModelConfig
     n_classes: int = 3
     dropout: float = 0.1
+    pooling: str = "first"  # one of encoder.POOLINGS
 
     def setup(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}: one of {POOLINGS}")
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
         if not 0.0 <= self.dropout < 1.0:
@@ -60,7 +64,7 @@ class XNLIClassifier(nn.Module):
         self, tokens: Array, positions: Array, langs: Array, *, deterministic: bool = True
     ) -> Array:
         hidden = self.encoder.encode(tokens, positions, langs, deterministic=deterministic)
-        return nn.with_logical_constraint(hidden[:, 0], (BATCH, EMBED))
+        return nn.with_logical_constraint(pooled(hidden, tokens, self.pooling), (BATCH, EMBED))
 
     def classify(self, pooled: Array, *, deterministic: bool = True) -> Array:
         x = self.head_dropout(pooled, deterministic=deterministic)

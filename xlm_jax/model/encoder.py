@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from xlm_jax.model import layers
 from xlm_jax.model.layers import ACT_EMBED, ACT_VOCAB, EMBED, LANGS, POSITIONS, VOCAB
+from xlm_jax.text.tokenizer import PAD_ID
 
 Array = jax.Array
 
@@ -342,6 +343,22 @@ class XLMEncoder(nn.Module):
                 )
             hidden = jnp.take_along_axis(hidden, pred_index[:, :, None], axis=1)
         return self.logits(hidden)
+
+
+# How a row's last-layer states become its sentence vector: the first position (XLM's, the
+# leading </s>) or the mean over the row's non-pad tokens.
+POOLINGS = ("first", "mean")
+
+
+def pooled(hidden: jax.Array, tokens: jax.Array, pooling: str) -> jax.Array:
+    """``(batch, length, dim)`` states of ``(batch, length)`` tokens → ``(batch, dim)``."""
+    if pooling == "first":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling={pooling!r}: one of {POOLINGS}")
+    valid = (tokens != PAD_ID).astype(jnp.float32)[..., None]  # sums in float32 under bfloat16
+    mean = (hidden.astype(jnp.float32) * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
+    return mean.astype(hidden.dtype)
 
 
 def count_params(params: Any) -> int:

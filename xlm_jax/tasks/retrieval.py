@@ -33,10 +33,9 @@ from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data import nli, presets, sources
 from xlm_jax.data.sources import DataError
 from xlm_jax.model import pretrained
-from xlm_jax.model.encoder import XLMEncoder
+from xlm_jax.model.encoder import XLMEncoder, pooled
 from xlm_jax.tasks import xnli
 from xlm_jax.tasks.report import csv_bytes, markdown_table, ordered_langs
-from xlm_jax.text.tokenizer import PAD_ID
 
 # The pretraining presets train on the first 80% of each Tatoeba file (lines 0..799 of the
 # 1,000-line ones): the retrieval probe reads the rest.
@@ -85,15 +84,9 @@ def last_layer(params, batch, *, model: XLMEncoder) -> jax.Array:
     ).astype(jnp.float32)
 
 
-def masked_mean(hidden: jax.Array, tokens: jax.Array) -> jax.Array:
-    """The mean of ``hidden`` over each row's non-pad tokens."""
-    valid = (tokens != PAD_ID).astype(jnp.float32)[..., None]
-    return (hidden * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
-
-
 def mean_pooled(params, batch, *, model: XLMEncoder) -> jax.Array:
     """Mean of the last layer over each row's non-pad tokens, float32 ``(batch, emb_dim)``."""
-    return masked_mean(last_layer(params, batch, model=model), batch["tokens"])
+    return pooled(last_layer(params, batch, model=model), batch["tokens"], "mean")
 
 
 def retrieval_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -5,7 +5,8 @@ head on English NLI pairs, then classify pairs in the 14 other XNLI languages wi
 those languages. As XLM's ``src/evaluation/xnli.py``:
 
 * a pair is one row ``</s> premise </s> hypothesis </s>`` (``data/nli.py``);
-* the classifier reads the last layer at position 0 (``model/classifier.py``);
+* the classifier reads the last layer at position 0 (``model/classifier.py``; ``pooling="mean"``:
+  its mean over the row, an option for small encoders);
 * the encoder and the head have their own Adam (``optimizer_e`` / ``optimizer_p``), constant
   learning rates, every encoder layer fine-tuned (or those of ``finetune_layers``), the
   encoder's own dropout active; optionally a class-weighted loss (``weighted_training``);
@@ -101,6 +102,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.select_lang = "en"  # model selection by this language's validation accuracy (the source)
     c.dropout = 0.0  # on the pooled vector before the head (glue-xnli.py --dropout default 0)
+    # The pair's vector: "first" = the last layer at position 0 (XLM's), "mean" = its mean over
+    # the row's tokens
+    c.pooling = "first"
     # The encoder keeps the pretrained model's dropout (XLM fine-tunes in train mode);
     # a value >= 0 overrides it.
     c.encoder_dropout = -1.0
@@ -777,13 +781,19 @@ def open_data(config: ml_collections.ConfigDict, env: loop.Env):
     return source, prepared_set, sets, length_of(config, source.model, sets)
 
 
+def classifier_of(config: ml_collections.ConfigDict, encoder: ModelConfig) -> XNLIClassifier:
+    return XNLIClassifier(
+        encoder, n_classes=len(LABELS), dropout=config.dropout, pooling=config.pooling
+    )
+
+
 def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     """The encoder's source, the NLI sets tokenized once by its tokenizer (``data/prepare.py``);
     one update per batch of an epoch's order, evaluation of every validation language at each
     epoch's end (``steps_per_epoch`` steps)."""
     source, prepared_set, sets, length = open_data(config, env)
     eval_sets = {k: v for k, v in sets.items() if k != "train"}
-    model = XNLIClassifier(source.model, n_classes=len(LABELS), dropout=config.dropout)
+    model = classifier_of(config, source.model)
     buckets = buckets_of(config, length)
     tx, epochs = make_optimizer(config), Epochs(config, list(sets["train"].values()), buckets)
     weights = class_weights_of(config, list(sets["train"].values()))

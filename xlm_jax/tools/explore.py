@@ -27,7 +27,7 @@ import numpy as np
 
 from xlm_jax.data import batches, nli
 from xlm_jax.model import pretrained
-from xlm_jax.model.encoder import XLMEncoder
+from xlm_jax.model.encoder import POOLINGS, XLMEncoder, pooled
 from xlm_jax.tasks import retrieval
 from xlm_jax.text.tokenizer import MASK_ID, N_SPECIAL, PAD_ID, SPECIAL_PIECES
 
@@ -247,9 +247,6 @@ def strongest_links(
     return out
 
 
-POOLINGS = ("mean", "first")  # how a row's last-layer states become its sentence vector
-
-
 class Embedded(NamedTuple):
     """One batch of ``embed_batches``: its rows' places in the input and what they gave."""
 
@@ -333,10 +330,7 @@ def _embed_fn(model_config, pooling: str, states: bool):
 
     def embed(params, batch):
         hidden = retrieval.last_layer(params, batch, model=model)
-        pooled = (
-            retrieval.masked_mean(hidden, batch["tokens"]) if pooling == "mean" else hidden[:, 0]
-        )
-        return pooled, hidden if states else None
+        return pooled(hidden, batch["tokens"], pooling), hidden if states else None
 
     return jax.jit(embed)
 

@@ -19,7 +19,6 @@ import numpy as np
 from xlm_jax.core import parallel, train_state
 from xlm_jax.data import sentences
 from xlm_jax.model import pretrained
-from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import XLMEncoder
 from xlm_jax.model.seq2seq import EncoderDecoder
 from xlm_jax.tasks import nmt, pretrain, xnli
@@ -144,7 +143,7 @@ def xnli_programs(config, mesh, rules, all_shapes: bool = False) -> list[Program
     encoder, _ = pretrained.source_model(config)
     encoder = pretrained.with_dropout(encoder, config)
     length = xnli.row_length(2 * config.max_len - 1, config, encoder)
-    model = XNLIClassifier(encoder, n_classes=len(xnli.LABELS), dropout=config.dropout)
+    model = xnli.classifier_of(config, encoder)
     tx = xnli.make_optimizer(config)
     dp = parallel.data_parallel_size(mesh, rules)
     state, shardings, _ = train_state.abstract_state(model, tx, mesh, rules, dp)
