@@ -8,14 +8,24 @@ language and pair on Multi30k val. Results and their command: docs/results.md.
   python -m xlm_jax.main --config=configs/multi30k_mlm_tlm.py:mlm --workdir=/tmp/xlm_m30k_mlm
   # stage 1 of unsupervised MT (configs/multi30k_unmt_enfr.py): MLM on disjoint en/fr halves
   python -m xlm_jax.main --config=configs/multi30k_mlm_tlm.py:unmt_enfr --workdir=/tmp/mlm_enfr
+  # a stronger stage 1: also the en/fr text of ../shared/data/parallel, as disjoint halves too
+  python -m xlm_jax.main --config=configs/multi30k_mlm_tlm.py:unmt_enfr_parallel \
+      --workdir=/tmp/mlm_enfr_parallel
 """
 
 from xlm_jax.tasks.pretrain_config import default_config
 
+VARIANTS = ("mlm_tlm", "mlm", "unmt_enfr", "unmt_enfr_parallel")
+
+# en/fr pairs of ../shared/data/parallel (paths from multi30k/): monolingual text for the UNMT
+# stage 1, English from each file's first half and French from its second, so that no sentence
+# of a pair is seen on both sides (the protocol of the Multi30k halves).
+PARALLEL_EN_FR = ("../parallel/news/en-fr.{}", "../parallel/un/un.{}", "../parallel/ntrex/ntrex.{}")
+
 
 def get_config(objectives: str = "mlm_tlm"):
-    if objectives not in ("mlm_tlm", "mlm", "unmt_enfr"):
-        raise ValueError(f"objectives {objectives!r}: expected 'mlm_tlm', 'mlm' or 'unmt_enfr'")
+    if objectives not in VARIANTS:
+        raise ValueError(f"objectives {objectives!r}: expected one of {VARIANTS}")
     c = default_config()
     c.langs = "en,de,fr"
     c.data.root = "../shared/data/multi30k"  # relative to where you run; override for a copy
@@ -49,11 +59,20 @@ def get_config(objectives: str = "mlm_tlm"):
     c.log_every = 50
     c.eval_every = 200
     c.checkpoint_every = 200
-    if objectives == "unmt_enfr":
+    if objectives.startswith("unmt_enfr"):
         # No pair ever seen (../shared/data/README.md): en takes lines 0..14,499 of each split's
         # first half, fr the second half; MLM only.
         c.langs = "en,fr"
         c.data.train = "en: train.en@0:14500; fr: train.fr@14500:29000"
         c.data.valid = "en: val.en@0:507; fr: val.fr@507:1014"
         c.mlm_steps = "en,fr"
+    if objectives == "unmt_enfr_parallel":
+        en = ", ".join(f.format("en") + "@0:50%" for f in PARALLEL_EN_FR)
+        fr = ", ".join(f.format("fr") + "@50%:" for f in PARALLEL_EN_FR)
+        c.data.train = f"en: train.en@0:14500, {en}; fr: train.fr@14500:29000, {fr}"
+        c.tokenizer.n_sentences = 120_000
+        c.optimizer.warmup_steps = 500
+        c.max_steps = 6_000  # ~1 h 45 min on 2 idle CPU cores
+        c.eval_every = 500
+        c.checkpoint_every = 500
     return c

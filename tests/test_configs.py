@@ -56,13 +56,20 @@ def test_xnli15_model_has_the_paper_size():
 
 
 @pytest.mark.parametrize(
-    "name", ["xnli15_mlm_tlm", "xnli15_small", "multi30k_mlm_tlm", "xnli15_parallel"]
+    "name",
+    [
+        "xnli15_mlm_tlm",
+        "xnli15_small",
+        "multi30k_mlm_tlm",
+        "multi30k_mlm_tlm:unmt_enfr_parallel",
+        "xnli15_parallel",
+    ],
 )
 def test_real_data_configs_read_their_sources(name, shared_data):
     """Every source the config names exists and its line ranges fit the files."""
     from xlm_jax.data.corpus import read_split
 
-    config = load_config(name)
+    config = load_config(*name.split(":"))
     langs = corpus_lib.lang_list(config)
     root = shared_data / config.data.root.removeprefix("../shared/data").lstrip("/")
     for where in ("train", "valid"):
