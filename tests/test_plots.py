@@ -84,6 +84,35 @@ def test_plot_xnli_draws_runs_side_by_side_and_the_command_reads_workdirs(tmp_pa
         plots.read_results(tmp_path / "missing")
 
 
+def test_gap_pairs_seeds_in_order_and_the_command_prints_the_table(tmp_path, capsys):
+    runs = {
+        "t0": {"en": 70.0, "fr": 50.0, "de": 45.0},
+        "t1": {"en": 72.0, "fr": 54.0, "de": 44.0},
+        "m0": {"en": 69.0, "fr": 46.0, "de": 45.0},
+        "m1": {"en": 70.0, "fr": 47.0, "de": 46.0, "es": 40.0},  # es: not in every run, left out
+    }
+    for name, accs in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_xnli_results([accs])))
+    gap = plots.xnli_gap(
+        ("tlm", [tmp_path / "t0", tmp_path / "t1"]), ("mlm", [tmp_path / "m0", tmp_path / "m1"])
+    )
+    assert gap.langs == ["en", "fr", "de", "avg"]
+    # seed pairs (t0, m0) and (t1, m1); avg = each run's own mean (m1's includes es)
+    np.testing.assert_allclose(gap.gap[:, :3], [[1.0, 4.0, 0.0], [2.0, 7.0, -2.0]])
+    np.testing.assert_allclose(gap.gap[:, 3], [55.0 - 160 / 3, 170 / 3 - 203 / 4])
+    rows = gap.rows()
+    assert rows[0]["en"] == "71.0 (70.0..72.0)" and rows[2]["fr"] == "+5.5 (+4.0..+7.0)"
+    assert rows[2]["de"] == "-1.0 (-2.0..+0.0)" and rows[2][""] == "tlm − mlm"
+    with pytest.raises(ValueError, match="pair the seeds one to one"):
+        plots.xnli_gap(("tlm", [tmp_path / "t0"]), ("mlm", [tmp_path / "m0", tmp_path / "m1"]))
+    t, m = (",".join(str(tmp_path / f"{k}{i}") for i in range(2)) for k in "tm")
+    plots.main(["gap", f"--out={tmp_path / 'gap.png'}", f"tlm={t}", f"mlm={m}"])
+    out = capsys.readouterr().out
+    assert "| tlm − mlm | +1.5 (+1.0..+2.0) | +5.5 (+4.0..+7.0) |" in out
+    assert out.strip().endswith(str(tmp_path / "gap.png")) and _png_shape(tmp_path / "gap.png")
+
+
 def _maps(n_layers=2, n=6):
     rng = np.random.default_rng(0)
     w = rng.random((n_layers, 3, n, n)).astype(np.float32)

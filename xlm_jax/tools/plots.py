@@ -5,6 +5,9 @@
       mlm_init=/tmp/unmt_enfr random_init=/tmp/unmt_enfr_random
   # XNLI zero-shot accuracy per language (results.json of --mode=xnli runs), one bar per run
   python -m xlm_jax.plots xnli --out=xnli.png mlm_tlm=/tmp/xnli_mlm_tlm random=/tmp/xnli_random
+  # A − B per language over seeds (runs paired in order): a markdown table and bars with the spread
+  python -m xlm_jax.plots gap --out=gap.png mlm_tlm=/tmp/x_tlm_s0,/tmp/x_tlm_s1 \
+      mlm=/tmp/x_mlm_s0,/tmp/x_mlm_s1
   # attention of a pretrained model over a TLM pair (a word and its translation)
   python -m xlm_jax.plots attention --workdir=/tmp/xlm_demo --out=attention.png \
       --lang=en --lang2=fr "The cat sleeps." "Le <mask> dort."
@@ -17,6 +20,7 @@ matplotlib's object API (no pyplot, no backend switch), so notebooks can call th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xlm_jax.core.metrics import read_jsonl
-from xlm_jax.tasks.report import ordered_langs
+from xlm_jax.tasks.report import markdown_table, ordered_langs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -175,6 +179,68 @@ def plot_xnli(
     return _save(fig, out)
 
 
+@dataclasses.dataclass(frozen=True)
+class Gap:
+    """XNLI accuracies of two groups of runs (seeds), paired in order, per language and "avg"."""
+
+    a: str
+    b: str
+    langs: list[str]  # paper order, then "avg" (the mean over each run's languages)
+    acc_a: np.ndarray  # (seeds, langs) accuracy (%)
+    acc_b: np.ndarray
+
+    @property
+    def gap(self) -> np.ndarray:  # (seeds, langs): a − b, seed by seed
+        return self.acc_a - self.acc_b
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The table: per language, each group's accuracy and the gap, as the mean over seeds
+        (pairs) and its range, "mean (min..max)"."""
+
+        def row(name: str, x: np.ndarray, sign: str) -> dict[str, Any]:
+            fmt = f"{{:{sign}.1f}} ({{:{sign}.1f}}..{{:{sign}.1f}})"
+            stats = zip(x.mean(0), x.min(0), x.max(0), strict=True)
+            return {"": name, **{g: fmt.format(*v) for g, v in zip(self.langs, stats, strict=True)}}
+
+        return [
+            row(self.a, self.acc_a, ""),
+            row(self.b, self.acc_b, ""),
+            row(f"{self.a} − {self.b}", self.gap, "+"),
+        ]
+
+
+def xnli_gap(
+    a: tuple[str, Sequence[Any]], b: tuple[str, Sequence[Any]], split: str = "valid"
+) -> Gap:
+    """``(label, runs)`` twice, the runs of each label paired in order (seed i with seed i); the
+    languages are those every run evaluated."""
+    (la, ra), (lb, rb) = a, b
+    if len(ra) != len(rb) or not ra:
+        raise ValueError(f"{la} has {len(ra)} runs and {lb} {len(rb)}: pair the seeds one to one")
+    accs = [[xnli_accuracies(read_results(r), split) for r in runs] for runs in (ra, rb)]
+    langs = ordered_langs([g for g in accs[0][0] if all(g in x for y in accs for x in y)])
+
+    def table(group: list[dict[str, float]]) -> np.ndarray:
+        return np.array([[x[g] for g in langs] + [float(np.mean(list(x.values())))] for x in group])
+
+    return Gap(la, lb, [*langs, "avg"], table(accs[0]), table(accs[1]))
+
+
+def plot_gap(gap: Gap, out: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Bars of the mean gap per language, whiskers from the smallest to the largest seed pair."""
+    diff = gap.gap
+    mean = diff.mean(0)
+    fig, (ax,) = _figure(max(4.5, 0.45 * len(gap.langs) + 1.5), 3.2)
+    x = np.arange(len(gap.langs))
+    ax.bar(x, mean, 0.6, yerr=[mean - diff.min(0), diff.max(0) - mean], capsize=3)
+    ax.axhline(0.0, color="grey", linewidth=1)
+    ax.set_xticks(x, gap.langs)
+    ax.set_ylabel("accuracy gap (points)")
+    ax.set_title(title or f"XNLI: {gap.a} − {gap.b}, {len(diff)} seed pairs", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out)
+
+
 # --- attention maps ------------------------------------------------------------------------------
 
 
@@ -236,6 +302,24 @@ def _xnli(argv: Sequence[str]) -> Path:
     return plot_xnli(parse_runs(args.runs), args.out, split=args.split, title=args.title)
 
 
+def _gap(argv: Sequence[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m xlm_jax.plots gap")
+    parser.add_argument("a", help="LABEL=WORKDIR,WORKDIR,... (--mode=xnli runs, one a seed)")
+    parser.add_argument("b", help="LABEL=WORKDIR,WORKDIR,... (as many, paired in order)")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--split", default="valid", help="valid, test or translate_test")
+    args = parser.parse_args(argv)
+    groups = []
+    for item in (args.a, args.b):
+        label, sep, runs = item.partition("=")
+        if not sep:
+            parser.error(f"{item!r}: expected LABEL=WORKDIR,WORKDIR,...")
+        groups.append((label, [r for r in runs.split(",") if r]))
+    gap = xnli_gap(*groups, split=args.split)
+    print(markdown_table(["", *gap.langs], gap.rows()))
+    return plot_gap(gap, args.out)
+
+
 def _attention(argv: Sequence[str]) -> Path:
     parser = argparse.ArgumentParser(prog="python -m xlm_jax.plots attention")
     parser.add_argument("text", help="a sentence; <mask> for a masked token")
@@ -259,7 +343,7 @@ def _attention(argv: Sequence[str]) -> Path:
     return plot_attention(maps, args.out, layers=layers, head=args.head)
 
 
-COMMANDS = {"curves": _curves, "xnli": _xnli, "attention": _attention}
+COMMANDS = {"curves": _curves, "xnli": _xnli, "gap": _gap, "attention": _attention}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
