@@ -22,6 +22,7 @@ def get_config(langs: str = "all"):
     c.data.root = "../shared/data"  # relative to where you run; override for a copy
     xnli_train, c.data.valid = nli.xnli_dev_sources(eval_langs)
     c.data.train = xnli_train + ", nli/snli_dev.tsv, nli/snli_test.tsv"  # all English
+    c.data.detokenize = "nli/snli_dev.tsv, nli/snli_test.tsv"  # Moses-tokenized, XNLI is not
     c.select_lang = "en"
 
     # XLM's recipe (Adam, constant lr, encoder dropout on) with batches of 32: 677 updates per pass

@@ -9,6 +9,7 @@ from xlm_jax.data import nli, prepare, prepared
 from xlm_jax.data.sources import DataError
 from xlm_jax.tasks import pretrain, xnli
 from xlm_jax.text import tokenizer as tokenizer_lib
+from xlm_jax.text import xlm_bpe
 
 
 def _config(root, **data):
@@ -58,6 +59,36 @@ def test_prepared_pairs_equal_the_text_read_in_memory(tok_path, tmp_path):
     assert ps.keys("translate_test")["fr"]["langs"] == ["en", "en"]
     with pytest.raises(DataError, match="is text, not NLI pairs"):
         _text_set(ps).labels("t", "en")
+
+
+@needs_xnli
+def test_a_moses_tokenized_set_is_detokenized_before_tokenizing(tok_path, tmp_path):
+    """SNLI's text is Moses-tokenized ("a cat , sleeping ."), XNLI's is not: data.detokenize
+    names the sources to detokenize, so training and validation pairs read alike."""
+    import sacremoses
+
+    moses = sacremoses.MosesTokenizer("en")
+    raw = nli.read_xnli_tsv(XNLI_DIR / "en.tsv@0:16")
+    rows = [
+        "\t".join([*(moses.tokenize(t, escape=False, return_str=True) for t in ex[:2]), "neutral"])
+        for ex in raw
+    ]
+    (tmp_path / "tok.tsv").write_text("\n".join(rows) + "\n")
+    tok = tokenizer_lib.Tokenizer.load(tok_path)
+
+    def premises(**data):
+        config = _config(tmp_path, train="en: tok.tsv@0:16", valid="", **data)
+        out = tmp_path / f"p{len(data)}"
+        prepare.prepare(config, out, root=str(tmp_path), tokenizer_path=tok_path)
+        return [list(x) for x in prepared.PreparedSet.open(out).sentences("train", "en")[0]]
+
+    detok = [xlm_bpe.moses_detokenize(r.split("\t")[0], "en") for r in rows]
+    assert premises(detokenize="tok.tsv") == [list(x) for x in tok.encode_many(detok, "en")]
+    as_written = premises()
+    assert as_written != premises(detokenize="tok.tsv")
+    assert detok == [ex.premise for ex in raw]  # the round trip gives back XNLI's own text
+    with pytest.raises(DataError, match=r"data.detokenize names \['snli.tsv'\], not a source"):
+        premises(detokenize="tok.tsv, snli.tsv")
 
 
 def _text_set(ps: prepared.PreparedSet) -> prepared.PreparedSet:

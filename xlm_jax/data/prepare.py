@@ -31,7 +31,7 @@ import multiprocessing
 import os
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from xlm_jax.data import corpus, nli, prepared, sources, toy
 from xlm_jax.data.text_files import DataError, check_aligned, decode_lines, reading
 from xlm_jax.text import tokenizer as tokenizer_lib
 from xlm_jax.text.specials import EOS_ID
+from xlm_jax.text.xlm_bpe import moses_detokenize
 
 _log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Side:
     start: int = 0  # bytes
     end: int = 0
     sha256: str = ""  # the whole file's: any change to it redoes its shards
+    detokenize: bool = False  # Moses-tokenized text, detokenized when read (data.detokenize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,9 @@ class Shard:
         plan = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
         if self.records == "text":  # as recorded before NLI shards existed: those stay finished
             del plan["records"]
+        for side in plan["sides"]:  # the same for shards prepared before data.detokenize
+            if not side["detokenize"]:
+                del side["detokenize"]
         return plan
 
 
@@ -186,15 +191,20 @@ def plan_item(
     found: dict[str, dict[str, Any]],
     manual_dir: str | None = None,
     records: str = "text",
+    detokenize: Collection[str] = (),
 ) -> list[Shard]:
-    """The shards of one source item: ``shard_lines`` lines of every side each."""
+    """The shards of one source item: ``shard_lines`` lines of every side each; a side whose
+    source (without its line range) is in ``detokenize`` is Moses-detokenized when read."""
     parsed = [sources.parse_spec(spec) for spec, _ in sides]
+    detok = [_unranged(spec) in detokenize for spec, _ in sides]
     if any(p.kind == "tfds" for p in parsed):  # read whole by one worker (TFDS has no byte ranges)
         for p in (p for p in parsed if p.kind == "tfds"):  # a local builder is prepared first
             sources.prepared_builder(p, data_dir=data_dir, manual_dir=manual_dir)
         n = [sources.line_count(p, root, data_dir=data_dir) for p in parsed]
         check_aligned([str(p) for p in parsed], n)
-        side = tuple(Side(spec, lang) for spec, lang in sides)
+        side = tuple(
+            Side(spec, lang, detokenize=d) for (spec, lang), d in zip(sides, detok, strict=True)
+        )
         first = sources.first_line(parsed[0], root)
         return [Shard(split, key, item, 0, first, n[0], side, records)]
     paths = [Path(os.path.abspath(sources.resolve_path(p, root))) for p in parsed]
@@ -221,8 +231,8 @@ def plan_item(
             cuts[0][i],
             cuts[0][i + 1] - cuts[0][i],
             tuple(
-                Side(spec, lang, str(path), off[i], off[i + 1], found[str(path)]["sha256"])
-                for (spec, lang), path, off in zip(sides, paths, offsets, strict=True)
+                Side(spec, lang, str(path), off[i], off[i + 1], found[str(path)]["sha256"], d)
+                for (spec, lang), path, off, d in zip(sides, paths, offsets, detok, strict=True)
             ),
             records,
         )
@@ -251,6 +261,7 @@ def splits_of(config: ml_collections.ConfigDict) -> list[str]:
 def make_plan(config: ml_collections.ConfigDict, root: str) -> Plan:
     """Every shard of the splits to prepare, with the sources scanned and checked."""
     records = records_of(config)
+    detokenize = set(corpus.codes(config.data.get("detokenize", "")))
     shards: list[Shard] = []
     found: dict[str, dict[str, Any]] = {}
     for split in splits_of(config):
@@ -269,9 +280,21 @@ def make_plan(config: ml_collections.ConfigDict, root: str) -> Plan:
                     found,
                     config.data.get("tfds_manual_dir") or None,
                     records,
+                    detokenize,
                 )
+    named = {_unranged(side.spec) for shard in shards for side in shard.sides}
+    if unknown := sorted(detokenize - named):
+        raise DataError(
+            f"data.detokenize names {unknown}, not a source of the prepared splits "
+            f"({', '.join(splits_of(config))}); give sources as in those, without line ranges"
+        )
     sources_ = {path: {k: v for k, v in f.items() if k != "lines"} for path, f in found.items()}
     return Plan(shards, sources_)
+
+
+def _unranged(spec: str) -> str:
+    """A source spec without its ``@START:END`` line range."""
+    return spec.partition("@")[0].strip()
 
 
 # --- reading a shard's lines --------------------------------------------------------------------
@@ -314,11 +337,26 @@ def nli_columns(
     return [ex.premise for ex in examples], [ex.hypothesis for ex in examples], labels
 
 
+def shard_texts(
+    shard: Shard, read_kw: Mapping[str, Any], root: str
+) -> tuple[list[list[str]], np.ndarray | None]:
+    """The text of each side of a shard, one string per line (Moses-detokenized where the side
+    says so), and an NLI shard's label ids."""
+    labels = None
+    if shard.records == "nli":  # every line checked: none is empty
+        *lines, labels = nli_columns(shard, read_kw, root)
+    else:
+        lines = [shard_lines(shard, side, read_kw, root) for side in shard.sides]
+    lines = [
+        [moses_detokenize(t, side.lang) for t in text] if side.detokenize else text
+        for side, text in zip(shard.sides, lines, strict=True)
+    ]
+    return lines, labels
+
+
 def side_texts(shard: Shard, j: int, read_kw: Mapping[str, Any], root: str) -> list[str]:
     """The text of side ``j`` of a shard, one string per line."""
-    if shard.records == "nli":
-        return nli_columns(shard, read_kw, root)[j]
-    return shard_lines(shard, shard.sides[j], read_kw, root)
+    return shard_texts(shard, read_kw, root)[0][j]
 
 
 # --- 2. tokenizer -------------------------------------------------------------------------------
@@ -429,10 +467,7 @@ def tokenize_shard(job: Job) -> dict[str, Any]:
     t0 = time.perf_counter()
     shard, out = job.shard, Path(job.out)
     tok = _tokenizer(job.tokenizer)
-    if shard.records == "nli":  # every line checked: none is empty
-        *lines, labels = nli_columns(shard, job.read_kw, job.root)
-    else:
-        lines = [shard_lines(shard, side, job.read_kw, job.root) for side in shard.sides]
+    lines, labels = shard_texts(shard, job.read_kw, job.root)
     keep = [i for i in range(shard.n_lines) if all(side[i] for side in lines)]
     dtype = prepared.token_dtype(tok.vocab_size)
     files: dict[str, dict[str, int]] = {}
@@ -443,7 +478,7 @@ def tokenize_shard(job: Job) -> dict[str, Any]:
         n_tokens.append(int(arrays["offsets"][-1]) - len(keep))  # without the </s>
         for what, array in arrays.items():
             _write_npy(out, f"{shard.name}.{j}.{what}.npy", array, files)
-    if shard.records == "nli":
+    if labels is not None:
         _write_npy(out, f"{shard.name}.labels.npy", labels, files)
     reason = "an empty line" if len(shard.sides) == 1 else "an empty side"
     # kept, but counted: with on_invalid_utf8="replace" a bad byte became U+FFFD
@@ -456,7 +491,7 @@ def tokenize_shard(job: Job) -> dict[str, Any]:
         "tokens": n_tokens,
         "dropped": {reason: shard.n_lines - len(keep)} if len(keep) < shard.n_lines else {},
         "replaced": {"lines with U+FFFD (invalid UTF-8 replaced)": replaced} if replaced else {},
-        **({"labels": _label_counts(labels)} if shard.records == "nli" else {}),
+        **({"labels": _label_counts(labels)} if labels is not None else {}),
         "files": files,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -583,6 +618,10 @@ def add_settings(c: ml_collections.ConfigDict) -> None:
     # What a line is: "text" (a sentence; pairs as 'SRC|TGT' files) or "nli"
     # (premise<TAB>hypothesis<TAB>label, as XNLI's TSV files or tfds:multi_nli / tfds:xnli)
     c.data.records = "text"
+    # Sources of the prepared splits whose text is Moses-tokenized ("a cat , sleeping ."), as
+    # written in them without line ranges, comma-separated: detokenized by their language's
+    # rules before tokenizing, so they read like the other sources (e.g. SNLI beside XNLI)
+    c.data.detokenize = ""
 
 
 def settings_of(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
@@ -595,6 +634,8 @@ def settings_of(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
         "on_invalid_utf8": d.on_invalid_utf8,
         "shard_lines": d.shard_lines,
         "records": records_of(config),
+        # only when set: manifests written before the setting existed stay valid
+        **({"detokenize": d.detokenize} if d.get("detokenize") else {}),
     }
 
 

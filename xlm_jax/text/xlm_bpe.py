@@ -546,7 +546,7 @@ class XLMBPETokenizer(Serialized):
         arr = self.checked_ids(ids)
         text = " ".join(self._words[i] for i in arr[arr >= N_SPECIAL].tolist())
         text = (text + " ").replace(CONTINUATION + " ", "").strip()
-        return _detokenizer(lang or self.default_lang).detokenize(text.split(), unescape=False)
+        return moses_detokenize(text, lang or self.default_lang)
 
     def id_to_piece(self, i: int) -> str:
         return self._words[int(i)]
@@ -559,6 +559,12 @@ class XLMBPETokenizer(Serialized):
             f"XLMBPETokenizer(vocab_size={self.vocab_size}, codes={len(self._codes)}, "
             f"lowercase={self.lowercase}, sha256={self.sha256[:12]})"
         )
+
+
+def moses_detokenize(text: str, lang: str) -> str:
+    """Moses-tokenized text (``"a cat , sleeping ."``) back to running text (``"a cat,
+    sleeping."``) by ``lang``'s rules; entities such as ``&amp;`` stay as written."""
+    return _detokenizer(lang).detokenize(text.split(), unescape=False)
 
 
 @functools.cache
