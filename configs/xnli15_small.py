@@ -6,19 +6,28 @@ MLM + TLM are compared at equal steps (the paper's claim: TLM helps cross-lingua
 
   python -m xlm_jax.main --config=configs/xnli15_small.py:mlm_tlm --workdir=/tmp/xlm15_mlm_tlm
   python -m xlm_jax.main --config=configs/xnli15_small.py:mlm --workdir=/tmp/xlm15_mlm
+
+",parallel" adds ../shared/data/parallel (news, UN, NTREX: about 150k more en-xx pairs) for TLM
+and, one side at a time, for MLM, with longer TLM rows and five times the steps (same validation):
+
+  python -m xlm_jax.main --config=configs/xnli15_small.py:mlm_tlm,parallel \
+      --workdir=/tmp/x15p_mlm_tlm
+  python -m xlm_jax.main --config=configs/xnli15_small.py:mlm,parallel --workdir=/tmp/x15p_mlm
+  # then XNLI fine-tuned on SNLI + the XNLI English rows: configs/xnli_snli.py
 """
 
 from xlm_jax.data import presets
 from xlm_jax.tasks.pretrain_config import default_config
 
 
-def get_config(objectives: str = "mlm_tlm"):
-    if objectives not in ("mlm_tlm", "mlm"):
-        raise ValueError(f"objectives {objectives!r}: expected 'mlm_tlm' or 'mlm'")
+def get_config(arg: str = "mlm_tlm"):
+    objectives, _, corpus = arg.partition(",")
+    if objectives not in ("mlm_tlm", "mlm") or corpus not in ("", "parallel"):
+        raise ValueError(f"{arg!r}: expected 'mlm_tlm' or 'mlm', optionally with ',parallel'")
     c = default_config()
     c.langs = ",".join(presets.XNLI15)
     c.data.root = "../shared/data"
-    c.data.train, c.data.valid = presets.xnli15_sources()
+    c.data.train, c.data.valid = presets.xnli15_sources(parallel=corpus == "parallel")
     c.tokenizer.vocab_size = 16_000
     c.tokenizer.n_sentences = 200_000
 
@@ -28,6 +37,9 @@ def get_config(objectives: str = "mlm_tlm"):
     c.model.dropout = 0.1
     c.model.attention_dropout = 0.1
 
+    # Each iteration: 5 MLM steps on sampled languages, then (mlm_tlm) 5 TLM steps on sampled
+    # en-xx pairs (lg_sampling_factor 0.7). max_steps counts both, so `mlm` makes twice as many
+    # MLM updates at the same compute.
     c.mlm_steps = presets.xnli15_steps(tlm=objectives == "mlm_tlm")
     c.batch_size = 32
     c.bptt = 128
@@ -41,4 +53,13 @@ def get_config(objectives: str = "mlm_tlm"):
     c.log_every = 50
     c.eval_every = 400
     c.checkpoint_every = 400
+    if corpus == "parallel":
+        c.tokenizer.n_sentences = 300_000
+        c.tlm_batch_size = 32  # x 128 = 4,096 tokens, an MLM step's; pairs packed (news is long)
+        c.tlm_length = 128
+        c.tlm_pack = True
+        c.optimizer.warmup_steps = 500
+        c.max_steps = 6_000  # ~1 h 45 min on 2 idle CPU cores
+        c.eval_every = 500
+        c.checkpoint_every = 500
     return c

@@ -23,12 +23,14 @@ def load_config(name: str, *args):
 
 
 @pytest.mark.parametrize(
-    "name", ["demo", "multi30k_mlm_tlm", "xnli15_mlm_tlm", "xnli15_small", "xnli15_parallel"]
+    "name",
+    ["demo", "multi30k_mlm_tlm", "xnli15_mlm_tlm", "xnli15_small", "xnli15_small:mlm,parallel"],
 )
 def test_config_builds_and_docstring_shows_its_command(name):
-    config = load_config(name)
-    text = (REPO / "configs" / f"{name}.py").read_text()
-    assert f"--config=configs/{name}.py" in text
+    config = load_config(*name.split(":"))
+    file, sep, arg = name.partition(":")
+    text = (REPO / "configs" / f"{file}.py").read_text()
+    assert f"--config=configs/{file}.py{sep}{arg}" in text
     steps = pretrain.build_steps(config)
     assert sum(len(s) for s in steps) > 0
 
@@ -62,7 +64,7 @@ def test_xnli15_model_has_the_paper_size():
         "xnli15_small",
         "multi30k_mlm_tlm",
         "multi30k_mlm_tlm:unmt_enfr_parallel",
-        "xnli15_parallel",
+        "xnli15_small:mlm_tlm,parallel",
     ],
 )
 def test_real_data_configs_read_their_sources(name, shared_data):
@@ -80,13 +82,13 @@ def test_real_data_configs_read_their_sources(name, shared_data):
 
 
 def test_parallel_text_adds_pairs_and_sides_only_to_training(shared_data):
-    """configs/xnli15_parallel.py = xnli15_small's text + parallel/ (NTREX in every pair, news and
-    UN where they exist), the same validation; its MLM-only variant keeps the text."""
+    """configs/xnli15_small.py:*,parallel = its text + parallel/ (NTREX in every pair, news and
+    UN where they exist), the same validation; the MLM-only variant keeps the text."""
     from xlm_jax.data.corpus import read_split
 
-    small, more = load_config("xnli15_small"), load_config("xnli15_parallel")
+    small, more = load_config("xnli15_small"), load_config("xnli15_small", "mlm_tlm,parallel")
     assert more.data.valid == small.data.valid
-    assert load_config("xnli15_parallel", "mlm").data.train == more.data.train
+    assert load_config("xnli15_small", "mlm,parallel").data.train == more.data.train
     langs = corpus_lib.lang_list(more)
     a, b = (read_split(c.data.train, langs, root=str(shared_data), where="") for c in (small, more))
     ntrex = 1997
