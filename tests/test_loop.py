@@ -113,6 +113,26 @@ def test_xlm_epochs_as_cadence(k):
     assert loop.Cadence.of(config, k).eval_every == config.eval_every
 
 
+def test_the_host_waits_for_the_update_in_flight_steps_back():
+    """Dispatch is asynchronous: adding update n to the window waits for update n - IN_FLIGHT,
+    so a stop request never waits for more than IN_FLIGHT queued updates before its checkpoint."""
+    finished = []
+
+    class Pending:  # a device result: block_until_ready marks it finished
+        def __init__(self, n):
+            self.n = n
+
+        def block_until_ready(self):
+            finished.append(self.n)
+            return self
+
+    window = loop.Window({}, guard=lambda flags: None, observe=None)
+    for n in range(6):
+        window.add("mlm", {"loss": Pending(n)}, tokens=1, flops=1.0)
+        assert finished == list(range(max(0, n + 1 - loop.IN_FLIGHT)))
+    assert loop.IN_FLIGHT == 2
+
+
 def damage_newest(checkpoints) -> int:
     """Garbles every array file of the newest checkpoint; returns its step."""
     step = Checkpointer(checkpoints).latest_step()
