@@ -185,7 +185,7 @@ class Gap:
 
     a: str
     b: str
-    langs: list[str]  # paper order, then "avg" (the mean over each run's languages)
+    langs: list[str]  # paper order, then "avg" (each run's mean over these languages)
     acc_a: np.ndarray  # (seeds, langs) accuracy (%)
     acc_b: np.ndarray
 
@@ -221,7 +221,8 @@ def xnli_gap(
     langs = ordered_langs([g for g in accs[0][0] if all(g in x for y in accs for x in y)])
 
     def table(group: list[dict[str, float]]) -> np.ndarray:
-        return np.array([[x[g] for g in langs] + [float(np.mean(list(x.values())))] for x in group])
+        values = np.array([[x[g] for g in langs] for x in group])
+        return np.concatenate([values, values.mean(1, keepdims=True)], axis=1)
 
     return Gap(la, lb, [*langs, "avg"], table(accs[0]), table(accs[1]))
 
