@@ -251,8 +251,10 @@ def disk_full_for(root: Path, marker: str):
             if not t.daemon and not t.name.startswith("metadata_store"):
                 with contextlib.suppress(Exception):  # orbax's join re-raises their error
                     t.join(max(0.0, deadline - time.monotonic()))
-        _tensorstore_settled(root, marker, deadline)
-        cls.write_text = real
+        try:
+            _tensorstore_settled(root, marker, deadline)
+        finally:  # never left patched for the tests that follow, even on a timeout
+            cls.write_text = real
 
 
 def _tensorstore_settled(root: Path, marker: str, deadline: float) -> None:
