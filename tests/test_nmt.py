@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tests.conftest import CPU_ENV, SHARED_DATA, tiny_nmt, write_lines
+from tests.conftest import CPU_ENV, SHARED_DATA, optimized_xla, tiny_nmt, write_lines
 from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind_down
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.data.sources import DataError
@@ -140,7 +140,8 @@ def copy_model(tmp_path_factory):
     config.model.attention_dropout = 0.0
     config.optimizer.lr = 3e-3
     config.optimizer.warmup_steps = 50
-    result = nmt.train_and_evaluate(config, workdir)
+    with optimized_xla():  # 400 steps: running, not compiling, dominates
+        result = nmt.train_and_evaluate(config, workdir)
     return workdir, result
 
 
