@@ -14,17 +14,16 @@ from xlm_jax.data.sources import DataError
 from xlm_jax.tasks import pretrain
 from xlm_jax.text import tokenizer as tokenizer_lib
 
-MULTI30K = Path(__file__).parent.parent.parent / "shared" / "data" / "multi30k"
-
-
-def _lines(name: str, n: int, start: int = 0) -> list[str]:
-    return (MULTI30K / name).read_text().split("\n")[start : start + n]
-
 
 @pytest.fixture
-def root(tmp_path) -> Path:
+def root(tmp_path, shared_data) -> Path:
     """Real sentences with the awkward cases: empty lines (one side of a pair only, too), a BOM,
-    CRLF endings, a last line without its newline, a key read from two files."""
+    CRLF endings, a last line without its newline, a key read from two files. Skipped without
+    ../shared/data (shared_data)."""
+
+    def _lines(name: str, n: int, start: int = 0) -> list[str]:
+        return (shared_data / "multi30k" / name).read_text().split("\n")[start : start + n]
+
     d = tmp_path / "text"
     d.mkdir()
     en, fr = _lines("train.en", 150), _lines("train.fr", 150)
