@@ -1,5 +1,7 @@
 """The benchmark runs on a tiny config and reports consistent numbers (not timed here)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -8,6 +10,9 @@ from tests.conftest import tiny_config
 from xlm_jax.core import train_state
 from xlm_jax.model.encoder import ModelConfig, xlm_flops_per_token
 from xlm_jax.tools import bench
+
+# Not XLM's code: its TransformerModel's interface over a tiny model, for the harness in CI.
+XLM_STAND_IN = Path(__file__).parent / "data" / "xlm_stand_in"
 
 
 def test_bench_steps_reports_every_kind():
@@ -50,6 +55,7 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
         pipeline=True,
         peak_size=128,
         sample_seconds=0.002,  # tiny products: short timing samples keep CI fast
+        xlm_original=str(XLM_STAND_IN),
     )
     peaks = report["matmul_peak_flops"]
     assert set(peaks) == {"jax float32", "jax bfloat16", "torch float32"}
@@ -88,11 +94,31 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
         pipe["mlm"]["tokens_per_s"] / mlm["tokens_per_s"]
     )
     assert "over_step" not in pipe["tlm"]  # TLM's step was not timed
+    orig = report["xlm_original"]  # the original code's harness, on a stand-in checkout
+    assert orig["steps"]["mlm"]["batch"] == mlm["batch"]
+    assert orig["steps"]["mlm"]["ours_over_original"] == pytest.approx(
+        mlm["tokens_per_s"] / orig["steps"]["mlm"]["tokens_per_s"]
+    )
+    assert [r["search"] for r in orig["decoding"]] == ["greedy", "beam 4"]
+    for r, ours in zip(orig["decoding"], cached, strict=True):
+        assert r["ours_over_original"] == pytest.approx(
+            ours["sentences_per_s"] / r["sentences_per_s"]
+        )
     text = bench.markdown(report, "python -m xlm_jax.bench ...")
+    for r in [orig["steps"]["mlm"], *orig["decoding"]]:
+        assert f"**{r['ours_over_original']:.2f}×**" in text
     assert f"{ref['ours_over_theirs']:.2f}x" in text
     assert f"{ref['floor_over_theirs']:.2f}x" in text
-    assert text.count("| greedy |") == 2 and text.count("| beam 4 |") == 2
+    # the decoding table's two rows each, and one each in the original code's table
+    assert text.count("| greedy |") == 3 and text.count("| beam 4 |") == 3
     assert "(128 x 128)" in text
+
+
+def test_the_original_xlm_code_is_read_from_a_checkout(tmp_path):
+    from xlm_jax.tools import bench_xlm
+
+    with pytest.raises(FileNotFoundError, match="expected a checkout of facebookresearch/XLM"):
+        bench_xlm.load(tmp_path)
 
 
 def test_peak_lookup_and_throughput():

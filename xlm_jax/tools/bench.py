@@ -337,12 +337,15 @@ def run(
     peak_size: int = 2048,
     floor: bool = True,
     sample_seconds: float = roofline.SAMPLE_SECONDS,  # of each product's timing (the floor)
+    xlm_original: str = "",
 ) -> dict:
     """Everything the benchmark measures, in one process: the report `main` prints and saves.
 
     ``torch_modes`` ("eager", "compile") times transformers' XLM on the MLM batch
     (``xlm_jax.tools.bench_torch``); the ratios ours/theirs come from this same run. ``floor``: the
     matrix products of each step and decoder timed alone (``xlm_jax.tools.roofline``).
+    ``xlm_original``: a checkout of facebookresearch/XLM whose code is timed on the same shapes
+    (``xlm_jax.tools.bench_xlm``), with the ratios ours/original.
     """
     report: dict = {"machine": machine(), "model": config.model.to_dict()}
     report["vocab_size"] = config.tokenizer.vocab_size
@@ -392,12 +395,59 @@ def run(
             "output_tokens": out_tokens,
             "runs": runs,
         }
+    if xlm_original:
+        from xlm_jax.tools import bench_xlm
+
+        report["xlm_original"] = bench_xlm.run(
+            xlm_original, config, kinds=kinds, n_steps=n_steps, decode_shape=decode_shape
+        )
+        _versus_original(report)
     if pipeline:
         report["pipeline"] = bench_pipeline(config)
         for kind, r in report["pipeline"].items():
             if kind in steps and "tokens_per_s" in steps[kind]:
                 r["over_step"] = r["tokens_per_s"] / steps[kind]["tokens_per_s"]
     return report
+
+
+def _versus_original(report: dict) -> None:
+    """Adds ``ours_over_original`` to each of the original code's steps and decoding runs."""
+    orig = report["xlm_original"]
+    for kind, r in orig["steps"].items():
+        if "tokens_per_s" in report["steps"].get(kind, {}):
+            r["ours_over_original"] = report["steps"][kind]["tokens_per_s"] / r["tokens_per_s"]
+    ours = {r["search"]: r for r in report.get("decoding", {}).get("runs", []) if r["kv_cache"]}
+    for r in orig.get("decoding", []):
+        if r["search"] in ours:
+            r["ours_over_original"] = ours[r["search"]]["sentences_per_s"] / r["sentences_per_s"]
+
+
+def _original_markdown(report: dict) -> list[str]:
+    """The table of ours against the original XLM code, program by program."""
+    orig = report["xlm_original"]
+    lines = [
+        "",
+        f"The original XLM code ({orig['source']}, commit {orig['revision']}; {orig['framework']}, "
+        f"{orig['threads']} threads) on the same shapes (`xlm_jax/tools/bench_xlm.py`):",
+        "",
+        "| program | unit | xlm_jax | original XLM code | xlm_jax / original |",
+        "|---|---|---|---|---|",
+    ]
+    ours_dec = {r["search"]: r for r in report.get("decoding", {}).get("runs", []) if r["kv_cache"]}
+    rows = [
+        (f"{k.upper()} step", "tokens/s", report["steps"].get(k, {}).get("tokens_per_s"), r)
+        for k, r in orig["steps"].items()
+    ]
+    rows += [
+        (r["search"], "sentences/s", ours_dec.get(r["search"], {}).get("sentences_per_s"), r)
+        for r in orig.get("decoding", [])
+    ]
+    for name, unit, ours, r in rows:
+        theirs = r.get("tokens_per_s", r.get("sentences_per_s"))
+        ratio = f"**{r['ours_over_original']:.2f}×**" if "ours_over_original" in r else "-"
+        ours = "-" if ours is None else f"{ours:.1f}"
+        lines.append(f"| {name} | {unit} | {ours} | {theirs:.1f} | {ratio} |")
+    return lines
 
 
 def markdown(report: dict, command: str = "") -> str:
@@ -483,6 +533,8 @@ def markdown(report: dict, command: str = "") -> str:
                 f"| {r['search']} | {'yes' if r['kv_cache'] else 'no'} | {r['compile_s']:.1f} | "
                 f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {floor} |"
             )
+    if "xlm_original" in report:
+        lines += _original_markdown(report)
     if pipe := report.get("pipeline"):
         lines += [
             "",
@@ -521,6 +573,11 @@ _DECODE_SHAPE = flags.DEFINE_list(
 )
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the host data pipeline.")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048, "Square matmul size of the peak measurement.")
+_XLM_ORIGINAL = flags.DEFINE_string(
+    "xlm_original",
+    "",
+    "A checkout of facebookresearch/XLM: also time its training steps and decoding, same shapes.",
+)
 _FLOOR = flags.DEFINE_bool(
     "floor", True, "Also time each step's and decoder's matrix products alone (one device)."
 )
@@ -541,6 +598,7 @@ def main(argv: list[str]) -> None:
         pipeline=_PIPELINE.value,
         peak_size=_PEAK_SIZE.value,
         floor=_FLOOR.value,
+        xlm_original=_XLM_ORIGINAL.value,
     )
     command = "python -m xlm_jax.bench " + " ".join(sys.argv[1:])
     text = markdown(report, command)
