@@ -3,7 +3,8 @@ with today's code and end where the old code's uninterrupted runs ended.
 
 Each workdir holds the checkpoints of a run stopped after its first checkpoint (pretraining at
 step 6 of 12, translation at 4 of 8, XNLI at update 10 of 50, inside its first epoch); the
-settings below are those of make.py.
+settings below are those of make.py, plus ``model.dropout_rng="threefry16"``: the dropout masks
+of that code, which a resume under today's default ("hash") is refused without.
 """
 
 import json
@@ -49,17 +50,32 @@ def assert_same(got: dict, want: dict) -> None:
         np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
-def test_a_pretraining_workdir_resumes(tmp_path):
-    config = tiny_config(
-        **{"max_steps": 12, "checkpoint_every": 6, "eval_every": 6, "data.root": ""}
+OLD_DROPOUT = {"model.dropout_rng": "threefry16"}
+
+
+def pretraining_config(**overrides):
+    return tiny_config(
+        **{"max_steps": 12, "checkpoint_every": 6, "eval_every": 6, "data.root": "", **overrides}
     )
-    got = pretrain.train_and_evaluate(config, copy_of("pretrain", tmp_path))
+
+
+def test_a_pretraining_workdir_resumes(tmp_path):
+    got = pretrain.train_and_evaluate(
+        pretraining_config(**OLD_DROPOUT), copy_of("pretrain", tmp_path)
+    )
     assert_same(got, EXPECTED["pretrain"])
+
+
+def test_an_old_workdir_is_not_resumed_with_other_dropout_masks(tmp_path):
+    """Its metadata has no dropout_rng: it ran threefry16, and today's default is refused."""
+    want = "model.dropout_rng: checkpoint 'threefry16' vs config 'hash'"
+    with pytest.raises(ValueError, match=want):
+        pretrain.train_and_evaluate(pretraining_config(), copy_of("pretrain", tmp_path))
 
 
 @needs_multi30k
 def test_a_translation_workdir_resumes(tmp_path):
-    config = tiny_nmt(init_checkpoint="", max_steps=8, checkpoint_every=4)
+    config = tiny_nmt(init_checkpoint="", max_steps=8, checkpoint_every=4, **OLD_DROPOUT)
     got = nmt.train_and_evaluate(config, copy_of("nmt", tmp_path))
     assert_same(got, EXPECTED["nmt"])
 
@@ -71,6 +87,7 @@ def xnli_config():
     c.tokenizer.vocab_size = 200
     c.tokenizer.character_coverage = 1.0
     c.model.emb_dim, c.model.n_layers, c.model.n_heads, c.model.max_positions = 16, 1, 2, 64
+    c.model.dropout_rng = "threefry16"
     c.data.root = str(SHARED_DATA)
     c.data.train = "en: xnli/en.tsv@0:200"
     c.data.valid = "en: xnli/en.tsv@200:260; fr: xnli/fr.tsv@200:260"

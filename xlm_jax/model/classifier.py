@@ -50,7 +50,7 @@ class XNLIClassifier(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         cfg = self.config
         self.encoder = XLMEncoder(cfg)
-        self.head_dropout = layers.Dropout(self.dropout)
+        self.head_dropout = layers.Dropout(self.dropout, cfg.dropout_rng)
         self.head = layers.dense(
             self.n_classes,
             fan_in=cfg.emb_dim,

@@ -37,7 +37,13 @@ class DecoderLayer(nn.Module):
 
         def attention() -> layers.MultiHeadAttention:
             return layers.MultiHeadAttention(
-                cfg.n_heads, cfg.emb_dim, cfg.attention_dropout, dtype, pdt, cfg.attention_impl
+                cfg.n_heads,
+                cfg.emb_dim,
+                cfg.attention_dropout,
+                dtype,
+                pdt,
+                cfg.attention_impl,
+                cfg.dropout_rng,
             )
 
         def norm() -> nn.LayerNorm:
@@ -47,9 +53,11 @@ class DecoderLayer(nn.Module):
         # `encoder_attn` / `layer_norm15` pair for cross-attention.
         self.attention, self.layer_norm1 = attention(), norm()
         self.cross_attention, self.layer_norm15 = attention(), norm()
-        self.ffn = layers.FeedForward(cfg.ffn_dim, cfg.dropout, dtype, pdt, cfg.gelu_activation)
+        self.ffn = layers.FeedForward(
+            cfg.ffn_dim, cfg.dropout, dtype, pdt, cfg.gelu_activation, cfg.dropout_rng
+        )
         self.layer_norm2 = norm()
-        self.dropout = layers.Dropout(cfg.dropout)
+        self.dropout = layers.Dropout(cfg.dropout, cfg.dropout_rng)
 
     def __call__(
         self,

@@ -49,6 +49,9 @@ class ModelConfig:
     share_inout_emb: bool = True
     pad_id: int = 2
     layer_norm_eps: float = 1e-12
+    # How dropout draws its masks (layers.Dropout): "hash", or "threefry16", the masks of
+    # checkpoints written before "hash" existed (metadata without this field: `from_saved`).
+    dropout_rng: str = "hash"
     dtype: str = "float32"
     param_dtype: str = "float32"
     # How the model runs, not what it computes (left out of checkpoint compatibility checks):
@@ -95,6 +98,11 @@ class ModelConfig:
                 f"ModelConfig.attention_impl={self.attention_impl!r} has no attention dropout; "
                 f"set attention_dropout=0 (got {self.attention_dropout})"
             )
+        if self.dropout_rng not in layers.DROPOUT_RNGS:
+            raise ValueError(
+                f"ModelConfig.dropout_rng={self.dropout_rng!r}: expected one of "
+                f"{layers.DROPOUT_RNGS}"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}"
@@ -138,8 +146,18 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig keys: {unknown}")
         return cls(**d)
 
+    @classmethod
+    def from_saved(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """A config from a checkpoint's metadata: a field it lacks takes the value of the code
+        that wrote it (``FIELDS_BEFORE``), not today's default, so the model runs as it ran."""
+        return cls.from_dict({**FIELDS_BEFORE, **dict(d)})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ModelConfig fields added after checkpoints existed, with the value the code used before.
+FIELDS_BEFORE: dict[str, Any] = {"dropout_rng": "threefry16"}
 
 
 # ModelConfig fields that change how the model runs, not its function or parameters: a checkpoint
@@ -171,14 +189,21 @@ class EncoderLayer(nn.Module):
             dtype,
             param_dtype,
             cfg.attention_impl,
+            cfg.dropout_rng,
             name="attention",
         )(x, x, mask, deterministic=deterministic)
-        attn = layers.Dropout(cfg.dropout)(attn, deterministic=deterministic)
+        attn = layers.Dropout(cfg.dropout, cfg.dropout_rng)(attn, deterministic=deterministic)
         x = layers.layer_norm(
             cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name="layer_norm1"
         )(x + attn)
         ffn = layers.FeedForward(
-            cfg.ffn_dim, cfg.dropout, dtype, param_dtype, cfg.gelu_activation, name="ffn"
+            cfg.ffn_dim,
+            cfg.dropout,
+            dtype,
+            param_dtype,
+            cfg.gelu_activation,
+            cfg.dropout_rng,
+            name="ffn",
         )
         x = layers.layer_norm(
             cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name="layer_norm2"
@@ -218,7 +243,7 @@ class XLMEncoder(nn.Module):
         self.layer_norm_emb = layers.layer_norm(
             cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=pdt
         )
-        self.emb_dropout = layers.Dropout(cfg.dropout)
+        self.emb_dropout = layers.Dropout(cfg.dropout, cfg.dropout_rng)
         self.layers = self.make_layers()
         self.pred_bias = self.param(
             "pred_bias",

@@ -24,7 +24,7 @@ from xlm_jax.core import parallel
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.data import corpus as corpus_lib
 from xlm_jax.data.sources import DataError
-from xlm_jax.model.encoder import RUNTIME_FIELDS, ModelConfig
+from xlm_jax.model.encoder import FIELDS_BEFORE, RUNTIME_FIELDS, ModelConfig
 from xlm_jax.text.tokenizer import Tokenizer, load_or_train
 
 
@@ -55,6 +55,7 @@ def source_settings(c: ml_collections.ConfigDict) -> None:
     c.model.ffn_dim = None
     c.model.dropout = 0.1
     c.model.attention_dropout = 0.1
+    c.model.dropout_rng = "hash"  # masks; "threefry16" = older checkpoints' (to resume them)
     c.model.max_positions = 512
     c.model.sinusoidal_embeddings = False
     c.model.use_lang_emb = True
@@ -199,7 +200,7 @@ def _configured_model(
 
 def _saved_model(meta: Mapping[str, Any], vocab_size: int) -> tuple[ModelConfig, list[str]]:
     langs = corpus_lib.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
-    model = ModelConfig.from_dict(
+    model = ModelConfig.from_saved(
         {**meta["config"]["model"], "vocab_size": vocab_size, "n_langs": len(langs)}
     )
     return model, langs
@@ -271,8 +272,9 @@ def _plain(x: Any) -> Any:
     return [_plain(v) for v in x] if isinstance(x, list | tuple) else x
 
 
-# What a `model` entry missing from a checkpoint's metadata means: ModelConfig's default, as
-# `ModelConfig.from_dict` reads it (a field added later, e.g. gelu_activation, share_inout_emb).
+# What a `model` entry missing from a config means: ModelConfig's default (a field added later,
+# e.g. gelu_activation, share_inout_emb); missing from a checkpoint's metadata, the value the
+# code that wrote it used where it differs (FIELDS_BEFORE), as `ModelConfig.from_saved` reads it.
 _MODEL_DEFAULTS = {
     f.name: f.default
     for f in dataclasses.fields(ModelConfig)
@@ -285,13 +287,14 @@ def setting_differences(
 ) -> list[str]:
     """``"KEY: checkpoint A vs config B"`` for each of ``keys`` whose values differ; a group
     (a dict, e.g. ``model``) is compared entry by entry. A key one side lacks counts as None, or
-    in ``model`` as ModelConfig's default."""
+    in ``model`` as ModelConfig's default (the checkpoint's side: ``FIELDS_BEFORE`` first)."""
     diffs = []
     for key in keys:
         if prefix == "model." and key in RUNTIME_FIELDS:
             continue  # how the model runs (attention kernel, remat), not what it computes
         missing = _MODEL_DEFAULTS.get(key) if prefix == "model." else None
-        a, b = saved.get(key, missing), current.get(key, missing)
+        before = FIELDS_BEFORE.get(key, missing) if prefix == "model." else None
+        a, b = saved.get(key, before), current.get(key, missing)
         if isinstance(a, Mapping) or isinstance(b, Mapping):
             a, b = a or {}, b or {}
             diffs += setting_differences(a, b, sorted(set(a) | set(b)), f"{prefix}{key}.")

@@ -761,12 +761,12 @@ def source_of(
     pretrained.check_same_source(saved["config"], config, env.where, *keys)
     source = pretrained.EncoderSource(
         Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
-        ModelConfig.from_dict(saved["encoder"]),
+        ModelConfig.from_saved(saved["encoder"]),
         list(saved["model_langs"]),
         None,
         saved["init"],
     )
-    return source, ModelConfig.from_dict(saved["decoder"])
+    return source, ModelConfig.from_saved(saved["decoder"])
 
 
 def word_starts(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> jax.Array | None:
@@ -966,7 +966,7 @@ class Translator:
         self.batch_size = batch_size
         self.description = f"{directory} step {step} ({chosen})"
         model = EncoderDecoder(
-            ModelConfig.from_dict(meta["encoder"]), ModelConfig.from_dict(meta["decoder"])
+            ModelConfig.from_saved(meta["encoder"]), ModelConfig.from_saved(meta["decoder"])
         )
         self.rules = parallel.rules_from_config(config.mesh.rules)
         self.mesh = parallel.make_mesh((-1, 1, 1))

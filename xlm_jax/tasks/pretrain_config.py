@@ -50,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.ffn_dim = None  # None = 4 * emb_dim
     c.model.dropout = 0.1
     c.model.attention_dropout = 0.1
+    c.model.dropout_rng = "hash"  # masks; "threefry16" = older checkpoints' (to resume them)
     c.model.max_positions = 512
     c.model.sinusoidal_embeddings = False
     c.model.use_lang_emb = True  # the 17/100-language XLM models have none

@@ -586,7 +586,7 @@ def source_of(config: ml_collections.ConfigDict, env: loop.Env) -> pretrained.En
         check_resumable(saved["config"], config, env.where)
         return pretrained.EncoderSource(
             Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
-            ModelConfig.from_dict(saved["model"]),
+            ModelConfig.from_saved(saved["model"]),
             list(saved["langs"]),
             None,
             saved["init"],

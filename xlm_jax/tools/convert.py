@@ -754,13 +754,13 @@ def load_encoder(workdir: str | Path, step: int = -1) -> Loaded:
     tokenizer = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]))
     params = state["params"]
     if "decoder" in meta:
-        model = ModelConfig.from_dict(meta["encoder"])
+        model = ModelConfig.from_saved(meta["encoder"])
         langs = list(meta["model_langs"])
         params = params["encoder"]
     elif "model" in meta.get("config", {}) and "embeddings" in params:
         # As `pretrained.load_pretrained` reads it (without restoring the arrays twice).
         langs = corpus_lib.lang_list(ml_collections.ConfigDict({"langs": meta["config"]["langs"]}))
-        model = ModelConfig.from_dict(
+        model = ModelConfig.from_saved(
             {**meta["config"]["model"], "vocab_size": tokenizer.vocab_size, "n_langs": len(langs)}
         )
     else:
