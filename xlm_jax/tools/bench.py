@@ -411,15 +411,21 @@ def run(
 
 
 def _versus_original(report: dict) -> None:
-    """Adds ``ours_over_original`` to each of the original code's steps and decoding runs."""
+    """Adds to each of the original code's steps and decoding runs our rate on the same program
+    (``ours``) and ``ours_over_original``, where ours was timed."""
     orig = report["xlm_original"]
-    for kind, r in orig["steps"].items():
-        if "tokens_per_s" in report["steps"].get(kind, {}):
-            r["ours_over_original"] = report["steps"][kind]["tokens_per_s"] / r["tokens_per_s"]
-    ours = {r["search"]: r for r in report.get("decoding", {}).get("runs", []) if r["kv_cache"]}
-    for r in orig.get("decoding", []):
-        if r["search"] in ours:
-            r["ours_over_original"] = ours[r["search"]]["sentences_per_s"] / r["sentences_per_s"]
+    ours_dec = {r["search"]: r for r in report.get("decoding", {}).get("runs", []) if r["kv_cache"]}
+    pairs = [
+        (r, report["steps"].get(k, {}).get("tokens_per_s"), r["tokens_per_s"])
+        for k, r in orig["steps"].items()
+    ]
+    pairs += [
+        (r, ours_dec.get(r["search"], {}).get("sentences_per_s"), r["sentences_per_s"])
+        for r in orig.get("decoding", [])
+    ]
+    for r, ours, theirs in pairs:
+        if ours is not None:
+            r["ours"], r["ours_over_original"] = ours, ours / theirs
 
 
 def _original_markdown(report: dict) -> list[str]:
@@ -433,19 +439,12 @@ def _original_markdown(report: dict) -> list[str]:
         "| program | unit | xlm_jax | original XLM code | xlm_jax / original |",
         "|---|---|---|---|---|",
     ]
-    ours_dec = {r["search"]: r for r in report.get("decoding", {}).get("runs", []) if r["kv_cache"]}
-    rows = [
-        (f"{k.upper()} step", "tokens/s", report["steps"].get(k, {}).get("tokens_per_s"), r)
-        for k, r in orig["steps"].items()
-    ]
-    rows += [
-        (r["search"], "sentences/s", ours_dec.get(r["search"], {}).get("sentences_per_s"), r)
-        for r in orig.get("decoding", [])
-    ]
-    for name, unit, ours, r in rows:
+    rows = [(f"{k.upper()} step", "tokens/s", r) for k, r in orig["steps"].items()]
+    rows += [(r["search"], "sentences/s", r) for r in orig.get("decoding", [])]
+    for name, unit, r in rows:
         theirs = r.get("tokens_per_s", r.get("sentences_per_s"))
         ratio = f"**{r['ours_over_original']:.2f}×**" if "ours_over_original" in r else "-"
-        ours = "-" if ours is None else f"{ours:.1f}"
+        ours = f"{r['ours']:.1f}" if "ours" in r else "-"
         lines.append(f"| {name} | {unit} | {ours} | {theirs:.1f} | {ratio} |")
     return lines
 

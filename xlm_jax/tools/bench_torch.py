@@ -31,7 +31,7 @@ def available() -> str | None:
     return None
 
 
-def _median(fn, n: int, warmup: int) -> float:
+def median_seconds(fn, n: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -113,7 +113,7 @@ def bench_hf_step(
         t = time.perf_counter()
         step()
         compile_s = time.perf_counter() - t
-    seconds = _median(step, n_steps, warmup)
+    seconds = median_seconds(step, n_steps, warmup)
     return {
         "framework": f"torch {torch.__version__}, transformers {transformers.__version__}",
         "mode": "torch.compile" if compile else "eager",
@@ -131,4 +131,4 @@ def torch_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 
     torch.set_num_threads(os.cpu_count() or 1)
     a = torch.randn(n, n)
-    return 2 * n**3 / _median(lambda: a @ a, repeats, 2)
+    return 2 * n**3 / median_seconds(lambda: a @ a, repeats, 2)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from xlm_jax.text.tokenizer import EOS_ID, N_SPECIAL, PAD_ID
-from xlm_jax.tools.bench_torch import _median
+from xlm_jax.tools.bench_torch import median_seconds
 
 MODULE = "src.model.transformer"  # where XLM keeps TransformerModel, relative to its root
 
@@ -163,7 +163,7 @@ def bench_step(
             torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad_norm)
         adam.step()
 
-    seconds = _median(step, n_steps, warmup=2)
+    seconds = median_seconds(step, n_steps, warmup=2)
     return {"batch": [rows, length], "step_s": seconds, "tokens_per_s": rows * length / seconds}
 
 
@@ -221,7 +221,7 @@ def bench_decoding(
         out_lengths = run()
         first_s = time.perf_counter() - t
         assert int(out_lengths.min()) == out_tokens + 1, "every sentence must be full length"
-        seconds = _median(run, n_runs, warmup=0)
+        seconds = median_seconds(run, n_runs, warmup=0)
         results.append(
             {
                 "search": "greedy" if beam == 1 else f"beam {beam}",
