@@ -1,6 +1,7 @@
 """Translation mode: step lists, input checks, learning, exact resume, init from pretraining, the
 translate command."""
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.data.sources import DataError
 from xlm_jax.model import pretrained as pretrained_lib
+from xlm_jax.model.encoder import ModelConfig
 from xlm_jax.tasks import nmt
 from xlm_jax.text import bleu
 from xlm_jax.text.tokenizer import train_tokenizer
@@ -217,6 +219,18 @@ def test_translate_command(copy_model, tmp_path):
     assert run.returncode != 0 and f"{bad}:2: invalid UTF-8" in run.stderr
 
 
+def test_a_new_translation_may_change_the_pretrained_dropout_masks():
+    """An encoder from before the hashed dropout (threefry16) keeps its masks in both halves
+    unless dropout_rng asks for others; dec_layers and the rates apply as before."""
+    old = ModelConfig(vocab_size=50, n_langs=2, emb_dim=16, n_heads=2, dropout_rng="threefry16")
+    enc, dec = nmt.seq2seq_configs(old, tiny_nmt(dropout=0.2, dec_layers=1))
+    assert enc == dataclasses.replace(old, dropout=0.2)
+    assert dec == dataclasses.replace(enc, n_layers=1)
+    enc, dec = nmt.seq2seq_configs(old, tiny_nmt(dropout_rng="hash"))
+    assert enc == dataclasses.replace(old, dropout_rng="hash")
+    assert (dec.dropout_rng, dec.n_layers) == ("hash", old.n_layers)
+
+
 def test_max_len_rule():
     assert nmt.max_len_of(10, 1.3, 5) == 18  # XLM: int(1.3 * 10 + 5)
     assert nmt.max_len_of(64, 1.5, 10) == 106
@@ -317,6 +331,7 @@ def test_resuming_with_other_settings_is_refused(checkpointed_run):
             ],
         ),
         ({"tokenizer.vocab_size": 500}, ["tokenizer.vocab_size: checkpoint 300 vs config 500"]),
+        ({"dropout_rng": "threefry16"}, ["dropout_rng: checkpoint '' vs config 'threefry16'"]),
     ]
     for overrides, diffs in cases:
         with pytest.raises(ValueError) as e:

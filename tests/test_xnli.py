@@ -1,5 +1,6 @@
 """XNLI fine-tuning: the classifier, the loop, the sweep, the configs."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from xlm_jax.core.metrics import read_jsonl
 from xlm_jax.core.preemption import EXIT_PREEMPTED, Preempted
 from xlm_jax.data import nli, sources
 from xlm_jax.data.sources import DataError
+from xlm_jax.model import pretrained as pretrained_lib
 from xlm_jax.model.classifier import XNLIClassifier
 from xlm_jax.model.encoder import ModelConfig, XLMEncoder
 from xlm_jax.tasks import xnli
@@ -270,13 +272,26 @@ def test_a_resume_under_other_training_settings_is_refused():
         del saved[key]  # a checkpoint from before the settings: their defaults
     xnli.check_resumable(saved, _options_config(), "checkpoint 4")
     with pytest.raises(ValueError) as e:
+        changed = {"finetune_layers": "1:_1", "weighted_training": True}
         xnli.check_resumable(
-            saved, _options_config(finetune_layers="1:_1", weighted_training=True), "checkpoint 4"
+            saved, _options_config(**changed, encoder_dropout_rng="hash"), "checkpoint 4"
         )
-    assert str(e.value).splitlines()[1:3] == [
+    assert str(e.value).splitlines()[1:4] == [
         "  finetune_layers: checkpoint '0:_1' vs config '1:_1'",
         "  weighted_training: checkpoint False vs config True",
+        "  encoder_dropout_rng: checkpoint '' vs config 'hash'",
     ]
+
+
+def test_fine_tuning_may_change_the_pretrained_dropout_masks():
+    """A checkpoint from before the hashed dropout reads as threefry16; a new fine-tuning of it
+    keeps those masks unless encoder_dropout_rng asks for others (the rates stay the model's)."""
+    old = ModelConfig(vocab_size=50, n_langs=2, emb_dim=16, n_heads=2, dropout_rng="threefry16")
+    assert pretrained_lib.with_dropout(old, _options_config()) == old
+    new = pretrained_lib.with_dropout(old, _options_config(encoder_dropout_rng="hash"))
+    assert new == dataclasses.replace(old, dropout_rng="hash")
+    with pytest.raises(ValueError, match="dropout_rng='bits'"):
+        pretrained_lib.with_dropout(old, _options_config(encoder_dropout_rng="bits"))
 
 
 # --- end to end: a tiny pretraining (conftest.pretrained), then fine-tuning -----------------------

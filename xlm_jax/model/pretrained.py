@@ -230,11 +230,15 @@ def source_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, list[s
 
 
 def with_dropout(model: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
+    """The encoder with the fine-tuning's dropout settings (negative rates, an empty rng = the
+    pretrained model's)."""
     changes = {}
     if config.get("encoder_dropout", -1.0) >= 0:
         changes["dropout"] = float(config.encoder_dropout)
     if config.get("encoder_attention_dropout", -1.0) >= 0:
         changes["attention_dropout"] = float(config.encoder_attention_dropout)
+    if config.get("encoder_dropout_rng", ""):
+        changes["dropout_rng"] = str(config.encoder_dropout_rng)
     return dataclasses.replace(model, **changes)
 
 

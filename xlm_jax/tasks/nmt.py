@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     pretrained.source_settings(c)  # init_checkpoint, langs/tokenizer/model (random init), mesh
     c.dropout = -1.0  # -1 = the pretrained model's; XLM's UNMT uses 0.1
     c.attention_dropout = -1.0
+    c.dropout_rng = ""  # "" = the pretrained model's masks; "hash" for an older checkpoint's
     c.dec_layers = -1  # decoder depth; -1 = the encoder's (a pretrained decoder: its first N)
 
     # Sources, "KEY: SPEC; ..." as pretraining (data/corpus.py): languages for AE/BT, pairs for
@@ -520,6 +521,8 @@ def seq2seq_configs(
         changes["dropout"] = float(config.dropout)
     if config.attention_dropout >= 0:
         changes["attention_dropout"] = float(config.attention_dropout)
+    if config.get("dropout_rng", ""):
+        changes["dropout_rng"] = str(config.dropout_rng)
     enc = dataclasses.replace(encoder, **changes)
     dec = enc if config.dec_layers < 0 else dataclasses.replace(enc, n_layers=config.dec_layers)
     return enc, dec
@@ -757,8 +760,9 @@ def source_of(
     saved = env.saved
     if saved is None:
         return load_source(config, env.workdir), None
-    keys = ("dropout", "attention_dropout", "dec_layers")
-    pretrained.check_same_source(saved["config"], config, env.where, *keys)
+    keys = ("dropout", "attention_dropout", "dropout_rng", "dec_layers")
+    saved_config = {"dropout_rng": "", **saved["config"]}  # written before the setting
+    pretrained.check_same_source(saved_config, config, env.where, *keys)
     source = pretrained.EncoderSource(
         Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
         ModelConfig.from_saved(saved["encoder"]),

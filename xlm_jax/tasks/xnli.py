@@ -109,6 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
     # a value >= 0 overrides it.
     c.encoder_dropout = -1.0
     c.encoder_attention_dropout = -1.0
+    # "" = the pretrained model's masks; "hash" gives a checkpoint from before the hashed
+    # dropout (its metadata says "threefry16") the faster masks for a new fine-tuning
+    c.encoder_dropout_rng = ""
 
     # Adam per parameter group, constant learning rate (XLM: --optimizer_e / --optimizer_p
     # "adam,lr=0.000025"; PyTorch's Adam defaults otherwise). The README's grid: lr in
@@ -179,7 +182,11 @@ EMBEDDING_PARAMS = ("embeddings", "position_embeddings", "lang_embeddings", "lay
 # never in XLM's fine-tuning optimizer; frozen whenever finetune_layers is set.
 UNUSED_PARAMS = ("pred_bias", "pred_weight")
 # The values runs made before these settings existed trained with (their checkpoints lack them).
-TRAINING_DEFAULTS = {"finetune_layers": ALL_LAYERS, "weighted_training": False}
+TRAINING_DEFAULTS = {
+    "finetune_layers": ALL_LAYERS,
+    "weighted_training": False,
+    "encoder_dropout_rng": "",
+}
 
 
 def layer_range(spec: str, n_layers: int | None = None) -> tuple[int, int]:
@@ -572,9 +579,9 @@ def source_paths(config: ml_collections.ConfigDict) -> list[Path]:
 
 
 def check_resumable(saved_config: Mapping[str, Any], config, where: str) -> None:
-    """Refuses a resume under another source, dropout, ``finetune_layers`` (the optimizer state's
-    layout) or ``weighted_training`` (the loss); a checkpoint older than the last two has their
-    defaults."""
+    """Refuses a resume under another source, dropout (rates or masks), ``finetune_layers`` (the
+    optimizer state's layout) or ``weighted_training`` (the loss); a checkpoint written before
+    the ``TRAINING_DEFAULTS`` settings has their defaults."""
     keys = ("dropout", "encoder_dropout", "encoder_attention_dropout", *TRAINING_DEFAULTS)
     pretrained.check_same_source({**TRAINING_DEFAULTS, **saved_config}, config, where, *keys)
 
