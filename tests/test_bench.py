@@ -41,6 +41,11 @@ def test_memory_only_compiles_without_running():
     assert out["mlm"]["memory_bytes_per_device"] > 0
 
 
+def test_memory_only_refuses_what_it_would_not_time():
+    with pytest.raises(ValueError, match="times nothing; --pipeline, --xlm_original would"):
+        bench.run(tiny_config(), memory_only=True, pipeline=True, xlm_original="/elsewhere")
+
+
 def test_run_reports_ratios_from_one_run_and_writes_markdown():
     """The whole benchmark in its tiny mode (what CI runs so it cannot rot): every section, the
     ceilings, and ratios computed from the numbers of the same report."""

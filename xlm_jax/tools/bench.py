@@ -38,25 +38,14 @@ from xlm_jax.model.seq2seq import EncoderDecoder
 from xlm_jax.tasks import nmt, pretrain
 from xlm_jax.text.tokenizer import EOS_ID, N_SPECIAL
 from xlm_jax.tools import roofline
-from xlm_jax.tools.roofline import machine
-
-
-def _median_seconds(fn: Callable[[], object], n: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from xlm_jax.tools.roofline import machine, median_seconds
 
 
 def matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a large square matmul: the practical peak the steps are measured against."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / _median_seconds(lambda: f(a), repeats)
+    return 2 * n**3 / median_seconds(lambda: f(a), repeats)
 
 
 def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: bool):
@@ -157,7 +146,7 @@ def bench_steps(
                 box["state"], sums = compiled(box["state"], batch, step, lam)
                 return sums
 
-            seconds = _median_seconds(run, n_steps)
+            seconds = median_seconds(run, n_steps)
             state = box["state"]
             tokens = rows * length
             results[name].update(
@@ -237,7 +226,7 @@ def bench_decoding(
             # Without the cache a run takes minutes at real sizes: one timed run after the
             # (already compiled) first one is enough to show the ratio.
             runs, warmup = (n_runs, 1) if kv else (1, 0)
-            seconds = _median_seconds(
+            seconds = median_seconds(
                 lambda c=compiled: c(params, inputs, np.int32(1)), runs, warmup
             )
             results.append(
@@ -347,6 +336,14 @@ def run(
     ``xlm_original``: a checkout of facebookresearch/XLM whose code is timed on the same shapes
     (``xlm_jax.tools.bench_xlm``), with the ratios ours/original.
     """
+    timed = {
+        "torch": torch_modes,
+        "decode": decode_shape,
+        "pipeline": pipeline,
+        "xlm_original": xlm_original,
+    }
+    if memory_only and (asked := [f"--{k}" for k, v in timed.items() if v]):
+        raise ValueError(f"--memory_only times nothing; {', '.join(asked)} would: drop one side")
     report: dict = {"machine": machine(), "model": config.model.to_dict()}
     report["vocab_size"] = config.tokenizer.vocab_size
     if not memory_only:

@@ -12,13 +12,13 @@ Needs the optional `torch` and `transformers` (requirements-dev.txt pins a CPU b
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from typing import Any
 
 import numpy as np
 
 from xlm_jax.text.tokenizer import N_SPECIAL, PAD_ID
+from xlm_jax.tools.roofline import median_seconds
 
 
 def available() -> str | None:
@@ -29,17 +29,6 @@ def available() -> str | None:
     except ImportError as e:
         return str(e)
     return None
-
-
-def median_seconds(fn, n: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def bench_hf_step(

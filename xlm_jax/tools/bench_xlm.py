@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from xlm_jax.text.tokenizer import EOS_ID, N_SPECIAL, PAD_ID
-from xlm_jax.tools.bench_torch import median_seconds
+from xlm_jax.tools.roofline import median_seconds
 
 MODULE = "src.model.transformer"  # where XLM keeps TransformerModel, relative to its root
 

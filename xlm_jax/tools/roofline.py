@@ -101,6 +101,19 @@ def program_dot_products(
     return dot_products(jax.make_jaxpr(fn)(*args).jaxpr, loop_trips)
 
 
+def median_seconds(fn: Callable[[], object], n: int, warmup: int = 2) -> float:
+    """Median wall time of ``n`` calls after ``warmup`` untimed ones. Each call is waited for
+    (``jax.block_until_ready`` ignores what is not a JAX array: a torch step's result)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 SAMPLE_SECONDS = 0.05  # each timing sample of a product runs at least this long
 
 
