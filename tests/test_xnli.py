@@ -266,6 +266,12 @@ def test_weighted_loss_is_xlm_weighted_cross_entropy():
     np.testing.assert_allclose(new, logits[:3] - grad, rtol=1e-5, atol=1e-7)
 
 
+def test_top_class_share_tells_a_constant_classifier():
+    assert xnli.top_class_share(np.array([2, 2, 2, 2])) == 100.0
+    assert xnli.top_class_share(np.array([0, 1, 2, 1])) == 50.0
+    assert xnli.top_class_share(np.array([0, 1, 2])) == pytest.approx(100 / 3)
+
+
 def test_a_resume_under_other_training_settings_is_refused():
     saved = _options_config().to_dict()
     for key in xnli.TRAINING_DEFAULTS:
@@ -331,6 +337,7 @@ def test_finetune_beats_the_untrained_head_and_reports_every_language(pretrained
         assert h["valid/avg/acc"] == pytest.approx(avg)
         # the English id on English text: exactly the English validation accuracy
         assert h["translate_test/fr/acc"] == h["valid/en/acc"]
+        assert 100 / 3 <= h["valid/fr/top_class"] <= 100
     untrained, chosen = history[0], results["selected"]["en"]
     assert chosen["epoch"] >= 1
     # (measured: 33.6 untrained, 42.0 at the selected epoch; the classes are balanced)
@@ -573,7 +580,7 @@ def test_eval_only_reproduces_the_logged_accuracies(finished_run, tmp_path):
     assert evaluated.pop("step") == 4
     record = first["history"][-1]
     assert {k: record[k] for k in evaluated} == evaluated
-    assert set(evaluated) == {"valid/en/acc", "valid/avg/acc"}
+    assert set(evaluated) == {"valid/en/acc", "valid/en/top_class", "valid/avg/acc"}
 
 
 @needs_xnli

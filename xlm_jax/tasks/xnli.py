@@ -503,6 +503,12 @@ def accuracy(
     return 100.0 * float(np.mean(preds == pairs.labels)), preds
 
 
+def top_class_share(preds: np.ndarray) -> float:
+    """The % of pairs given the most predicted label: 100 when the classifier ignores its input,
+    which a near-chance accuracy alone does not tell from weak but real predictions."""
+    return 100.0 * float(np.bincount(preds).max()) / len(preds)
+
+
 def evaluate_sets(
     runner: Runner,
     predict_fn,
@@ -511,15 +517,17 @@ def evaluate_sets(
     batch_size: int,
     **rows: int,
 ) -> dict[str, float]:
-    """``{'valid/fr/acc': ..., 'valid/avg/acc': ...}`` for every split and language; ``rows``:
+    """``{'valid/fr/acc': ..., 'valid/fr/top_class': ..., 'valid/avg/acc': ...}`` for every split
+    and language; ``rows``:
     ``max_len`` and ``buckets`` (``accuracy``)."""
     out: dict[str, float] = {}
     with runner.context():
         for split, by_lang in sets.items():
             accs = []
             for lang, pairs in by_lang.items():
-                acc, _ = accuracy(runner, predict_fn, params, pairs, batch_size, **rows)
+                acc, preds = accuracy(runner, predict_fn, params, pairs, batch_size, **rows)
                 out[f"{split}/{lang}/acc"] = acc
+                out[f"{split}/{lang}/top_class"] = top_class_share(preds)
                 accs.append(acc)
             if accs:
                 out[f"{split}/avg/acc"] = float(np.mean(accs))
