@@ -518,8 +518,7 @@ def evaluate_sets(
     **rows: int,
 ) -> dict[str, float]:
     """``{'valid/fr/acc': ..., 'valid/fr/top_class': ..., 'valid/avg/acc': ...}`` for every split
-    and language; ``rows``:
-    ``max_len`` and ``buckets`` (``accuracy``)."""
+    and language; ``rows``: ``max_len`` and ``buckets`` (``accuracy``)."""
     out: dict[str, float] = {}
     with runner.context():
         for split, by_lang in sets.items():
