@@ -1,7 +1,8 @@
 """Tatoeba retrieval probe: does the encoder map translations close together (no fine-tuning)?
 
 Each XX sentence retrieves among all English sentences of its Tatoeba file (and the reverse) by
-the cosine similarity of mean-pooled last-layer states; accuracy per language and the average.
+the cosine similarity of mean-pooled last-layer states (``--config.layer=K``: the states after
+layer K, 0 = the embeddings); accuracy per language and the average.
 Only held-out lines: the pretraining presets train on the first 80% of each file (lines 0..799
 of the 1,000-line ones), so the probe reads the rest. The argument lists the XX languages.
 
@@ -9,6 +10,8 @@ of the 1,000-line ones), so the probe reads the rest. The argument lists the XX 
       --config.init_checkpoint=/tmp/xlm15_mlm_tlm --workdir=/tmp/retrieval_mlm_tlm
   python -m xlm_jax.main --mode=retrieval --config=configs/retrieval.py:de,fr \
       --config.init_checkpoint=/tmp/xlm_m30k --workdir=/tmp/retrieval_m30k
+  python -m xlm_jax.main --mode=retrieval --config=configs/retrieval.py \
+      --config.init_checkpoint=/tmp/xlm15_mlm_tlm --workdir=/tmp/retrieval_layer2 --config.layer=2
 """
 
 from xlm_jax.data import nli

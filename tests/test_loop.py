@@ -192,6 +192,7 @@ def test_evaluators_are_chosen_by_name_in_the_config(tmp_path):
         mlm_steps="en,fr",
         evals="valid,retrieval@2",
         probe_pairs="fr-en: val.fr|val.en",
+        probe_layer=0,  # the embeddings' output: the probe reads any layer
     )
     config.best_metric = "retrieval/avg"
     config.best_mode = "max"
@@ -202,7 +203,13 @@ def test_evaluators_are_chosen_by_name_in_the_config(tmp_path):
     for r in evals[1::2]:
         assert 0 <= r["retrieval/fr-en"] <= 100 and r["retrieval/avg"] == r["retrieval/fr-en"]
 
-    for evals, error in [("valid,bleu", "no evaluator 'bleu'"), ("retrieval@0", "NAME@K")]:
+    bad = [
+        {"evals": "valid,bleu", "error": "no evaluator 'bleu'"},
+        {"evals": "retrieval@0", "error": "NAME@K"},
+        {"probe_layer": 2, "error": r"probe_layer=2: the encoder has layers 1\.\.1"},
+    ]
+    for settings in bad:
+        error = settings.pop("error")
         with pytest.raises(ValueError, match=error):
-            pretrain.train_and_evaluate(tiny_config(evals=evals), tmp_path / "bad")
+            pretrain.train_and_evaluate(tiny_config(**settings), tmp_path / "bad")
     assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before anything ran

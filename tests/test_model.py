@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -79,6 +80,26 @@ def test_output_shapes_and_dtypes(setup):
     pred_index = jnp.array([[0, 3], [1, 4], [0, 0]], jnp.int32)
     sub = model.apply(variables, **batch, pred_index=pred_index)
     assert sub.shape == (3, 2, TINY.vocab_size) and sub.dtype == jnp.float32
+
+
+def test_n_layers_stops_after_that_many_layers(setup):
+    """encode(n_layers=k) is the encoder of the first k layers with the same weights; 0 is the
+    embeddings' output, None all layers (probes read intermediate states this way)."""
+    batch, variables = setup
+    model = XLMEncoder(TINY)
+    full = model.apply(variables, **batch, method=model.encode)
+    all_layers = model.apply(variables, **batch, method=model.encode, n_layers=2)
+    np.testing.assert_array_equal(all_layers, full)
+    one_layer = XLMEncoder(dataclasses.replace(TINY, n_layers=1))
+    first = {"params": {k: v for k, v in variables["params"].items() if k != "layer_1"}}
+    np.testing.assert_array_equal(
+        model.apply(variables, **batch, method=model.encode, n_layers=1),
+        one_layer.apply(first, **batch, method=one_layer.encode),
+    )
+    embedded = model.apply(variables, **batch, method=model.encode, n_layers=0)
+    expected, _ = model.apply(variables, **batch, deterministic=True, method=model.embed)
+    np.testing.assert_array_equal(embedded, expected)
+    assert not np.allclose(embedded, full)
 
 
 def test_pred_index_equals_gathered_full_logits(setup):

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from tests.conftest import write_lines
 from xlm_jax.tasks import retrieval
@@ -54,3 +55,17 @@ def test_retrieval_skips_pairs_without_held_out_lines(pretrained, tmp_path):
     config.data.pairs = f"fr-en: {f}@3:|{f}@3:; de-en: {f}|{f}"
     results = retrieval.retrieval(config, tmp_path / "probe")
     assert list(results["pairs"]) == ["de-en"] and "fr-en" in results["skipped"]
+
+
+def test_the_probe_reads_the_layer_it_is_given(pretrained, tmp_path):
+    f = write_lines(tmp_path / "side.txt", ["A dog runs.", "Two men play.", "A cat sleeps."])
+    config = retrieval.retrieval_default_config()
+    config.init_checkpoint = str(pretrained)
+    config.data.pairs = f"en-en: {f}|{f}"
+    config.layer = 0  # the embeddings' output (the tiny encoder has one layer)
+    results = retrieval.retrieval(config, tmp_path / "probe")
+    assert results["layer"] == 0 and results["pairs"]["en-en"]["mean"] == 100.0
+    assert "mean-pooled embedding-layer states" in (tmp_path / "probe" / "retrieval.md").read_text()
+    config.layer = 2
+    with pytest.raises(ValueError, match=r"layer=2: the encoder has layers 1\.\.1"):
+        retrieval.retrieval(config, tmp_path / "probe")

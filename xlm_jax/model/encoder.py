@@ -281,6 +281,7 @@ class XLMEncoder(nn.Module):
         causal: bool = False,
         deterministic: bool = True,
         segments: Array | None = None,
+        n_layers: int | None = None,
     ) -> Array:
         """XLM's `fwd`: hidden states `(batch, length, emb_dim)`, exactly zero at pad tokens.
 
@@ -288,7 +289,9 @@ class XLMEncoder(nn.Module):
         model has no language embedding. `positions` must be < max_positions: out-of-range
         lookups are NaN (jnp.take's fill mode), never a silently clipped row. `segments`
         (`(batch, length)` ints, 0 at padding) packs several sequences per row (packed TLM): a
-        token attends only within its segment; None = one sequence per row.
+        token attends only within its segment; None = one sequence per row. `n_layers`: the
+        states after that many layers (0 = the embeddings' output; None = all), for probes of
+        the intermediate layers.
         """
         if tokens.ndim != 2 or positions.shape != tokens.shape or langs.shape != tokens.shape:
             raise ValueError(
@@ -299,7 +302,7 @@ class XLMEncoder(nn.Module):
             raise ValueError(f"segments must be {tokens.shape} as tokens, got {segments.shape}")
         x, valid = self.embed(tokens, positions, langs, deterministic=deterministic)
         mask = layers.make_attention_mask(valid, causal=causal, segments=segments)
-        for layer in self.layers:
+        for layer in self.layers[:n_layers]:
             x = layer(x, mask, valid, deterministic)
         return x
 

@@ -646,6 +646,7 @@ EVALUATORS = ("valid", "retrieval")  # config.evals picks among them (core/evalu
 def check(config: ml_collections.ConfigDict) -> None:
     """Settings that cannot work, refused before anything is read."""
     evaluators.parse(config.evals, EVALUATORS)
+    retrieval.check_layer(config.probe_layer, config.model.n_layers, "probe_layer")
     train_state.check_optimizer(config.optimizer)
     corpus_lib.checked_langs(config)
     if not 0 <= config.context_size < min(config.bptt, config.tlm_length):
@@ -697,7 +698,12 @@ def programs_of(config, env, model, tx, data: Data, probe) -> Callable[[Any], lo
             runner = xnli.Runner(env.mesh, env.rules)
             langs = lang_list(config)
             built["retrieval"] = probe.evaluator(
-                model, shardings.params, runner, langs, config.eval_batch_size
+                model,
+                shardings.params,
+                runner,
+                langs,
+                config.eval_batch_size,
+                layer=config.probe_layer,
             )
         evaluate_all = evaluators.combine(chosen, built, config.eval_every)
         return loop.Programs(steps.train, evaluate_all, steps.compilations)

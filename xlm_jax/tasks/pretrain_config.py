@@ -115,6 +115,7 @@ def loop_settings(c: ml_collections.ConfigDict) -> None:
     # (--mode=retrieval) on probe_pairs, with the encoder being trained (core/evaluators.py)
     c.evals = "valid"
     c.probe_pairs = ""  # "xx-en: SRC|EN; ..." under data.root, as --mode=retrieval's data.pairs
+    c.probe_layer = -1  # the states the probe pools, as --mode=retrieval's layer (-1 = last)
     c.checkpoint_every = 2_000  # loop steps; 0 = after evaluations and at the end only
     c.keep_checkpoints = 3  # the last N, plus the best by best_metric
     # The best checkpoint by this metric; "" = none. A list "m1,m2:max" (each with an optional

@@ -1,9 +1,9 @@
 """Tatoeba sentence-retrieval probe: does the encoder map translations close together?
 
 No fine-tuning: each sentence is ``</s> sentence </s>`` with its own language id, its vector the
-mean of the last layer over its non-pad tokens; each XX sentence retrieves among all English ones
-of its pair by cosine similarity (and the reverse). The encoder comes from a pretraining
-checkpoint or a random init, as for XNLI (``xlm_jax/model/pretrained.py``).
+mean of the last layer (or of the one ``layer`` names) over its non-pad tokens; each XX sentence
+retrieves among all English ones of its pair by cosine similarity (and the reverse). The encoder
+comes from a pretraining checkpoint or a random init, as for XNLI (``xlm_jax/model/pretrained.py``).
 
 Entry point: ``retrieval`` (``--mode=retrieval``); settings and their defaults:
 ``retrieval_default_config``.
@@ -52,6 +52,10 @@ def retrieval_default_config() -> ml_collections.ConfigDict:
     # retrieves among all English ones (and the reverse) by the cosine similarity of mean-pooled
     # last-layer states.
     c.data.pairs = ""
+    # The states pooled: after this many layers (0 = the embeddings' output), -1 = the last.
+    # Translations are often closer in the middle layers than at the top, whose states serve
+    # the pretraining objective's predictions (XTREME's retrieval reads layer 8 of 12).
+    c.layer = -1
     c.batch_size = 64
     return c
 
@@ -72,21 +76,34 @@ def tatoeba_pair_sources(
     return "; ".join(out)
 
 
-def last_layer(params, batch, *, model: XLMEncoder) -> jax.Array:
-    """The encoder's last-layer states, float32 ``(batch, length, emb_dim)``."""
+def layer_states(params, batch, *, model: XLMEncoder, layer: int = -1) -> jax.Array:
+    """The states after ``layer`` layers (-1: all), float32 ``(batch, length, emb_dim)``."""
     return model.apply(
         {"params": params},
         batch["tokens"],
         batch["positions"],
         batch["langs"],
         deterministic=True,
+        n_layers=None if layer == -1 else layer,
         method=XLMEncoder.encode,
     ).astype(jnp.float32)
 
 
-def mean_pooled(params, batch, *, model: XLMEncoder) -> jax.Array:
-    """Mean of the last layer over each row's non-pad tokens, float32 ``(batch, emb_dim)``."""
-    return pooled(last_layer(params, batch, model=model), batch["tokens"], "mean")
+def mean_pooled(params, batch, *, model: XLMEncoder, layer: int = -1) -> jax.Array:
+    """Mean of a layer's states (``layer_states``) over each row's non-pad tokens, float32
+    ``(batch, emb_dim)``."""
+    states = layer_states(params, batch, model=model, layer=layer)
+    return pooled(states, batch["tokens"], "mean")
+
+
+def check_layer(layer: int, n_layers: int, setting: str) -> int:
+    """``layer`` if the encoder has it (0..n_layers, or -1 for the last), else ``ValueError``."""
+    if layer != -1 and not 0 <= layer <= n_layers:
+        raise ValueError(
+            f"{setting}={layer}: the encoder has layers 1..{n_layers} (0 = its embeddings, "
+            "-1 = the last)"
+        )
+    return layer
 
 
 def retrieval_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -115,7 +132,8 @@ def _held_out_start_ok(spec_text: str, root: str) -> tuple[bool, str]:
 
 
 def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Tatoeba-style retrieval with mean-pooled last-layer states, both directions per pair.
+    """Tatoeba-style retrieval with mean-pooled states (of ``config.layer``), both directions per
+    pair.
 
     Writes ``retrieval.{csv,md,json}`` in the workdir and returns the results dict. A pair whose
     held-out range is empty (a short file entirely used for pretraining) is skipped and listed.
@@ -134,12 +152,14 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         nli.sentence_length(ids, config.max_len) for a, b in encoded.values() for ids in [*a, *b]
     )
     length = xnli.row_length(needed, config, source.model)
+    check_layer(config.layer, source.model.n_layers, "layer")
     embed = _embedder(config, runner, source, length)
 
     t0 = time.perf_counter()
     per_pair = scores(texts, encoded, embed)
     results = {
         "init": source.description,
+        "layer": config.layer,
         "row_length": length,
         "pairs": per_pair,
         "average": {
@@ -234,7 +254,7 @@ def _embedder(
     if source.params is not None:
         params = pretrained.place_params(source.params, params, source.description)
     embed_fn = jax.jit(
-        functools.partial(mean_pooled, model=model),
+        functools.partial(mean_pooled, model=model, layer=config.layer),
         in_shardings=(shardings.params, runner.batch_sharding),
         out_shardings=runner.replicated,
     )
@@ -296,12 +316,19 @@ class Probe:
         return [f"retrieval/{key}" for key in self.texts] + ["retrieval/avg"]
 
     def evaluator(
-        self, model: XLMEncoder, param_shardings, runner: xnli.Runner, langs, batch_size: int
+        self,
+        model: XLMEncoder,
+        param_shardings,
+        runner: xnli.Runner,
+        langs,
+        batch_size: int,
+        layer: int = -1,
     ):
         """``(params, step) -> {"retrieval/xx-en": mean accuracy of both directions, ...,
-        "retrieval/avg"}`` for the encoder ``model`` whose languages are ``langs``."""
+        "retrieval/avg"}`` for the encoder ``model`` whose languages are ``langs``, pooling the
+        states after ``layer`` layers (-1: the last)."""
         embed_fn = jax.jit(
-            functools.partial(mean_pooled, model=model),
+            functools.partial(mean_pooled, model=model, layer=layer),
             in_shardings=(param_shardings, runner.batch_sharding),
             out_shardings=runner.replicated,
         )
@@ -330,9 +357,13 @@ def write_retrieval(workdir: Path, results: Mapping[str, Any]) -> None:
     )
     write_atomic(workdir / "retrieval.csv", csv_bytes(columns, rows))
     skipped = "".join(f"\n- skipped {k}: {why}" for k, why in results["skipped"].items())
+    layer = results.get("layer", -1)
+    states = {-1: "last-layer states", 0: "embedding-layer states"}.get(
+        layer, f"states after layer {layer}"
+    )
     head = (
         "# Tatoeba retrieval\n\n"
-        f"Encoder: {results['init']}. Cosine nearest neighbour of mean-pooled last-layer states "
+        f"Encoder: {results['init']}. Cosine nearest neighbour of mean-pooled {states} "
         "(non-pad tokens, each sentence with its own language id); accuracy (%) in both "
         f"directions.{skipped}\n\n"
     )

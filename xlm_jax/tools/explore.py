@@ -329,7 +329,7 @@ def _embed_fn(model_config, pooling: str, states: bool):
     model = XLMEncoder(model_config)
 
     def embed(params, batch):
-        hidden = retrieval.last_layer(params, batch, model=model)
+        hidden = retrieval.layer_states(params, batch, model=model)
         return pooled(hidden, batch["tokens"], pooling), hidden if states else None
 
     return jax.jit(embed)
