@@ -229,16 +229,18 @@ def source_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, list[s
     return _saved_model(meta, Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"])).vocab_size)
 
 
-def with_dropout(model: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
-    """The encoder with the fine-tuning's dropout settings (negative rates, an empty rng = the
-    pretrained model's)."""
+def with_dropout(
+    model: ModelConfig, config: ml_collections.ConfigDict, prefix: str = "encoder_"
+) -> ModelConfig:
+    """The model with a fine-tuning's dropout settings ``{prefix}dropout``,
+    ``{prefix}attention_dropout`` and ``{prefix}dropout_rng`` (negative rates, an empty rng or a
+    missing setting = the pretrained model's)."""
     changes = {}
-    if config.get("encoder_dropout", -1.0) >= 0:
-        changes["dropout"] = float(config.encoder_dropout)
-    if config.get("encoder_attention_dropout", -1.0) >= 0:
-        changes["attention_dropout"] = float(config.encoder_attention_dropout)
-    if config.get("encoder_dropout_rng", ""):
-        changes["dropout_rng"] = str(config.encoder_dropout_rng)
+    for name in ("dropout", "attention_dropout"):
+        if config.get(prefix + name, -1.0) >= 0:
+            changes[name] = float(config[prefix + name])
+    if config.get(prefix + "dropout_rng", ""):
+        changes["dropout_rng"] = str(config[prefix + "dropout_rng"])
     return dataclasses.replace(model, **changes)
 
 

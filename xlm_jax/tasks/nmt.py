@@ -516,14 +516,7 @@ def seq2seq_configs(
     encoder: ModelConfig, config: ml_collections.ConfigDict
 ) -> tuple[ModelConfig, ModelConfig]:
     """The encoder's and the decoder's configs, from the source encoder's and the settings."""
-    changes = {}
-    if config.dropout >= 0:
-        changes["dropout"] = float(config.dropout)
-    if config.attention_dropout >= 0:
-        changes["attention_dropout"] = float(config.attention_dropout)
-    if config.get("dropout_rng", ""):
-        changes["dropout_rng"] = str(config.dropout_rng)
-    enc = dataclasses.replace(encoder, **changes)
+    enc = pretrained.with_dropout(encoder, config, prefix="")
     dec = enc if config.dec_layers < 0 else dataclasses.replace(enc, n_layers=config.dec_layers)
     return enc, dec
 
