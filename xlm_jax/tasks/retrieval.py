@@ -143,6 +143,7 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     runner = xnli.Runner.for_config(config, {"batch_size": config.batch_size})
     texts, skipped = _read_pairs(config.data)
     source = _encoder_source(config, workdir, texts)
+    check_layer(config.layer, source.model.n_layers, "layer")
     encoded = {
         key: (source.tokenizer.encode_many(a, l1), source.tokenizer.encode_many(b, l2))
         for key, (l1, l2, a, b) in texts.items()
@@ -152,7 +153,6 @@ def retrieval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         nli.sentence_length(ids, config.max_len) for a, b in encoded.values() for ids in [*a, *b]
     )
     length = xnli.row_length(needed, config, source.model)
-    check_layer(config.layer, source.model.n_layers, "layer")
     embed = _embedder(config, runner, source, length)
 
     t0 = time.perf_counter()
