@@ -25,7 +25,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.conftest import SHARED_DATA, needs_xnli, tiny_config, tiny_nmt  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    SHARED_DATA,
+    needs_xnli,
+    tiny_config,
+    tiny_nmt,
+    xla_flags,
+)
 from xlm_jax.core.checkpoint import Checkpointer  # noqa: E402
 from xlm_jax.model import pretrained  # noqa: E402
 from xlm_jax.model.classifier import XNLIClassifier  # noqa: E402
@@ -714,7 +720,7 @@ np.save(sys.argv[3], np.asarray(out))
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
     }
     run = subprocess.run(
         [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -88,7 +88,7 @@ def test_notebook_runs_at_the_tiny_size(path, tmp_path, tmp_path_factory):
         "MPLBACKEND": "agg",
         # Tiny models: compiling dominates, so spend less time optimising what runs for
         # milliseconds (CI's time budget; the notebooks themselves set nothing).
-        "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"),
+        "XLA_FLAGS": xla_flags("--xla_backend_optimization_level=0"),
     }
     client = nbclient.NotebookClient(
         nb,

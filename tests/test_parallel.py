@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.core.metrics import read_jsonl
 
@@ -43,7 +44,9 @@ def _run_jobs(tmp: Path, jobs: list[dict], devices: int) -> None:
     spec = tmp / f"jobs_{len(list(tmp.glob('jobs_*')))}.json"
     spec.write_text(json.dumps(jobs))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}"
+    env["XLA_FLAGS"] = xla_flags(
+        f"--xla_force_host_platform_device_count={devices}", SLOW_COLLECTIVES
+    )
     # A run resumed on a mesh compiles what an earlier job on that mesh did: reuse it.
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

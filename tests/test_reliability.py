@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import CPU_ENV, demo_command, tiny_config
+from tests.conftest import CPU_ENV, demo_command, tiny_config, xla_flags
 from xlm_jax.core.checkpoint import Checkpointer
 from xlm_jax.core.metrics import read_jsonl
 from xlm_jax.core.preemption import EXIT_PREEMPTED, Preempted
@@ -189,7 +189,7 @@ def test_mesh_and_batch_sizes_that_do_not_divide_are_refused_first(tmp_path):
     """On 2 devices, every mode refuses a mesh the devices do not fill and a batch the batch
     split does not divide, with a message naming the setting, before reading any data (here
     missing) and with nothing written to the workdir."""
-    env = {**CPU_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**CPU_ENV, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
     proc = subprocess.run(
         [sys.executable, "-c", SIZE_CHECKS, str(tmp_path)],
         cwd=REPO,

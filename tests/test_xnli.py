@@ -18,7 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import CPU_ENV, SHARED_DATA, XNLI_DIR, needs_xnli, override
+from tests.conftest import CPU_ENV, SHARED_DATA, XNLI_DIR, needs_xnli, override, xla_flags
 from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind_down
 from xlm_jax.core import parallel, train_state
 from xlm_jax.core.checkpoint import Checkpointer
@@ -784,10 +784,10 @@ def test_sharded_finetuning_matches_one_device(pretrained, tmp_path):
         tmp_path / "one",
     )["history"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=4 "
-        "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
-        "--xla_cpu_collective_timeout_seconds=900"
+    env["XLA_FLAGS"] = xla_flags(
+        "--xla_force_host_platform_device_count=4",
+        "--xla_cpu_collective_call_terminate_timeout_seconds=900",
+        "--xla_cpu_collective_timeout_seconds=900",
     )
     shapes = [[4, 1, 1], [1, 4, 1], [2, 1, 2]]
     proc = subprocess.run(
