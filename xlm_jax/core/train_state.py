@@ -53,27 +53,85 @@ def check_optimizer(cfg: ml_collections.ConfigDict, where: str = "optimizer") ->
         raise ValueError(f"{where}.warmup_steps={cfg.warmup_steps}: must be >= 0")
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
     """Adam with XLM's schedule, global-norm clipping and optional decoupled weight decay.
 
     Weight decay skips biases and LayerNorm parameters (1-D leaves), the usual practice.
     """
     check_optimizer(cfg)
-    schedule = inverse_sqrt_schedule(cfg.lr, cfg.warmup_steps, cfg.warmup_init_lr)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_grad_norm)
-        if cfg.clip_grad_norm > 0
-        else optax.identity(),
-        optax.adamw(
-            schedule,
-            b1=cfg.beta1,
-            b2=cfg.beta2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=decay_mask,
-        ),
+    return fused_adamw(
+        inverse_sqrt_schedule(cfg.lr, cfg.warmup_steps, cfg.warmup_init_lr),
+        b1=cfg.beta1,
+        b2=cfg.beta2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        clip_norm=cfg.clip_grad_norm,
     )
+
+
+def _decayed(params) -> Any:
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def fused_adamw(
+    learning_rate: optax.Schedule,
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    clip_norm: float,
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, ...))``
+    (no clipping if ``clip_norm <= 0``; decay on leaves of 2 or more dimensions): the same state,
+    the same arithmetic (but for a clipped gradient's rounding: one factor, not a division then a
+    product), in one elementwise expression per parameter.
+
+    Why: optax's chain materialises the clipped gradients, both moments, the bias-corrected moments
+    and the update as separate passes over every parameter; XLA:CPU did not fuse them, and the
+    6 x 512 model's update took 111 ms instead of 40 (one pass reads a parameter, its gradient and
+    moments and writes the three back: memory bound). ``update`` takes the gradients' global norm
+    as ``grad_norm`` when the caller has it (``apply_gradients``), which saves another pass.
+    Checkpoints written with the optax chain restore as they are (same state tree).
+    """
+    reference = optax.chain(
+        optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decayed),
+    )
+
+    def update(grads, state, params=None, *, grad_norm=None, **_):
+        if params is None:
+            raise ValueError("fused_adamw needs the parameters (weight decay)")
+        clip_state, (adam, decay_state, schedule) = state
+        count = optax.safe_increment(adam.count)
+        c1, c2 = 1 - b1**count, 1 - b2**count  # optax.tree.bias_correction's
+        step_size = -learning_rate(schedule.count)
+        if clip_norm > 0:
+            norm = optax.tree.norm(grads) if grad_norm is None else grad_norm
+            # One factor (optax divides each gradient by the norm, then multiplies: that pass's
+            # output was written out for the three expressions that read it)
+            clip = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+
+        def leaf(g, m, v, p, decayed):
+            if clip_norm > 0:
+                g = g * clip.astype(g.dtype)
+            m = (1 - b1) * g + b1 * m
+            v = (1 - b2) * g**2 + b2 * v
+            u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
+            if decayed:
+                u = u + weight_decay * p
+            return jnp.array(step_size, dtype=u.dtype) * u, m, v
+
+        out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, _decayed(params))
+        updates, mu, nu = (
+            jax.tree.map(lambda t, i=i: t[i], out, is_leaf=lambda t: isinstance(t, tuple))
+            for i in range(3)
+        )
+        adam = adam._replace(count=count, mu=mu, nu=nu)
+        schedule = schedule._replace(count=optax.safe_increment(schedule.count))
+        return updates, (clip_state, (adam, decay_state, schedule))
+
+    return optax.GradientTransformationExtraArgs(reference.init, update)
 
 
 def apply_gradients(
@@ -86,12 +144,14 @@ def apply_gradients(
     the optimizer state stay as they were.
     """
     scale = lam / jnp.maximum(sums["n_pred"], 1.0)
+    # The norm of the unscaled gradients, scaled: the scaled ones are then only read by the
+    # update, into which XLA fuses the multiplication (no pass writes them).
+    grad_norm = optax.tree.norm(grads) * jnp.abs(scale)
     grads = jax.tree.map(lambda g: g * scale, grads)
-    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(sums["loss_sum"] * scale) & jnp.isfinite(grad_norm)
 
     def update(_):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
         return optax.apply_updates(state.params, updates), opt_state
 
     params, opt_state = jax.lax.cond(
