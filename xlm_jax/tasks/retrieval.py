@@ -96,14 +96,13 @@ def mean_pooled(params, batch, *, model: XLMEncoder, layer: int = -1) -> jax.Arr
     return pooled(states, batch["tokens"], "mean")
 
 
-def check_layer(layer: int, n_layers: int, setting: str) -> int:
-    """``layer`` if the encoder has it (0..n_layers, or -1 for the last), else ``ValueError``."""
+def check_layer(layer: int, n_layers: int, setting: str) -> None:
+    """``ValueError`` unless the encoder has ``layer`` (0..n_layers, or -1 for the last)."""
     if layer != -1 and not 0 <= layer <= n_layers:
         raise ValueError(
             f"{setting}={layer}: the encoder has layers 1..{n_layers} (0 = its embeddings, "
             "-1 = the last)"
         )
-    return layer
 
 
 def retrieval_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
