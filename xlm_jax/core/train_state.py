@@ -69,7 +69,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     )
 
 
-def _decayed(params) -> Any:
+def decayed_leaves(params) -> Any:
+    """Weight decay's mask: leaves of 2 or more dimensions (not biases and LayerNorms)."""
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
@@ -96,7 +97,9 @@ def fused_adamw(
     """
     reference = optax.chain(
         optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decayed),
+        optax.adamw(
+            learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decayed_leaves
+        ),
     )
 
     def update(grads, state, params=None, *, grad_norm=None, **_):
@@ -122,7 +125,7 @@ def fused_adamw(
                 u = u + weight_decay * p
             return jnp.array(step_size, dtype=u.dtype) * u, m, v
 
-        out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, _decayed(params))
+        out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, decayed_leaves(params))
         updates, mu, nu = (
             jax.tree.map(lambda t, i=i: t[i], out, is_leaf=lambda t: isinstance(t, tuple))
             for i in range(3)

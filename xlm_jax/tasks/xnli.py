@@ -321,7 +321,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             b2=o.beta2,
             eps=o.eps,
             weight_decay=o.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+            mask=train_state.decayed_leaves,
         )
 
     groups = {"encoder": adam(config.optimizer_e), "head": adam(config.optimizer_p)}
