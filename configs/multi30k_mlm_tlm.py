@@ -67,8 +67,8 @@ def get_config(objectives: str = "mlm_tlm"):
         c.data.valid = "en: val.en@0:507; fr: val.fr@507:1014"
         c.mlm_steps = "en,fr"
         # Windows of 128 tokens (~9 captions) kept the MLM at the unigram plateau (15% accuracy)
-        # for thousands of steps at any learning rate tried; 32-token windows (as many tokens
-        # per batch) leave it within a few hundred (docs/results.md, issue 19, 2026-12-06).
+        # for 1,500-2,650 steps at every learning rate tried (5e-4 to 2e-3); 32-token windows
+        # (as many tokens per batch) leave it by step 300 (docs/results.md, issue 19).
         c.bptt = 32
         c.batch_size = 128
         c.optimizer.lr = 1e-3
