@@ -66,7 +66,7 @@ def get_config(arg: str = "mlm_tlm"):
         c.batch_size = 128
         c.optimizer.lr = 1e-3
         c.optimizer.warmup_steps = 300
-        c.max_steps = 1_500
+        c.max_steps = 1_500  # 47 min (MLM), 57 min (MLM + TLM) side by side on 2 CPU cores
         c.eval_every = 250
         c.checkpoint_every = 250
     return c
