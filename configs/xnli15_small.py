@@ -61,7 +61,8 @@ def get_config(arg: str = "mlm_tlm"):
         c.tlm_pack = True
         # MLM windows of 32 tokens, not 128: 128-token windows (several unrelated sentences a row)
         # kept this model at the MLM's unigram plateau through 2,000 steps; the short windows and
-        # lr 1e-3 leave it as they did for Multi30k (docs/results.md, issue 19). Same 4,096 tokens.
+        # lr 1e-3 leave it by step 1,000 (MLM) / 1,500 (MLM + TLM, half the MLM updates), later
+        # than on Multi30k's 2 languages (docs/results.md, issue 19). Same 4,096 tokens a step.
         c.bptt = 32
         c.batch_size = 128
         c.optimizer.lr = 1e-3
