@@ -428,7 +428,10 @@ def test_dot_product_attention_matches_the_explicit_one(causal):
     loss_b, grads_b = _loss_and_grads(fused, variables, batch, causal=causal)
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        # Two float32 summation orders: an element's error scales with the leaf's largest terms,
+        # not with the element (a Zen 3 EPYC measured up to 4.8e-7 of the leaf's largest value).
+        scale = max(1.0, float(np.abs(a).max()))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
