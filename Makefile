@@ -7,7 +7,9 @@ WORKDIR ?= /tmp/xlm_demo
 DATA ?=
 ARGS ?=
 # Test processes: compiling is mostly single-threaded, so two overlap well even on 2 cores. Whole
-# files go to one process (module fixtures are built once); TEST_WORKERS=0 runs in this process.
+# files go to one process (module fixtures are built once), the longest files first
+# (tests/conftest.py: SLOWEST_FIRST; --no-loadscope-reorder keeps that order). TEST_WORKERS=0
+# runs in this process.
 TEST_WORKERS ?= 2
 # The demo and the tests run on the CPU (the test extras bring libtpu, to *compile* for TPU slices
 # in tests/test_aot.py; JAX would otherwise try to open a TPU). `make demo JAX_PLATFORMS=` lets
@@ -30,7 +32,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check xlm_jax configs tests launch
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

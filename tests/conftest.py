@@ -1,6 +1,5 @@
 """Shared fixtures: tiny configs and the path of the real data (never copied into the repo)."""
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -30,26 +29,39 @@ import pytest  # noqa: E402
 from xlm_jax.tasks import nmt, pretrain  # noqa: E402
 from xlm_jax.tasks.pretrain_config import default_config  # noqa: E402
 
+# The files with the longest end-to-end runs (pytest --durations), run first: `make test` gives
+# each file whole to one of two workers (--dist loadfile), and a long file started last leaves
+# the other core idle for minutes. The Makefile's --no-loadscope-reorder keeps this order (xdist
+# would otherwise start the files with the most tests first).
+SLOWEST_FIRST = (
+    "test_docs_run.py",
+    "test_parallel.py",
+    "test_nmt.py",
+    "test_notebooks.py",
+    "test_faults.py",
+    "test_xnli.py",
+    "test_convert.py",
+    "test_reliability.py",
+    "test_train.py",
+)
 
-@contextlib.contextmanager
-def optimized_xla():
-    """XLA's full optimisations, for the few tests whose time goes to running hundreds of steps
-    rather than compiling (the suite's default above compiles faster and runs slower: a 400-step
-    translation run took 49 s instead of 36)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
 
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Tests compile the same tiny programs many times: reuse them within the session, in this
-    process and in the ones tests start (a signal test's rerun, a CLI run), which inherit the
-    cache through the environment (``CPU_ENV`` and ``os.environ``)."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    process, in the other test worker (xdist: the run's temporary root, above each worker's) and
+    in the processes tests start (a signal test's rerun, a CLI run), which inherit the cache
+    through the environment (``CPU_ENV`` and ``os.environ``). Two processes writing one entry at
+    once is harmless: JAX recompiles when an entry does not read back."""
+    base = tmp_path_factory.getbasetemp()
+    cache_dir = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+    cache_dir.mkdir(exist_ok=True)
+    cache = str(cache_dir)
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
