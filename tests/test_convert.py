@@ -600,9 +600,10 @@ def test_tokenizer_agrees_with_huggingface_xlm_tokenizer(tmp_path):
 
 @pytest.fixture(scope="module")
 def imported_workdir(tmp_path_factory):
-    """An imported 3-language model (de, en, fr) with room for NMT's longest length bucket."""
+    """An imported 3-language model (de, en, fr) with room for NMT's longest length bucket; two
+    layers, as many as the decoder below takes (compiling 3 + 3 cost half a minute of CI)."""
     tmp = tmp_path_factory.mktemp("imported")
-    model = hf_model(seed=11, n_langs=3, max_position_embeddings=256)
+    model = hf_model(seed=11, n_layers=2, n_langs=3, max_position_embeddings=256)
     convert.write_workdir(convert.import_hf(save_hf(model, tmp / "hf", _tokenizer())), tmp / "wd")
     return tmp / "wd"
 

@@ -168,8 +168,16 @@ def check_rates_and_fallback(run, config, work, caplog, previous: int) -> dict:
 
 @needs_multi30k
 def test_translation_logs_mfu_and_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
-    # denoising only: one compiled step (the three kinds are tests/test_nmt.py's)
-    config = tiny_nmt(init_checkpoint="", max_steps=8, checkpoint_every=4, mt_steps="", bt_steps="")
+    # denoising only, at one length bucket: one compiled step (the three kinds and the buckets
+    # are tests/test_nmt.py's)
+    config = tiny_nmt(
+        init_checkpoint="",
+        max_steps=8,
+        checkpoint_every=4,
+        mt_steps="",
+        bt_steps="",
+        length_buckets="160",
+    )
     first, again = check_rates_and_fallback(
         nmt.train_and_evaluate, config, tmp_path, caplog, previous=4
     )
