@@ -131,7 +131,7 @@ def copy_model(tmp_path_factory):
         eval_every=400,
         checkpoint_every=400,
         best_metric="valid/en-fr/bleu",
-        batch_size=16,  # 32 learns the copy no better in 400 steps, at twice the time
+        batch_size=16,  # BLEU 75 at step 400 in half the time of 32 rows (95): the test asks > 60
         length_buckets="40,80,160",
     )
     config.data.train = "en-fr: train.en@0:3000|train.en@0:3000"
