@@ -106,6 +106,11 @@ def pretrained(tmp_path_factory):
     return workdir
 
 
+# Runs write no TensorBoard files: with PyTorch installed (the test extras), tensorboardX imports
+# it, ~1.9 s of CPU in every process that starts a run. test_train's real-text run writes them.
+NO_TENSORBOARD = False
+
+
 def demo_command(workdir, *flags: str) -> list[str]:
     """``python -m xlm_jax.main`` on configs/demo.py with a model small enough for tests."""
     return [
@@ -117,6 +122,7 @@ def demo_command(workdir, *flags: str) -> list[str]:
         "--config.model.n_layers=1",
         "--config.model.emb_dim=32",
         "--config.tokenizer.vocab_size=300",
+        "--config.tensorboard=false",
         *flags,
     ]
 
@@ -149,6 +155,7 @@ def tiny_config(**overrides):
     c.log_every = 1
     c.eval_every = 6
     c.checkpoint_every = 6
+    c.tensorboard = NO_TENSORBOARD
     return override(c, **overrides)
 
 
@@ -190,4 +197,5 @@ def tiny_nmt(**overrides):
     c.eval_every = 0
     c.checkpoint_every = 4
     c.best_metric = ""
+    c.tensorboard = NO_TENSORBOARD
     return override(c, **overrides)

@@ -135,7 +135,14 @@ ENCODER = {
     "tokenizer.vocab_size": 200,
     "tokenizer.n_sentences": 2000,
 }
-LOOP = {"max_steps": STEPS, "log_every": 2, "eval_every": STEPS, "checkpoint_every": STEPS}
+# No TensorBoard files: tensorboardX imports PyTorch, installed for the tests (~1.9 CPU-s a run)
+LOOP = {
+    "max_steps": STEPS,
+    "log_every": 2,
+    "eval_every": STEPS,
+    "checkpoint_every": STEPS,
+    "tensorboard": False,
+}
 PRETRAIN = {
     **ENCODER,
     **LOOP,
@@ -162,6 +169,7 @@ XNLI = {
     "n_epochs": 1,
     "max_len": 32,
     "seq_len": 64,
+    "tensorboard": False,
 }
 RETRIEVAL = {**ENCODER, "batch_size": 64, "max_len": 64}
 # Lines kept of each source, by setting: (train, evaluation).

@@ -192,6 +192,7 @@ def test_two_processes_equal_one(tmp_path):
         "--config.bptt=32",
         "--config.tlm_length=48",
         "--config.mesh.shape=(4,1,1)",
+        "--config.tensorboard=false",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable, "LOG_DIR": str(tmp_path)}
     multi = subprocess.run(

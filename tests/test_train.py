@@ -195,9 +195,12 @@ def test_pretraining_on_real_text_lowers_validation_perplexity(tmp_path, shared_
             "tlm_length": 64,
             "batch_size": 8,
             "tlm_batch_size": 8,
+            "tensorboard": True,  # the one loop run of the tests that writes TensorBoard
         },
     )
     last = pretrain.train_and_evaluate(config, tmp_path)
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert b"valid/mlm_ppl" in events.read_bytes()  # the tag of a scalar summary
     evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "valid/mlm_ppl" in r]
     assert [r["step"] for r in evals] == [100, 200, 300]
     ppl = [r["valid/mlm_ppl"] for r in evals]

@@ -80,3 +80,18 @@ def test_apply_gradients_scales_clips_and_skips_non_finite_updates():
     assert int(same.step) == 1 and float(out["nonfinite"]) == 1.0
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(same), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_logged_learning_rate_is_the_schedule_computed_on_the_host():
+    """The log's learning rate (numpy) is bit for bit the schedule's eager JAX ops (what the log
+    showed before), and within one float32 ulp of the optimizer's compiled schedule (XLA may
+    order the warmup's product and division differently)."""
+    config = pretrain_config.default_config()
+    config.optimizer.update(lr=3e-4, warmup_steps=7, warmup_init_lr=1e-6)
+    schedule = train_state.inverse_sqrt_schedule(3e-4, 7, 1e-6)
+    logged = np.asarray([train_state.learning_rate(config, n + 1) for n in range(40)], np.float32)
+    eager = np.asarray([schedule(n) for n in range(40)])
+    assert logged.tobytes() == eager.tobytes()
+    compiled = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(40)))
+    np.testing.assert_array_max_ulp(logged, compiled, maxulp=1)
+    assert logged[6] == np.float32(3e-4) and logged[5] < logged[6] > logged[7]

@@ -18,7 +18,15 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import CPU_ENV, SHARED_DATA, XNLI_DIR, needs_xnli, override, xla_flags
+from tests.conftest import (
+    CPU_ENV,
+    NO_TENSORBOARD,
+    SHARED_DATA,
+    XNLI_DIR,
+    needs_xnli,
+    override,
+    xla_flags,
+)
 from tests.test_faults import committed_steps, disk_full_for, orbax_threads_wind_down
 from xlm_jax.core import parallel, train_state
 from xlm_jax.core.checkpoint import Checkpointer
@@ -321,6 +329,7 @@ def _finetune_config(init, **overrides):
     c.encoder_dropout = 0.0
     c.encoder_attention_dropout = 0.0
     c.log_every = 1000
+    c.tensorboard = NO_TENSORBOARD
     return override(c, **overrides)
 
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from xlm_jax.core import parallel
@@ -25,23 +26,28 @@ class TrainState:
     opt_state: Any
 
 
-def inverse_sqrt_schedule(lr: float, warmup_steps: int, warmup_init_lr: float) -> optax.Schedule:
-    """XLM's ``adam_inverse_sqrt``: linear warmup to ``lr``, then ``lr * sqrt(warmup / step)``."""
+def inverse_sqrt_schedule(
+    lr: float, warmup_steps: int, warmup_init_lr: float, xp: Any = jnp
+) -> optax.Schedule:
+    """XLM's ``adam_inverse_sqrt``: linear warmup to ``lr``, then ``lr * sqrt(warmup / step)``.
+    ``xp=numpy`` evaluates the same float32 arithmetic on the host."""
     warmup_steps = max(1, warmup_steps)
 
     def schedule(step: jax.Array) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32) + 1.0  # XLM counts updates from 1
+        step = xp.asarray(step, xp.float32) + 1.0  # XLM counts updates from 1
         warm = warmup_init_lr + (lr - warmup_init_lr) * step / warmup_steps
-        decay = lr * jnp.sqrt(warmup_steps / step)
-        return jnp.where(step < warmup_steps, warm, decay)
+        decay = lr * xp.sqrt(warmup_steps / step)
+        return xp.where(step < warmup_steps, warm, decay)
 
     return schedule
 
 
 def learning_rate(config: ml_collections.ConfigDict, updates: int) -> float:
-    """The learning rate of the ``updates``-th update (for the log)."""
+    """The learning rate of the ``updates``-th update (for the log). On the host: as eager JAX
+    ops it compiled eight tiny programs in every run and dispatched them at every log."""
     o = config.optimizer
-    return float(inverse_sqrt_schedule(o.lr, o.warmup_steps, o.warmup_init_lr)(max(updates - 1, 0)))
+    schedule = inverse_sqrt_schedule(o.lr, o.warmup_steps, o.warmup_init_lr, xp=np)
+    return float(schedule(max(updates - 1, 0)))
 
 
 def check_optimizer(cfg: ml_collections.ConfigDict, where: str = "optimizer") -> None:

@@ -119,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_steps = 100_000  # loop steps (each one objective's update)
     loop.epoch_settings(c)  # epoch_size, max_epoch: XLM's units
     c.log_every = 100  # loop steps
+    loop.log_settings(c)  # tensorboard
     c.peak_flops_per_device = 0.0  # for train/mfu, as pretraining's (0 = a known accelerator's)
     c.eval_every = 2_000  # loop steps; 0 = never
     c.checkpoint_every = 2_000  # loop steps; 0 = after evaluations and at the end only

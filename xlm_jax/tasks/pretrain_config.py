@@ -106,6 +106,7 @@ def loop_settings(c: ml_collections.ConfigDict) -> None:
     c.max_steps = 100_000  # loop steps (each one objective's update)
     loop.epoch_settings(c)  # epoch_size, max_epoch: XLM's units
     c.log_every = 100  # loop steps
+    loop.log_settings(c)  # tensorboard
     # Peak FLOP/s of one device for train/mfu; 0 = a known accelerator's bfloat16 peak
     # (xlm_jax/core/mfu.py), or no MFU (a CPU: `python -m xlm_jax.bench` measures its peak)
     c.peak_flops_per_device = 0.0

@@ -144,6 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_at_start = False  # also evaluate the untrained head (reported as epoch 0)
     c.patience = -1  # stop after this many epochs without a better select_lang accuracy; -1 = never
     c.log_every = 50
+    loop.log_settings(c)  # tensorboard
     c.peak_flops_per_device = 0.0  # for train/mfu, as pretraining's (0 = a known accelerator's)
     c.keep_checkpoints = 1  # the last N, plus the best by select_lang validation accuracy
     # Also checkpoint every N updates inside an epoch (0 = only at epoch ends and on SIGTERM /
