@@ -106,9 +106,10 @@ def pretrained(tmp_path_factory):
     return workdir
 
 
-# Runs write no TensorBoard files: with PyTorch installed (the test extras), tensorboardX imports
-# it, ~1.9 s of CPU in every process that starts a run. test_train's real-text run writes them.
-NO_TENSORBOARD = False
+# The tests' runs write no TensorBoard files: with PyTorch installed (the test extras),
+# tensorboardX imports it, ~1.9 s of CPU in every process that starts a run. test_train's
+# real-text run writes them.
+TENSORBOARD = False
 
 
 def demo_command(workdir, *flags: str) -> list[str]:
@@ -155,7 +156,7 @@ def tiny_config(**overrides):
     c.log_every = 1
     c.eval_every = 6
     c.checkpoint_every = 6
-    c.tensorboard = NO_TENSORBOARD
+    c.tensorboard = TENSORBOARD
     return override(c, **overrides)
 
 
@@ -197,5 +198,5 @@ def tiny_nmt(**overrides):
     c.eval_every = 0
     c.checkpoint_every = 4
     c.best_metric = ""
-    c.tensorboard = NO_TENSORBOARD
+    c.tensorboard = TENSORBOARD
     return override(c, **overrides)

@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import (
     CPU_ENV,
-    NO_TENSORBOARD,
     SHARED_DATA,
+    TENSORBOARD,
     XNLI_DIR,
     needs_xnli,
     override,
@@ -329,7 +329,7 @@ def _finetune_config(init, **overrides):
     c.encoder_dropout = 0.0
     c.encoder_attention_dropout = 0.0
     c.log_every = 1000
-    c.tensorboard = NO_TENSORBOARD
+    c.tensorboard = TENSORBOARD
     return override(c, **overrides)
 
 

@@ -29,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_steps = 12
     c.log_every = 2
     loop.log_settings(c)  # tensorboard
-    c.tensorboard = False  # (tests: no tensorboardX import, conftest.NO_TENSORBOARD)
+    c.tensorboard = False  # (as conftest.TENSORBOARD: no tensorboardX import)
     c.eval_every = 4
     c.checkpoint_every = 3
     c.keep_checkpoints = 2
