@@ -107,7 +107,7 @@ def pretrained(tmp_path_factory):
 
 
 # The tests' runs write no TensorBoard files: with PyTorch installed (the test extras),
-# tensorboardX imports it, ~1.9 s of CPU in every process that starts a run. test_train's
+# tensorboardX imports it, ~1.4 s of CPU in every process that starts a run. test_train's
 # real-text run writes them.
 TENSORBOARD = False
 

@@ -135,7 +135,7 @@ ENCODER = {
     "tokenizer.vocab_size": 200,
     "tokenizer.n_sentences": 2000,
 }
-# No TensorBoard files: tensorboardX imports PyTorch, installed for the tests (~1.9 CPU-s a run)
+# No TensorBoard files: tensorboardX imports PyTorch, installed for the tests (~1.4 CPU-s a run)
 LOOP = {
     "max_steps": STEPS,
     "log_every": 2,

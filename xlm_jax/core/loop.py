@@ -212,7 +212,7 @@ def nonfinite_settings(c: ml_collections.ConfigDict) -> None:
 
 def log_settings(c: ml_collections.ConfigDict) -> None:
     """Where the loop's scalars go besides the console and ``metrics.jsonl`` (``MetricWriter``).
-    False spares tensorboardX's import, which imports PyTorch where it is installed: ~1.9 s of
+    False spares tensorboardX's import, which imports PyTorch where it is installed: ~1.4 s of
     CPU at every start on a 2-core AMD EPYC."""
     c.tensorboard = True  # also TensorBoard event files in workdir/tensorboard
 
