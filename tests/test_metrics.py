@@ -25,6 +25,7 @@ def test_jsonl_appends_across_writers(tmp_path):
     assert isinstance(records[0]["n"], int)
     assert records[1]["valid/loss"] == 0.25
     assert all(isinstance(r["time"], float) for r in records)
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_tensorboard_event_file(tmp_path):

@@ -117,6 +117,7 @@ def test_alternation_compiles_each_step_once(tmp_path, caplog):
     for r in logged[1:]:
         assert r["train/tokens_per_s"] > 0
         assert r["train/mfu"] == pytest.approx(r["train/tflops_per_device"] * 1e12 / 1e9)
+    assert not (tmp_path / "tensorboard").exists()  # tiny_config's tensorboard=False reached it
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, caplog):
