@@ -230,6 +230,20 @@ def test_a_new_translation_may_change_the_pretrained_dropout_masks():
     assert (dec.dropout_rng, dec.n_layers) == ("hash", old.n_layers)
 
 
+def test_depths_take_the_first_layers_of_the_source():
+    source = ModelConfig(vocab_size=50, n_langs=2, emb_dim=16, n_heads=2, n_layers=4)
+    enc, dec = nmt.seq2seq_configs(source, tiny_nmt(enc_layers=2))
+    assert (enc.n_layers, dec.n_layers) == (2, 4)  # the decoder keeps the source's depth
+    assert enc == dataclasses.replace(dec, n_layers=2)
+    enc, dec = nmt.seq2seq_configs(source, tiny_nmt(enc_layers=1, dec_layers=3))
+    assert (enc.n_layers, dec.n_layers) == (1, 3)
+    nmt.check_depths(tiny_nmt(enc_layers=4, dec_layers=-1), source_layers=4)
+    with pytest.raises(ValueError, match="enc_layers=5: the pretrained model has 4 layers"):
+        nmt.check_depths(tiny_nmt(enc_layers=5), source_layers=4)
+    with pytest.raises(ValueError, match="dec_layers=0: expected -1"):
+        nmt.check(tiny_nmt(dec_layers=0))
+
+
 def test_max_len_rule():
     assert nmt.max_len_of(10, 1.3, 5) == 18  # XLM: int(1.3 * 10 + 5)
     assert nmt.max_len_of(64, 1.5, 10) == 106
@@ -323,9 +337,10 @@ def test_resuming_with_other_settings_is_refused(checkpointed_run):
     cases = [
         ({"model.emb_dim": 48}, ["model.emb_dim: checkpoint 32 vs config 48"]),
         (
-            {"init_checkpoint": "/elsewhere", "dec_layers": 2},
+            {"init_checkpoint": "/elsewhere", "enc_layers": 1, "dec_layers": 2},
             [
                 "init_checkpoint: checkpoint '' vs config '/elsewhere'",
+                "enc_layers: checkpoint -1 vs config 1",
                 "dec_layers: checkpoint -1 vs config 2",
             ],
         ),

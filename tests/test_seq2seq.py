@@ -228,6 +228,24 @@ def test_init_from_pretrained_copies_by_name():
         init_from_pretrained(fresh, _encoder_params(small(emb_dim=8)))
 
 
+def test_a_shallower_encoder_takes_the_first_pretrained_layers():
+    """enc_layers=1 of a 2-layer source: the encoder's layer_0 is the source's, the decoder
+    has both layers; the source's layer_1 reaches only the decoder."""
+    enc_params = _encoder_params(small())
+    model = EncoderDecoder(small(n_layers=1), small())
+    fresh = nn.meta.unbox(model.init(jax.random.key(2), _batch())["params"])
+    params, left = init_from_pretrained(fresh, enc_params)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    src = traverse_util.flatten_dict(enc_params, sep="/")
+    assert not any(k.startswith("encoder/layer_1") for k in flat)
+    for half in ("encoder/layer_0", "decoder/layer_0", "decoder/layer_1"):
+        copied = [k for k in flat if k.startswith(half) and k not in left]
+        assert copied
+        for name in copied:
+            np.testing.assert_array_equal(flat[name], src[name.split("/", 1)[1]], err_msg=name)
+    assert all(k.split("/")[0] == "decoder" for k in left)
+
+
 def test_kv_cache_and_recomputation_translate_alike(model_and_params):
     """Greedy and beam-3 translations with the KV cache equal those that re-run the decoder
     over the whole prefix at every step."""

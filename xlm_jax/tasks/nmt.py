@@ -71,7 +71,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.dropout = -1.0  # -1 = the pretrained model's; XLM's UNMT uses 0.1
     c.attention_dropout = -1.0
     c.dropout_rng = ""  # "" = the pretrained model's masks; "hash" for an older checkpoint's
-    c.dec_layers = -1  # decoder depth; -1 = the encoder's (a pretrained decoder: its first N)
+    # Depths; -1 = the source model's. A pretrained half takes the source's first N layers:
+    # N < the source's makes the decoder read a middle layer, which aligns languages best in a
+    # small pretrained encoder (docs/results.md, "alignment, layer by layer").
+    c.enc_layers = -1
+    c.dec_layers = -1
 
     # Sources, "KEY: SPEC; ..." as pretraining (data/corpus.py): languages for AE/BT, pairs for
     # MT; valid/test pairs are scored in both directions.
@@ -517,9 +521,12 @@ def seq2seq_configs(
     encoder: ModelConfig, config: ml_collections.ConfigDict
 ) -> tuple[ModelConfig, ModelConfig]:
     """The encoder's and the decoder's configs, from the source encoder's and the settings."""
-    enc = pretrained.with_dropout(encoder, config, prefix="")
-    dec = enc if config.dec_layers < 0 else dataclasses.replace(enc, n_layers=config.dec_layers)
-    return enc, dec
+    source = pretrained.with_dropout(encoder, config, prefix="")
+
+    def depth(n: int) -> ModelConfig:
+        return source if n < 0 else dataclasses.replace(source, n_layers=n)
+
+    return depth(config.enc_layers), depth(config.dec_layers)
 
 
 def example_batch(dp: int) -> tuple[Batch]:
@@ -754,8 +761,8 @@ def source_of(
     saved = env.saved
     if saved is None:
         return load_source(config, env.workdir), None
-    keys = ("dropout", "attention_dropout", "dropout_rng", "dec_layers")
-    saved_config = {"dropout_rng": "", **saved["config"]}  # written before the setting
+    keys = ("dropout", "attention_dropout", "dropout_rng", "enc_layers", "dec_layers")
+    saved_config = {"dropout_rng": "", "enc_layers": -1, **saved["config"]}  # before the settings
     pretrained.check_same_source(saved_config, config, env.where, *keys)
     source = pretrained.EncoderSource(
         Tokenizer.from_bytes(base64.b64decode(saved["tokenizer"])),
@@ -799,6 +806,8 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     source, dec_saved = source_of(config, env)
     tokenizer = source.tokenizer
     prepared_set = prepare_lib.open_for_model(config, env.workdir, tokenizer)
+    if source.params is not None:
+        check_depths(config, source.model.n_layers)
     enc_cfg, dec_cfg = seq2seq_configs(source.model, config)
     dec_cfg = dec_saved or dec_cfg
     check_lengths(config, dec_cfg.max_positions)
@@ -900,6 +909,19 @@ def check_token_budget(config: ml_collections.ConfigDict, data_parallel: int = 1
         sentences.check_budget(config.tokens_per_batch, _buckets(config), data_parallel)
 
 
+def check_depths(config: ml_collections.ConfigDict, source_layers: int | None = None) -> None:
+    """``enc_layers``/``dec_layers``: -1 or a depth, at most a pretrained source's."""
+    for name in ("enc_layers", "dec_layers"):
+        n = config[name]
+        if n == 0 or n < -1:
+            raise ValueError(f"{name}={n}: expected -1 (the source model's depth) or >= 1")
+        if source_layers is not None and n > source_layers:
+            raise ValueError(
+                f"{name}={n}: the pretrained model has {source_layers} layers and a pretrained "
+                f"half takes its first N; set N <= {source_layers}, or -1 for all"
+            )
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Settings that cannot work, refused before anything is read."""
     train_state.check_optimizer(config.optimizer)
@@ -907,6 +929,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     check_token_budget(config)  # the mesh's batch split is checked again in setup
     prepare_lib.records_of(config, expected="text")  # sentences, not NLI records
     lambda_steps_per_point(config.lambda_unit, None, 1)  # a known unit
+    check_depths(config)
     if config.max_len_rule not in ("row", "batch"):
         raise ValueError(f"max_len_rule={config.max_len_rule!r}: expected 'row' or 'batch'")
 
