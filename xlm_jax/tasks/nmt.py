@@ -804,10 +804,10 @@ def setup(config: ml_collections.ConfigDict, env: loop.Env) -> loop.Plan:
     check_entries_have_text(config, entries)
     eval_splits = read_eval_text(config, langs)
     source, dec_saved = source_of(config, env)
+    if source.params is not None:  # before any text is prepared
+        check_depths(config, source.model.n_layers)
     tokenizer = source.tokenizer
     prepared_set = prepare_lib.open_for_model(config, env.workdir, tokenizer)
-    if source.params is not None:
-        check_depths(config, source.model.n_layers)
     enc_cfg, dec_cfg = seq2seq_configs(source.model, config)
     dec_cfg = dec_saved or dec_cfg
     check_lengths(config, dec_cfg.max_positions)
