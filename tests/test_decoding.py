@@ -289,6 +289,27 @@ def test_top_k_equals_lax_top_k_ties_included(n, block):
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
+@pytest.mark.parametrize("n, block", [(1000, 64), (1037, 64), (300, 16)])
+def test_top_log_softmax_equals_top_k_of_log_softmax(n, block):
+    """Bit for bit, also where distinct logits round to equal log-probabilities (a row with one
+    large logit and many tiny distinct ones: a top-k of the logits would order those, the
+    log-probabilities' top-k takes the lowest indices), with -inf entries and a partial block."""
+    rng = np.random.default_rng(n)
+    x = (rng.normal(size=(5, n)) * 4).astype(np.float32)
+    x[1] = 1e-6 * rng.permutation(n)  # distinct, all within an ulp of one another once shifted
+    x[1, n // 2] = 30.0
+    x[2, rng.integers(0, n, n // 2)] = -np.inf
+    x[3, -3:] = 40.0  # the best entries in the partial block
+    x[4] = rng.integers(0, 3, n)  # ties everywhere
+    assert len(set(np.asarray(jax.nn.log_softmax(x[1]))[np.argsort(-x[1])[1:13]])) < 12
+    fn = jax.jit(decoding.top_log_softmax, static_argnums=(1, 2))
+    for k in (1, 5, 12):
+        got = fn(x, k, block)
+        want = jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), k)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
 def test_tile_beams_repeats_rows():
     tree = {"a": jnp.arange(6).reshape(3, 2), "b": (jnp.arange(3.0),)}
     out = decoding.tile_beams(tree, 2)
