@@ -88,6 +88,8 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
         assert r["tokens_per_s"] == pytest.approx(2 * 3 / r["seconds"])
     cached = [r for r in runs if r["kv_cache"]]
     assert all(r["floor_sentences_per_s"] == pytest.approx(2 / r["matmul_floor_s"]) for r in cached)
+    for r in cached:  # the same products with operands from memory
+        assert r["floor_cold_sentences_per_s"] == pytest.approx(2 / r["matmul_floor_cold_s"])
     assert not any("matmul_floor_s" in r for r in runs if not r["kv_cache"])
     # beam 4 runs 4 hypotheses per sentence through the decoder's products (the encoder's once)
     greedy, beam = cached
@@ -116,6 +118,11 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
     assert f"{ref['floor_over_theirs']:.2f}x" in text
     # the decoding table's two rows each, and one each in the original code's table
     assert text.count("| greedy |") == 3 and text.count("| beam 4 |") == 3
+    for r in cached:  # % of each ceiling, from the same report's numbers
+        pct = r["sentences_per_s"] / r["floor_sentences_per_s"]
+        pct_cold = r["sentences_per_s"] / r["floor_cold_sentences_per_s"]
+        assert f"{r['floor_sentences_per_s']:.1f} | {pct:.0%} | " in text
+        assert f"{r['matmul_floor_cold_s']:.2f} | {pct_cold:.0%} |" in text
     assert "(128 x 128)" in text
 
 
@@ -166,6 +173,14 @@ def test_dot_products_counts_nested_jits_loops_and_branches():
     timed = roofline.time_dot_products(counts)
     assert timed["flops"] == 13 * dot.flops and timed["seconds"] > 0
     assert timed["products"][0]["calls"] == 13
+    cold = roofline.time_dot_products(counts, cold=True)  # the same products, other operands
+    assert cold["flops"] == timed["flops"] and cold["seconds"] > 0
+    # copies rotated: enough to exceed COLD_BYTES, at most MAX_COPIES, one when warm
+    mb = 2**20
+    assert roofline.operand_copies(100 * mb, cold=True) == 3  # 300 MB >= 256 MB
+    assert roofline.operand_copies(300 * mb, cold=True) == 1
+    assert roofline.operand_copies(1 * mb, cold=True) == roofline.MAX_COPIES == 64
+    assert roofline.operand_copies(100 * mb, cold=False) == 1
 
 
 def test_the_flop_formula_counts_the_training_steps_own_products():

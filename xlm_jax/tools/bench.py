@@ -60,13 +60,22 @@ def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: b
 
 
 def _matmul_floor(
-    fn: Callable, *args, loop_trips: int = 1, sample_seconds: float = roofline.SAMPLE_SECONDS
+    fn: Callable,
+    *args,
+    loop_trips: int = 1,
+    sample_seconds: float = roofline.SAMPLE_SECONDS,
+    cold: bool = False,
 ) -> dict:
-    """The program's matrix products timed alone (``xlm_jax.tools.roofline``): seconds and FLOPs."""
-    floor = roofline.time_dot_products(
-        roofline.program_dot_products(fn, *args, loop_trips=loop_trips), sample_seconds
-    )
-    return {"seconds": floor["seconds"], "flops": floor["flops"]}
+    """The program's matrix products timed alone (``xlm_jax.tools.roofline``): seconds and FLOPs,
+    and with ``cold`` also their seconds with operands from memory (``cold_seconds``)."""
+    counts = roofline.program_dot_products(fn, *args, loop_trips=loop_trips)
+    floor = roofline.time_dot_products(counts, sample_seconds)
+    out = {"seconds": floor["seconds"], "flops": floor["flops"]}
+    if cold:
+        out["cold_seconds"] = roofline.time_dot_products(counts, sample_seconds, cold=True)[
+            "seconds"
+        ]
+    return out
 
 
 def bench_steps(
@@ -187,7 +196,9 @@ def bench_decoding(
     variants do the same work. Median of ``n_runs`` after one warm-up (compile time separately);
     the slow variants without the cache are timed once, after the run that checks the lengths.
     ``floor``: the decoder's matrix products timed alone (the loop body's ``out_tokens`` times),
-    as the sentences/s no other change could exceed.
+    as the sentences/s no other change could exceed; and timed with operands from memory
+    (``roofline.time_dot_products(cold=True)``): a step reads all the decoder's weights once, more
+    than a cache holds, which products timed alone on the same operands never pay.
     """
     mcfg = pretrain.model_config(config, config.tokenizer.vocab_size)
     mcfg = dataclasses.replace(mcfg, dropout=0.0, attention_dropout=0.0)
@@ -248,11 +259,14 @@ def bench_decoding(
                     np.int32(1),
                     loop_trips=out_tokens,
                     sample_seconds=sample_seconds,
+                    cold=True,
                 )
                 results[-1].update(
                     matmul_floor_s=f["seconds"],
                     matmul_flops=f["flops"],
                     floor_sentences_per_s=batch / f["seconds"],
+                    matmul_floor_cold_s=f["cold_seconds"],
+                    floor_cold_sentences_per_s=batch / f["cold_seconds"],
                 )
     return results
 
@@ -516,15 +530,18 @@ def markdown(report: dict, command: str = "") -> str:
             "does the same work):",
             "",
             "| search | KV cache | compile s | sentences/s | tokens/s | matmuls alone s "
-            "| ceiling sentences/s |",
-            "|---|---|---|---|---|---|---|",
+            "| ceiling sentences/s | % of ceiling | matmuls from memory s | % of that ceiling |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in dec["runs"]:
-            floor = (
-                f"{r['matmul_floor_s']:.2f} | {r['floor_sentences_per_s']:.1f}"
-                if "matmul_floor_s" in r
-                else "- | -"
-            )
+            floor = "- | - | - | - | -"
+            if "matmul_floor_s" in r:
+                floor = (
+                    f"{r['matmul_floor_s']:.2f} | {r['floor_sentences_per_s']:.1f} | "
+                    f"{r['sentences_per_s'] / r['floor_sentences_per_s']:.0%} | "
+                    f"{r['matmul_floor_cold_s']:.2f} | "
+                    f"{r['sentences_per_s'] / r['floor_cold_sentences_per_s']:.0%}"
+                )
             lines.append(
                 f"| {r['search']} | {'yes' if r['kv_cache'] else 'no'} | {r['compile_s']:.1f} | "
                 f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {floor} |"

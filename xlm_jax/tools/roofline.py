@@ -115,33 +115,46 @@ def median_seconds(fn: Callable[[], object], n: int, warmup: int = 2) -> float:
 
 
 SAMPLE_SECONDS = 0.05  # each timing sample of a product runs at least this long
+# "Cold" timing rotates each product over copies of its operands that together exceed any last
+# level cache of the machines this runs on, so that its operands come from memory, as a decoding
+# step's must (its weights, 160 MB at 6 x 512 with a 32k vocabulary, cannot stay in cache).
+COLD_BYTES = 256 * 2**20
+MAX_COPIES = 64  # a tiny product's copies stop here (its cost is dispatch, not memory)
+
+
+def operand_copies(nbytes: int, cold: bool) -> int:
+    """How many copies of a product's operands (``nbytes`` together) a timing rotates over."""
+    return min(MAX_COPIES, max(1, math.ceil(COLD_BYTES / nbytes))) if cold else 1
 
 
 def _seconds_per_call(
-    f: Callable[..., Any], args: tuple, min_seconds: float = SAMPLE_SECONDS
+    f: Callable[..., Any], copies: list[tuple], min_seconds: float = SAMPLE_SECONDS
 ) -> float:
     """Median time of one call; calls are issued back to back (JAX dispatches asynchronously),
-    enough of them per sample that dispatch overhead is spread out."""
-    jax.block_until_ready(f(*args))  # compile
+    enough of them per sample that dispatch overhead is spread out, each call on the next of the
+    operands' ``copies``."""
+    jax.block_until_ready(f(*copies[0]))  # compile
     t = time.perf_counter()
-    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*copies[0]))
     one = max(time.perf_counter() - t, 1e-6)
-    calls = max(1, math.ceil(min_seconds / one))
+    calls = max(len(copies), math.ceil(min_seconds / one))
     samples = []
     for _ in range(5):
         t = time.perf_counter()
         out = None
-        for _ in range(calls):
-            out = f(*args)
+        for c in range(calls):
+            out = f(*copies[c % len(copies)])
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t) / calls)
     return float(np.median(samples))
 
 
 def time_dot_products(
-    counts: collections.Counter, sample_seconds: float = SAMPLE_SECONDS
+    counts: collections.Counter, sample_seconds: float = SAMPLE_SECONDS, cold: bool = False
 ) -> dict[str, Any]:
-    """Seconds the program's products take alone, each shape timed once on random operands.
+    """Seconds the program's products take alone, each shape timed once on random operands:
+    the same operands at every call (in cache when they fit), or ``cold``, rotated over copies
+    (``operand_copies``) so that they come from memory.
 
     Returns ``{"seconds", "flops", "products"}``: the total over all calls, its FLOPs, and one
     row per distinct product (shapes, calls, seconds per call, GFLOP/s).
@@ -149,15 +162,20 @@ def time_dot_products(
     rows, total_s, total_flops = [], 0.0, 0
     key = jax.random.key(0)
     for i, (dot, n) in enumerate(sorted(counts.items(), key=lambda kv: -kv[0].flops * kv[1])):
-        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        lhs = jax.random.normal(k1, dot.lhs, jnp.dtype(dot.dtype))
-        rhs = jax.random.normal(k2, dot.rhs, jnp.dtype(dot.dtype))
+        dtype = jnp.dtype(dot.dtype)
+        nbytes = (math.prod(dot.lhs) + math.prod(dot.rhs)) * dtype.itemsize
+        copies = []
+        for k in jax.random.split(jax.random.fold_in(key, i), operand_copies(nbytes, cold)):
+            k1, k2 = jax.random.split(k)
+            copies.append(
+                (jax.random.normal(k1, dot.lhs, dtype), jax.random.normal(k2, dot.rhs, dtype))
+            )
         f = jax.jit(
             lambda a, b, dot=dot: lax.dot_general(
                 a, b, dot.dimension_numbers, preferred_element_type=dot.preferred_element_type
             )
         )
-        s = _seconds_per_call(f, (lhs, rhs), sample_seconds)
+        s = _seconds_per_call(f, copies, sample_seconds)
         total_s += s * n
         total_flops += dot.flops * n
         rows.append(
