@@ -117,7 +117,7 @@ def median_seconds(fn: Callable[[], object], n: int, warmup: int = 2) -> float:
 SAMPLE_SECONDS = 0.05  # each timing sample of a product runs at least this long
 # "Cold" timing rotates each product over copies of its operands that together exceed any last
 # level cache of the machines this runs on, so that its operands come from memory, as a decoding
-# step's must (its weights, 160 MB at 6 x 512 with a 32k vocabulary, cannot stay in cache).
+# step's must (its weights, 150 MB at 6 x 512 with a 32k vocabulary, cannot stay in cache).
 COLD_BYTES = 256 * 2**20
 MAX_COPIES = 64  # a tiny product's copies stop here (its cost is dispatch, not memory)
 
