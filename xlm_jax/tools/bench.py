@@ -460,6 +460,34 @@ def _original_markdown(report: dict) -> list[str]:
     return lines
 
 
+def _decoding_markdown(dec: dict) -> list[str]:
+    """The decoding table: rates, and each ceiling with the rate's share of it."""
+    lines = [
+        "",
+        f"Decoding {dec['batch']} sentences of {dec['source_tokens']} source tokens into "
+        f"{dec['output_tokens']} tokens each (end-of-sentence disabled, so every variant "
+        "does the same work):",
+        "",
+        "| search | KV cache | compile s | sentences/s | tokens/s | matmuls alone s "
+        "| ceiling sentences/s | % of ceiling | matmuls from memory s | % of that ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in dec["runs"]:
+        floor = "- | - | - | - | -"
+        if "matmul_floor_s" in r:
+            floor = (
+                f"{r['matmul_floor_s']:.2f} | {r['floor_sentences_per_s']:.1f} | "
+                f"{r['sentences_per_s'] / r['floor_sentences_per_s']:.0%} | "
+                f"{r['matmul_floor_cold_s']:.2f} | "
+                f"{r['sentences_per_s'] / r['floor_cold_sentences_per_s']:.0%}"
+            )
+        lines.append(
+            f"| {r['search']} | {'yes' if r['kv_cache'] else 'no'} | {r['compile_s']:.1f} | "
+            f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {floor} |"
+        )
+    return lines
+
+
 def markdown(report: dict, command: str = "") -> str:
     """The report as the markdown of docs/benchmarks.md."""
     m = report["machine"]
@@ -523,29 +551,7 @@ def markdown(report: dict, command: str = "") -> str:
                 f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {ratio} | {bound} |"
             )
     if dec := report.get("decoding"):
-        lines += [
-            "",
-            f"Decoding {dec['batch']} sentences of {dec['source_tokens']} source tokens into "
-            f"{dec['output_tokens']} tokens each (end-of-sentence disabled, so every variant "
-            "does the same work):",
-            "",
-            "| search | KV cache | compile s | sentences/s | tokens/s | matmuls alone s "
-            "| ceiling sentences/s | % of ceiling | matmuls from memory s | % of that ceiling |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in dec["runs"]:
-            floor = "- | - | - | - | -"
-            if "matmul_floor_s" in r:
-                floor = (
-                    f"{r['matmul_floor_s']:.2f} | {r['floor_sentences_per_s']:.1f} | "
-                    f"{r['sentences_per_s'] / r['floor_sentences_per_s']:.0%} | "
-                    f"{r['matmul_floor_cold_s']:.2f} | "
-                    f"{r['sentences_per_s'] / r['floor_cold_sentences_per_s']:.0%}"
-                )
-            lines.append(
-                f"| {r['search']} | {'yes' if r['kv_cache'] else 'no'} | {r['compile_s']:.1f} | "
-                f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {floor} |"
-            )
+        lines += _decoding_markdown(dec)
     if "xlm_original" in report:
         lines += _original_markdown(report)
     if pipe := report.get("pipeline"):
