@@ -60,6 +60,7 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
         pipeline=True,
         peak_size=128,
         sample_seconds=0.002,  # tiny products: short timing samples keep CI fast
+        rounds=2,
         xlm_original=str(XLM_STAND_IN),
     )
     peaks = report["matmul_peak_flops"]
@@ -73,6 +74,10 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
     rows, length = mlm["batch"]
     assert mlm["floor_tokens_per_s"] == pytest.approx(rows * length / mlm["matmul_floor_s"])
     assert mlm["matmul_flops_per_token"] > 0
+    for r in [mlm, *(r for r in report["decoding"]["runs"] if r["kv_cache"])]:
+        # timed in 2 turns with its products: the share of the ceiling is their median
+        assert len(r["ceiling_shares"]) == 2 and min(r["ceiling_shares"]) > 0
+        assert r["ceiling_share"] == pytest.approx(sum(r["ceiling_shares"]) / 2)
     assert ref["floor_over_theirs"] == pytest.approx(
         mlm["floor_tokens_per_s"] / ref["tokens_per_s"]
     )
@@ -118,10 +123,11 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
     assert f"{ref['floor_over_theirs']:.2f}x" in text
     # the decoding table's two rows each, and one each in the original code's table
     assert text.count("| greedy |") == 3 and text.count("| beam 4 |") == 3
-    for r in cached:  # % of each ceiling, from the same report's numbers
-        pct = r["sentences_per_s"] / r["floor_sentences_per_s"]
+    for r in [mlm, *cached]:  # % of each ceiling: the turns' median, and their range
+        lo, hi = min(r["ceiling_shares"]), max(r["ceiling_shares"])
+        assert f"| {r['ceiling_share']:.0%} ({lo:.0%}–{hi:.0%}) |" in text
+    for r in cached:  # and of the ceiling with operands from memory
         pct_cold = r["sentences_per_s"] / r["floor_cold_sentences_per_s"]
-        assert f"{r['floor_sentences_per_s']:.1f} | {pct:.0%} | " in text
         assert f"{r['matmul_floor_cold_s']:.2f} | {pct_cold:.0%} |" in text
     assert "(128 x 128)" in text
 
@@ -181,6 +187,27 @@ def test_dot_products_counts_nested_jits_loops_and_branches():
     assert roofline.operand_copies(300 * mb, cold=True) == 1
     assert roofline.operand_copies(1 * mb, cold=True) == roofline.MAX_COPIES == 64
     assert roofline.operand_copies(100 * mb, cold=False) == 1
+
+
+def test_a_program_and_its_products_are_timed_in_turns():
+    from xlm_jax.tools import roofline
+
+    x = jnp.ones((16, 16))
+    counts = roofline.program_dot_products(lambda a: a @ a @ a, x)  # one shape, called twice
+    calls = []
+
+    def program():
+        calls.append(len(calls))
+        return x
+
+    t = roofline.interleaved(program, 4, counts, rounds=3, sample_seconds=0.001)
+    assert len(calls) == 2 + 3 * 4  # warm-up once, then 4 timed calls per round
+    assert t["flops"] == 2 * (2 * 16**3)
+    assert len(t["program_seconds"]) == len(t["floor_seconds"]) == 3
+    pairs = zip(t["floor_seconds"], t["program_seconds"], strict=True)
+    assert t["shares"] == [f / p for f, p in pairs]
+    with pytest.raises(ValueError, match="rounds=0: expected at least 1"):
+        roofline.interleaved(program, 4, counts, rounds=0)
 
 
 def test_the_flop_formula_counts_the_training_steps_own_products():

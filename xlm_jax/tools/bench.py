@@ -59,23 +59,24 @@ def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: b
     return {"tokens": tokens, "positions": positions, "langs": langs}
 
 
-def _matmul_floor(
-    fn: Callable,
-    *args,
-    loop_trips: int = 1,
-    sample_seconds: float = roofline.SAMPLE_SECONDS,
-    cold: bool = False,
-) -> dict:
-    """The program's matrix products timed alone (``xlm_jax.tools.roofline``): seconds and FLOPs,
-    and with ``cold`` also their seconds with operands from memory (``cold_seconds``)."""
-    counts = roofline.program_dot_products(fn, *args, loop_trips=loop_trips)
-    floor = roofline.time_dot_products(counts, sample_seconds)
-    out = {"seconds": floor["seconds"], "flops": floor["flops"]}
-    if cold:
-        out["cold_seconds"] = roofline.time_dot_products(counts, sample_seconds, cold=True)[
-            "seconds"
-        ]
-    return out
+def _timed_with_ceiling(
+    run: Callable[[], object],
+    calls: int,
+    counts,
+    rounds: int,
+    sample_seconds: float,
+) -> tuple[float, dict]:
+    """``run``'s median seconds and its ceiling: the program and its matrix products timed in
+    turns (``roofline.interleaved``). The fields: the products' median seconds and FLOPs, and the
+    program's share of its ceiling (floor / program) in each round and their median."""
+    t = roofline.interleaved(run, calls, counts, rounds, sample_seconds)
+    shares = t["shares"]
+    return float(np.median(t["program_seconds"])), {
+        "matmul_floor_s": float(np.median(t["floor_seconds"])),
+        "matmul_flops": t["flops"],
+        "ceiling_shares": shares,
+        "ceiling_share": float(np.median(shares)),
+    }
 
 
 def bench_steps(
@@ -85,12 +86,15 @@ def bench_steps(
     only: tuple[str, ...] = ("mlm", "tlm", "clm"),
     floor: bool = True,
     sample_seconds: float = roofline.SAMPLE_SECONDS,  # of each product's timing (the floor)
+    rounds: int = 3,
 ) -> dict:
     """Compiles each step kind for the config's mesh; times it unless ``memory_only``.
 
     Memory is the compiled program's, per device: arguments + outputs + temporaries - aliased
     (donated) buffers. ``floor`` (one device only) also times the step's matrix products alone:
-    the step time no other change could go below, as tokens/s (``floor_tokens_per_s``).
+    the step time no other change could go below, as tokens/s (``floor_tokens_per_s``); the step
+    and its products are then timed in turns, ``rounds`` times (``n_steps`` steps each), and the
+    step time is the median of the rounds' medians.
     """
     rules = parallel.rules_from_config(config.mesh.rules)
     mesh = parallel.make_mesh(config.mesh.shape)
@@ -155,7 +159,14 @@ def bench_steps(
                 box["state"], sums = compiled(box["state"], batch, step, lam)
                 return sums
 
-            seconds = median_seconds(run, n_steps)
+            fields: dict = {}
+            if floor and mesh.size == 1:  # the traced shapes are the global ones
+                counts = roofline.program_dot_products(
+                    steps.train[kind], abstract, abstract_batch, step, lam
+                )
+                seconds, fields = _timed_with_ceiling(run, n_steps, counts, rounds, sample_seconds)
+            else:
+                seconds = median_seconds(run, n_steps)
             state = box["state"]
             tokens = rows * length
             results[name].update(
@@ -163,19 +174,11 @@ def bench_steps(
                 tokens_per_s=tokens / seconds,
                 achieved_flops=flops * tokens / seconds,
             )
-            if floor and mesh.size == 1:  # the traced shapes are the global ones
-                f = _matmul_floor(
-                    steps.train[kind],
-                    abstract,
-                    abstract_batch,
-                    step,
-                    lam,
-                    sample_seconds=sample_seconds,
-                )
+            if fields:
                 results[name].update(
-                    matmul_floor_s=f["seconds"],
-                    matmul_flops_per_token=f["flops"] / tokens,
-                    floor_tokens_per_s=tokens / f["seconds"],
+                    fields,
+                    matmul_flops_per_token=fields["matmul_flops"] / tokens,
+                    floor_tokens_per_s=tokens / fields["matmul_floor_s"],
                 )
     return results
 
@@ -188,6 +191,7 @@ def bench_decoding(
     n_runs: int = 3,
     floor: bool = True,
     sample_seconds: float = roofline.SAMPLE_SECONDS,
+    rounds: int = 3,
 ) -> list[dict]:
     """Sentences/s of greedy and beam-4 decoding with and without the KV cache.
 
@@ -196,7 +200,8 @@ def bench_decoding(
     variants do the same work. Median of ``n_runs`` after one warm-up (compile time separately);
     the slow variants without the cache are timed once, after the run that checks the lengths.
     ``floor``: the decoder's matrix products timed alone (the loop body's ``out_tokens`` times),
-    as the sentences/s no other change could exceed; and timed with operands from memory
+    as the sentences/s no other change could exceed, timed in turns with the decoder (``rounds``
+    times ``n_runs`` runs; the median of the rounds' medians); and with operands from memory
     (``roofline.time_dot_products(cold=True)``): a step reads all the decoder's weights once, more
     than a cache holds, which products timed alone on the same operands never pay.
     """
@@ -234,12 +239,24 @@ def bench_decoding(
             compile_s = time.perf_counter() - t
             tokens, lengths = compiled(params, inputs, np.int32(1))
             assert int(np.min(lengths)) == out_tokens + 1, "every sentence must be full length"
-            # Without the cache a run takes minutes at real sizes: one timed run after the
-            # (already compiled) first one is enough to show the ratio.
-            runs, warmup = (n_runs, 1) if kv else (1, 0)
-            seconds = median_seconds(
-                lambda c=compiled: c(params, inputs, np.int32(1)), runs, warmup
-            )
+            run = functools.partial(compiled, params, inputs, np.int32(1))
+            fields: dict = {}
+            if floor and kv:  # without the cache the floor says nothing new
+                # the loop body runs once per output token (the last one a forced </s>)
+                counts = roofline.program_dot_products(
+                    fn, params, inputs, np.int32(1), loop_trips=out_tokens
+                )
+                seconds, fields = _timed_with_ceiling(run, n_runs, counts, rounds, sample_seconds)
+                cold = roofline.time_dot_products(counts, sample_seconds, cold=True)["seconds"]
+                fields.update(
+                    floor_sentences_per_s=batch / fields["matmul_floor_s"],
+                    matmul_floor_cold_s=cold,
+                    floor_cold_sentences_per_s=batch / cold,
+                )
+            else:
+                # Without the cache a run takes minutes at real sizes: one timed run after the
+                # (already compiled) first one is enough to show the ratio.
+                seconds = median_seconds(run, *((n_runs, 1) if kv else (1, 0)))
             results.append(
                 {
                     "search": "greedy" if beam == 1 else f"beam {beam}",
@@ -248,26 +265,9 @@ def bench_decoding(
                     "seconds": seconds,
                     "sentences_per_s": batch / seconds,
                     "tokens_per_s": batch * out_tokens / seconds,
+                    **fields,
                 }
             )
-            if floor and kv:  # without the cache the floor says nothing new
-                # the loop body runs once per output token (the last one a forced </s>)
-                f = _matmul_floor(
-                    fn,
-                    params,
-                    inputs,
-                    np.int32(1),
-                    loop_trips=out_tokens,
-                    sample_seconds=sample_seconds,
-                    cold=True,
-                )
-                results[-1].update(
-                    matmul_floor_s=f["seconds"],
-                    matmul_flops=f["flops"],
-                    floor_sentences_per_s=batch / f["seconds"],
-                    matmul_floor_cold_s=f["cold_seconds"],
-                    floor_cold_sentences_per_s=batch / f["cold_seconds"],
-                )
     return results
 
 
@@ -340,6 +340,7 @@ def run(
     peak_size: int = 2048,
     floor: bool = True,
     sample_seconds: float = roofline.SAMPLE_SECONDS,  # of each product's timing (the floor)
+    rounds: int = 3,  # of a program's timing in turns with its products' (the floor)
     xlm_original: str = "",
 ) -> dict:
     """Everything the benchmark measures, in one process: the report `main` prints and saves.
@@ -366,7 +367,7 @@ def run(
             "jax float32": matmul_peak(jnp.float32, peak_size),
             "jax bfloat16": matmul_peak(jnp.bfloat16, peak_size),
         }
-    steps = bench_steps(config, n_steps, memory_only, kinds, floor, sample_seconds)
+    steps = bench_steps(config, n_steps, memory_only, kinds, floor, sample_seconds, rounds)
     peak = None if memory_only else report["matmul_peak_flops"][f"jax {config.model.dtype}"]
     for r in steps.values():
         if "achieved_flops" in r:
@@ -398,7 +399,13 @@ def run(
     if decode_shape is not None:
         batch, src_len, out_tokens = decode_shape
         runs = bench_decoding(
-            config, batch, src_len, out_tokens, floor=floor, sample_seconds=sample_seconds
+            config,
+            batch,
+            src_len,
+            out_tokens,
+            floor=floor,
+            sample_seconds=sample_seconds,
+            rounds=rounds,
         )
         report["decoding"] = {
             "batch": batch,
@@ -460,6 +467,12 @@ def _original_markdown(report: dict) -> list[str]:
     return lines
 
 
+def _share(r: dict) -> str:
+    """A program's share of its ceiling: the median over the rounds and their range."""
+    lo, hi = min(r["ceiling_shares"]), max(r["ceiling_shares"])
+    return f"{r['ceiling_share']:.0%} ({lo:.0%}–{hi:.0%})"
+
+
 def _decoding_markdown(dec: dict) -> list[str]:
     """The decoding table: rates, and each ceiling with the rate's share of it."""
     lines = [
@@ -476,8 +489,7 @@ def _decoding_markdown(dec: dict) -> list[str]:
         floor = "- | - | - | - | -"
         if "matmul_floor_s" in r:
             floor = (
-                f"{r['matmul_floor_s']:.2f} | {r['floor_sentences_per_s']:.1f} | "
-                f"{r['sentences_per_s'] / r['floor_sentences_per_s']:.0%} | "
+                f"{r['matmul_floor_s']:.2f} | {r['floor_sentences_per_s']:.1f} | {_share(r)} | "
                 f"{r['matmul_floor_cold_s']:.2f} | "
                 f"{r['sentences_per_s'] / r['floor_cold_sentences_per_s']:.0%}"
             )
@@ -510,20 +522,21 @@ def markdown(report: dict, command: str = "") -> str:
     lines += [
         "",
         "Ceiling: the rate the program's matrix products allow, timed alone with the same "
-        "backend (as if every other operation were free).",
+        "backend (as if every other operation were free), in turns with the program; % of "
+        "ceiling: the median over the turns (their range in brackets).",
         "",
         "| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device "
-        "| matmuls alone ms | ceiling tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| matmuls alone ms | ceiling tokens/s | % of ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["steps"].items():
         mem = r["memory_bytes_per_device"]
         mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"
         timed = "step_s" in r
         floor = (
-            f"{r['matmul_floor_s'] * 1e3:.0f} | {r['floor_tokens_per_s']:.0f}"
+            f"{r['matmul_floor_s'] * 1e3:.0f} | {r['floor_tokens_per_s']:.0f} | {_share(r)}"
             if "matmul_floor_s" in r
-            else "- | -"
+            else "- | - | -"
         )
         lines.append(
             f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | "
@@ -597,6 +610,12 @@ _XLM_ORIGINAL = flags.DEFINE_string(
     "",
     "A checkout of facebookresearch/XLM: also time its training steps and decoding, same shapes.",
 )
+_ROUNDS = flags.DEFINE_integer(
+    "rounds",
+    3,
+    "Each step and decoder is timed in this many turns with its matrix products (the ceiling); "
+    "its share of the ceiling is the median of the turns' ratios.",
+)
 _FLOOR = flags.DEFINE_bool(
     "floor", True, "Also time each step's and decoder's matrix products alone (one device)."
 )
@@ -617,6 +636,7 @@ def main(argv: list[str]) -> None:
         pipeline=_PIPELINE.value,
         peak_size=_PEAK_SIZE.value,
         floor=_FLOOR.value,
+        rounds=_ROUNDS.value,
         xlm_original=_XLM_ORIGINAL.value,
     )
     command = "python -m xlm_jax.bench " + " ".join(sys.argv[1:])

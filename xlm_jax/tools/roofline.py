@@ -149,6 +149,40 @@ def _seconds_per_call(
     return float(np.median(samples))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """One product ready to time: its compiled function and the operands it rotates over."""
+
+    dot: DotProduct
+    calls: int  # how many times the program runs it
+    fn: Callable[..., Any]
+    copies: list[tuple]
+
+
+def _prepare(dot: DotProduct, calls: int, key: jax.Array, cold: bool) -> _Prepared:
+    dtype = jnp.dtype(dot.dtype)
+    nbytes = (math.prod(dot.lhs) + math.prod(dot.rhs)) * dtype.itemsize
+    copies = []
+    for k in jax.random.split(key, operand_copies(nbytes, cold)):
+        k1, k2 = jax.random.split(k)
+        copies.append(
+            (jax.random.normal(k1, dot.lhs, dtype), jax.random.normal(k2, dot.rhs, dtype))
+        )
+    fn = jax.jit(
+        lambda a, b: lax.dot_general(
+            a, b, dot.dimension_numbers, preferred_element_type=dot.preferred_element_type
+        )
+    )
+    return _Prepared(dot, calls, fn, copies)
+
+
+def _by_cost(counts: collections.Counter) -> Iterator[tuple[int, DotProduct, int]]:
+    """(index, product, calls), the costliest first; the index keys its random operands."""
+    ranked = sorted(counts.items(), key=lambda kv: -kv[0].flops * kv[1])
+    for i, (dot, n) in enumerate(ranked):
+        yield i, dot, n
+
+
 def time_dot_products(
     counts: collections.Counter, sample_seconds: float = SAMPLE_SECONDS, cold: bool = False
 ) -> dict[str, Any]:
@@ -161,21 +195,10 @@ def time_dot_products(
     """
     rows, total_s, total_flops = [], 0.0, 0
     key = jax.random.key(0)
-    for i, (dot, n) in enumerate(sorted(counts.items(), key=lambda kv: -kv[0].flops * kv[1])):
-        dtype = jnp.dtype(dot.dtype)
-        nbytes = (math.prod(dot.lhs) + math.prod(dot.rhs)) * dtype.itemsize
-        copies = []
-        for k in jax.random.split(jax.random.fold_in(key, i), operand_copies(nbytes, cold)):
-            k1, k2 = jax.random.split(k)
-            copies.append(
-                (jax.random.normal(k1, dot.lhs, dtype), jax.random.normal(k2, dot.rhs, dtype))
-            )
-        f = jax.jit(
-            lambda a, b, dot=dot: lax.dot_general(
-                a, b, dot.dimension_numbers, preferred_element_type=dot.preferred_element_type
-            )
-        )
-        s = _seconds_per_call(f, copies, sample_seconds)
+    for i, dot, n in _by_cost(counts):
+        # one product's operands at a time: cold copies take COLD_BYTES each
+        p = _prepare(dot, n, jax.random.fold_in(key, i), cold)
+        s = _seconds_per_call(p.fn, p.copies, sample_seconds)
         total_s += s * n
         total_flops += dot.flops * n
         rows.append(
@@ -189,6 +212,40 @@ def time_dot_products(
             }
         )
     return {"seconds": total_s, "flops": total_flops, "products": rows}
+
+
+def interleaved(
+    program: Callable[[], object],
+    program_calls: int,
+    counts: collections.Counter,
+    rounds: int,
+    sample_seconds: float = SAMPLE_SECONDS,
+) -> dict[str, Any]:
+    """The program and its products (warm) timed in turns, ``rounds`` times: the median of
+    ``program_calls`` program runs, then the products' total (``time_dot_products``).
+
+    A machine whose speed drifts by 20-30% over minutes (shared cores, turbo) moves a ceiling
+    timed minutes apart from its program by as much; within a round both see the same machine, so
+    each round's ratio of the two (``shares``: floor / program, the program's share of its
+    ceiling) is steadier than the ratio of two separate timings. Returns the per-round lists
+    ``program_seconds``, ``floor_seconds``, ``shares`` and the products' ``flops``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: expected at least 1")
+    key = jax.random.key(0)
+    prepared = [_prepare(d, n, jax.random.fold_in(key, i), False) for i, d, n in _by_cost(counts)]
+    programs, floors = [], []
+    for r in range(rounds):
+        programs.append(median_seconds(program, program_calls, warmup=2 if r == 0 else 0))
+        floors.append(
+            sum(_seconds_per_call(p.fn, p.copies, sample_seconds) * p.calls for p in prepared)
+        )
+    return {
+        "program_seconds": programs,
+        "floor_seconds": floors,
+        "shares": [f / p for f, p in zip(floors, programs, strict=True)],
+        "flops": sum(p.dot.flops * p.calls for p in prepared),
+    }
 
 
 def machine() -> dict:
