@@ -59,6 +59,18 @@ def _batch(rng: np.random.Generator, rows: int, length: int, vocab: int, pair: b
     return {"tokens": tokens, "positions": positions, "langs": langs}
 
 
+def _memory(mem) -> dict:
+    """A compiled program's memory per device: arguments + outputs + temporaries - aliased
+    (donated) buffers, and those four."""
+    if mem is None:  # a backend without the analysis
+        return {"memory_bytes_per_device": None, "memory_breakdown": None}
+    parts = {
+        k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")
+    }
+    total = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+    return {"memory_bytes_per_device": total, "memory_breakdown": parts}
+
+
 def _timed_with_ceiling(
     run: Callable[[], object],
     calls: int,
@@ -128,27 +140,13 @@ def bench_steps(
             t = time.perf_counter()
             compiled = steps.train[kind].lower(abstract, abstract_batch, step, lam).compile()
             compile_s = time.perf_counter() - t
-            mem = compiled.memory_analysis()
             flops = xlm_flops_per_token(model.config, length, pred_fraction)
             results[name] = {
                 "batch": [rows, length],
                 "mesh": dict(mesh.shape),
                 "compile_s": compile_s,
                 "flops_per_token": flops,
-                "memory_bytes_per_device": None
-                if mem is None
-                else int(
-                    mem.argument_size_in_bytes
-                    + mem.output_size_in_bytes
-                    + mem.temp_size_in_bytes
-                    - mem.alias_size_in_bytes
-                ),
-                "memory_breakdown": None
-                if mem is None
-                else {
-                    k: int(getattr(mem, f"{k}_size_in_bytes"))
-                    for k in ("argument", "output", "temp", "alias")
-                },
+                **_memory(compiled.memory_analysis()),
             }
             if memory_only:
                 continue
