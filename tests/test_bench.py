@@ -130,6 +130,8 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
         pct_cold = r["sentences_per_s"] / r["floor_cold_sentences_per_s"]
         assert f"{r['matmul_floor_cold_s']:.2f} | {pct_cold:.0%} |" in text
     assert "(128 x 128)" in text
+    assert "| step | batch |" in text
+    assert "| step | batch |" not in bench.markdown({**report, "steps": {}})  # --kinds= --decode
 
 
 def test_the_original_xlm_code_is_read_from_a_checkout(tmp_path):

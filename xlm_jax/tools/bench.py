@@ -498,6 +498,35 @@ def _decoding_markdown(dec: dict) -> list[str]:
     return lines
 
 
+def _steps_markdown(steps: dict) -> list[str]:
+    """The training steps' table (none when no step kind was asked for)."""
+    if not steps:
+        return []
+    lines = [
+        "",
+        "| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device "
+        "| matmuls alone ms | ceiling tokens/s | % of ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in steps.items():
+        mem = r["memory_bytes_per_device"]
+        mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"
+        timed = "step_s" in r
+        floor = (
+            f"{r['matmul_floor_s'] * 1e3:.0f} | {r['floor_tokens_per_s']:.0f} | {_share(r)}"
+            if "matmul_floor_s" in r
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | "
+            + (f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f}" if timed else "- | -")
+            + f" | {r['flops_per_token'] / 1e9:.4f} | "
+            + (f"{r['mfu']:.1%}" if timed else "-")
+            + f" | {mem} | {floor} |"
+        )
+    return lines
+
+
 def markdown(report: dict, command: str = "") -> str:
     """The report as the markdown of docs/benchmarks.md."""
     m = report["machine"]
@@ -522,27 +551,8 @@ def markdown(report: dict, command: str = "") -> str:
         "Ceiling: the rate the program's matrix products allow, timed alone with the same "
         "backend (as if every other operation were free), in turns with the program; % of "
         "ceiling: the median over the turns (their range in brackets).",
-        "",
-        "| step | batch | compile s | step ms | tokens/s | GFLOP/token | MFU | MB/device "
-        "| matmuls alone ms | ceiling tokens/s | % of ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in report["steps"].items():
-        mem = r["memory_bytes_per_device"]
-        mem = "n/a" if mem is None else f"{mem / 2**20:.0f}"
-        timed = "step_s" in r
-        floor = (
-            f"{r['matmul_floor_s'] * 1e3:.0f} | {r['floor_tokens_per_s']:.0f} | {_share(r)}"
-            if "matmul_floor_s" in r
-            else "- | - | -"
-        )
-        lines.append(
-            f"| {name} | {r['batch'][0]}x{r['batch'][1]} | {r['compile_s']:.1f} | "
-            + (f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f}" if timed else "- | -")
-            + f" | {r['flops_per_token'] / 1e9:.4f} | "
-            + (f"{r['mfu']:.1%}" if timed else "-")
-            + f" | {mem} | {floor} |"
-        )
+    lines += _steps_markdown(report["steps"])
     if refs := report.get("reference"):
         lines += [
             "",
