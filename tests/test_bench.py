@@ -78,6 +78,8 @@ def test_run_reports_ratios_from_one_run_and_writes_markdown():
         # timed in 2 turns with its products: the share of the ceiling is their median
         assert len(r["ceiling_shares"]) == 2 and min(r["ceiling_shares"]) > 0
         assert r["ceiling_share"] == pytest.approx(sum(r["ceiling_shares"]) / 2)
+        turns = zip(r["turns_matmul_floor_s"], r["turns_program_s"], strict=True)
+        assert r["ceiling_shares"] == [f / p for f, p in turns]
     assert ref["floor_over_theirs"] == pytest.approx(
         mlm["floor_tokens_per_s"] / ref["tokens_per_s"]
     )

@@ -88,6 +88,9 @@ def _timed_with_ceiling(
         "matmul_flops": t["flops"],
         "ceiling_shares": shares,
         "ceiling_share": float(np.median(shares)),
+        # each turn's two timings, to tell a drifting program from a drifting ceiling
+        "turns_program_s": t["program_seconds"],
+        "turns_matmul_floor_s": t["floor_seconds"],
     }
 
 
