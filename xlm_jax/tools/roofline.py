@@ -222,13 +222,15 @@ def interleaved(
     sample_seconds: float = SAMPLE_SECONDS,
 ) -> dict[str, Any]:
     """The program and its products (warm) timed in turns, ``rounds`` times: the median of
-    ``program_calls`` program runs, then the products' total (``time_dot_products``).
+    ``program_calls`` program runs, then the products' total, timed as ``time_dot_products``
+    does but compiled and given operands once for all turns.
 
     A machine whose speed drifts by 20-30% over minutes (shared cores, turbo) moves a ceiling
-    timed minutes apart from its program by as much; within a round both see the same machine, so
-    each round's ratio of the two (``shares``: floor / program, the program's share of its
-    ceiling) is steadier than the ratio of two separate timings. Returns the per-round lists
-    ``program_seconds``, ``floor_seconds``, ``shares`` and the products' ``flops``.
+    timed minutes apart from its program by as much; within a turn both see the same machine, so
+    each turn's ratio (``shares``: floor / program, the program's share of its ceiling) is free of
+    drift slower than a turn. Faster noise remains, and the spread of the shares shows it (on a
+    shared 2-core machine one program's turns gave 67-85%: docs/benchmarks.md). Returns the
+    per-turn lists ``program_seconds``, ``floor_seconds``, ``shares`` and the products' ``flops``.
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: expected at least 1")
